@@ -1,0 +1,114 @@
+"""LoLDU (loldu.txt §III, Algorithm 1): train a diagonal between frozen triangular LDU factors.
+
+LU with partial pivoting `W0 = P L U'`, `D = diag(U')`, `U = D^-1 U'`. With `L_r = L[:, :r]`,
+`U_r = U[:r]`, `z0 = D[:r]` the update is
+
+    delta = P L_r diag(sigma * z - sigma0 * z0) U_r        # z = z0, sigma = sigma0 at init
+
+`P L_r` is one precomputed buffer. The pivot permutation is saved with the adapter because the
+LU pivot choice can differ across devices; on load the factorisation is redone with that pivot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .base import AdapterConfig, LayerAdapter, Method, TrainDefaults, register, weight_2d
+
+INITS = ("ldu", "uniform")
+
+
+@dataclass
+class LoLDUConfig(AdapterConfig):
+    rank: int = 32  # paper SD setting (Table X): rank 32
+    alpha: float = 32.0  # paper SD setting: alpha 32, so sigma0 = alpha / rank = 1
+    # "ldu" (default): z0 = diag(D), exact start. "uniform": z ~ U(-1, 1) re-drawn after the residual
+    # was built (paper Table V's best); the model then does NOT start at W0.
+    init: str = "ldu"
+
+
+class LoLDULayer(LayerAdapter):
+    saved_buffers = ("perm",)
+
+    def __init__(self, layer: nn.Module, config: LoLDUConfig, saved: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        w = weight_2d(layer).double()  # (out, in)
+        rank = min(config.rank, min(w.shape))
+        perm = saved.get("perm")
+        pl, unit_u, diag = ldu_factors(w, None if perm is None else perm.to(w.device))
+        self.register_buffer("perm", pl[1], persistent=False)  # (out,) rows of L forming P @ L
+        self.register_buffer("pl", pl[0][:, :rank].float().contiguous(), persistent=False)  # (out, r)
+        self.register_buffer("u", unit_u[:rank].float().contiguous(), persistent=False)  # (r, in)
+        z0 = diag[:rank].float()  # (r,)
+        sigma0 = torch.tensor(config.alpha / rank, device=w.device)
+        self.register_buffer("z0", z0, persistent=False)
+        self.register_buffer("sigma0", sigma0, persistent=False)
+        z_init = z0.clone() if config.init == "ldu" else torch.empty_like(z0).uniform_(-1.0, 1.0)
+        self.z = nn.Parameter(z_init)  # (r,)
+        self.sigma = nn.Parameter(sigma0.clone())  # ()
+        self.weight_shape = tuple(layer.weight.shape)
+
+    def delta_weight(self) -> torch.Tensor:
+        coeff = self.sigma * self.z - self.sigma0 * self.z0  # (r,)
+        return (self.pl * coeff) @ self.u  # (out, r) @ (r, in)
+
+
+def ldu_factors(w: torch.Tensor, perm: torch.Tensor | None) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Return ((P @ L, perm), unit upper U, D) for `w (out, in)` in float64.
+
+    `perm` is such that `P @ L == L[perm]`. With a given `perm`, the rows are reordered first and the
+    factorisation is done without further pivoting, so the factors match the saved ones.
+    """
+    if perm is None:
+        p, lower, upper = torch.linalg.lu(w)  # (out, out), (out, k), (k, in)
+        perm = p.argmax(dim=1)
+    else:
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(len(perm), device=perm.device)
+        lower, upper = lu_no_pivot(w[inverse])
+    diag = torch.diagonal(upper).clone()  # (k,)
+    safe = torch.where(diag == 0, torch.ones_like(diag), diag)
+    unit_upper = upper / safe[:, None]
+    return (lower[perm], perm), unit_upper, diag
+
+
+def lu_no_pivot(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LU of `a` that keeps the row order: LAPACK's result when it needs no swap, else Doolittle."""
+    p, lower, upper = torch.linalg.lu(a)
+    if torch.equal(p, torch.eye(p.shape[0], dtype=p.dtype, device=p.device)):
+        return lower, upper
+    rows, cols = a.shape
+    k = min(rows, cols)
+    work = a.clone()
+    lower = torch.zeros(rows, k, dtype=a.dtype, device=a.device)
+    for j in range(k):
+        pivot = work[j, j]
+        if pivot == 0:
+            raise UserError("LoLDU: saved pivot order gives a zero pivot on this base model; was the adapter trained on another base model?")
+        lower[j:, j] = work[j:, j] / pivot
+        work[j + 1 :, j:] -= lower[j + 1 :, j : j + 1] * work[j, j:]
+    return lower, torch.triu(work[:k])
+
+
+@register
+class LoLDU(Method):
+    name = "loldu"
+    description = "LoLDU: trains a diagonal scaling between frozen LDU factors of each attention projection"
+    config_cls = LoLDUConfig
+    layer_cls = LoLDULayer
+    train_defaults = TrainDefaults(lr=5e-4, steps=1000, source="loldu.txt Table X: rank 32, alpha 32, lr 5e-4, constant, 1000 steps")
+
+    @classmethod
+    def validate(cls, config: LoLDUConfig) -> None:
+        if config.rank < 1:
+            raise UserError(f"loldu rank must be a positive integer, got {config.rank}")
+        if config.init not in INITS:
+            raise UserError(f"loldu init must be one of {', '.join(INITS)}, got '{config.init}'")
+
+    @classmethod
+    def count_trainable(cls, layer: nn.Module, config: LoLDUConfig) -> int:
+        return min(config.rank, min(weight_2d(layer).shape)) + 1

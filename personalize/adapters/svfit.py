@@ -1,0 +1,59 @@
+"""SVFit (svfit.txt §III-B): train only the top-r singular values of each frozen weight.
+
+`W0 = U diag(s) V^T`; the update is `delta = U_r diag(ds) V_r^T` with `ds (r,)` zero at init.
+Saving only `ds` is safe: `u_i v_i^T` is invariant to the joint sign flip of an SVD pair, so the
+basis is recomputed from W0 on load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .base import AdapterConfig, LayerAdapter, Method, TrainDefaults, register, weight_2d
+
+
+@dataclass
+class SVFitConfig(AdapterConfig):
+    rank: int | None = None  # None = full rank min(out, in), the paper's main setting (§III-B)
+
+
+class SVFitLayer(LayerAdapter):
+    def __init__(self, layer: nn.Module, config: SVFitConfig, saved: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        w = weight_2d(layer).float()  # (out, in)
+        rank = effective_rank(w.shape, config.rank)
+        u, _, vh = torch.linalg.svd(w, full_matrices=False)  # (out, k), (k,), (k, in)
+        self.register_buffer("u", u[:, :rank].contiguous(), persistent=False)  # (out, r)
+        self.register_buffer("vh", vh[:rank].contiguous(), persistent=False)  # (r, in)
+        self.ds = nn.Parameter(torch.zeros(rank, device=w.device))  # (r,)
+        self.weight_shape = tuple(layer.weight.shape)
+
+    def delta_weight(self) -> torch.Tensor:
+        return ((self.u * self.ds) @ self.vh).reshape(self.weight_shape)  # (out, r) @ (r, in)
+
+
+def effective_rank(shape: tuple[int, ...], rank: int | None) -> int:
+    full = min(shape)
+    return full if rank is None else min(rank, full)
+
+
+@register
+class SVFit(Method):
+    name = "svfit"
+    description = "SVFit: trains only the top singular values of each attention projection (tiny files)"
+    config_cls = SVFitConfig
+    layer_cls = SVFitLayer
+    train_defaults = TrainDefaults(lr=2e-3, steps=1000, source="svfit.txt §IV: large lr 3e-3..2e-2 (NLP); SD range 1e-3..5e-3")
+
+    @classmethod
+    def validate(cls, config: SVFitConfig) -> None:
+        if config.rank is not None and config.rank < 1:
+            raise UserError(f"svfit rank must be a positive integer or None (full rank), got {config.rank}")
+
+    @classmethod
+    def count_trainable(cls, layer: nn.Module, config: SVFitConfig) -> int:
+        return effective_rank(weight_2d(layer).shape, config.rank)

@@ -1,0 +1,25 @@
+"""`personalize methods`: the registered adapter methods, their presets, options and paper defaults."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from ..adapters import get_method, method_names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("method", nargs="?", help="show one method in detail")
+
+
+def run(args: argparse.Namespace) -> int:
+    for name in [args.method] if args.method else method_names():
+        method = get_method(name)
+        defaults = method.train_defaults
+        print(f"{name:12s} {method.description}")
+        if args.method:
+            print(f"  presets: {', '.join(method.presets)} (default {method.default_preset})")
+            for field in dataclasses.fields(method.config_cls):
+                print(f"  --option {field.name}={field.default!r}")
+            print(f"  training defaults: lr {defaults.lr:g}, {defaults.steps} steps ({defaults.source})")
+    return 0
