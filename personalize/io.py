@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .adapters.base import SHARED_KEY
 from .atomic import atomic_path
 from .errors import UserError
 from .inject import Adapter, attach
@@ -34,6 +35,8 @@ def save_adapter(adapter: Adapter, path: str | Path, metadata: dict[str, Any] | 
         layers[name] = list(slot.base.weight.shape) if slot.original_weight is None else list(slot.original_weight.shape)
         for tensor_name, tensor in slot.saved_tensors().items():
             tensors[f"{name}.{tensor_name}"] = tensor.detach().to("cpu").contiguous()
+    for name, tensor in adapter.method.shared_tensors(adapter.slots).items():
+        tensors[f"{SHARED_KEY}.{name}"] = tensor.detach().to("cpu").contiguous()
     extra = {**adapter.metadata, **(metadata or {})}
     header = {
         "format": FORMAT,
@@ -97,9 +100,13 @@ def load_adapter(root: nn.Module, path: str | Path) -> Adapter:
         if list(module.weight.shape) != shape:
             raise UserError(f"adapter '{path}' expects layer '{name}' with weight shape {tuple(shape)}, this model has {tuple(module.weight.shape)}; it was saved for another architecture")
     per_layer: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layers}
+    per_layer[SHARED_KEY] = {}
     for key, tensor in tensors.items():
+        if key.startswith(SHARED_KEY + "."):
+            per_layer[SHARED_KEY][key[len(SHARED_KEY) + 1 :]] = tensor
+            continue
         layer, _, tensor_name = key.rpartition(".")
-        per_layer.setdefault(layer, {})[tensor_name] = tensor  # non-layer prefixes: shared tensors (FRoD bases)
+        per_layer[layer][tensor_name] = tensor
     config = json.loads(header["config"])
     adapter = attach(root, header["method"], _saved=per_layer, _targets=list(layers), **config)
     for name, slot in adapter.slots.items():

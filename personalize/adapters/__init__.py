@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 from .base import METHOD_REGISTRY, AdapterConfig, LayerAdapter, Method, get_method, register
 
-# Modules that register a method when imported; a new method adds its module name here.
-METHOD_MODULES = ("svfit", "loldu", "lora")
+_CORE_MODULES = {"base"}
 
 
 def ensure_registered() -> None:
-    for module in METHOD_MODULES:
-        importlib.import_module(f"{__name__}.{module}")
+    """Import every method module of this package; each registers itself with `@register`."""
+    for info in pkgutil.iter_modules(__path__):
+        if info.name not in _CORE_MODULES and not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
 
 
 def method_names() -> tuple[str, ...]:

@@ -142,12 +142,19 @@ class Method:
         return {name: DeltaSlot(layers[name], adapters[name]) for name in layers}
 
     @classmethod
+    def shared_tensors(cls, slots: dict[str, "Slot"]) -> dict[str, torch.Tensor]:
+        """Tensors shared by several layers that the file must store once (e.g. FRoD's group bases).
+        On load they come back to `build_layers` as `saved[SHARED_KEY]`."""
+        return {}
+
+    @classmethod
     def count_trainable(cls, layer: nn.Module, config: AdapterConfig) -> int:
         """The documented formula for the trainable parameters of one layer."""
         raise NotImplementedError
 
 
 METHOD_REGISTRY: dict[str, type[Method]] = {}
+SHARED_KEY = "__shared__"  # prefix of shared tensors in adapter files
 
 
 def register(method: type[Method]) -> type[Method]:
