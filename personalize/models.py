@@ -13,6 +13,7 @@ import gzip
 import json
 import logging
 import tempfile
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -274,7 +275,10 @@ def _is_sdxl_checkpoint(path: Path) -> bool:
 
 def _explain_failures(base_model: str, load, is_file: bool = False):
     try:
-        return load()
+        with warnings.catch_warnings():
+            # newer diffusers renamed torch_dtype to dtype; torch_dtype still works on every version we support
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+            return load()
     except UserError:
         raise
     except Exception as exc:  # hub, network and format errors all end here with one clear message
@@ -318,4 +322,5 @@ def load_unet(base_model: str, device: str | torch.device | None = None, dtype: 
         unet = tiny_unet("sd1")
     else:
         return load_pipeline(base_model, device, dtype).unet
-    return unet.to(device=device, dtype=dtype)
+    unet.to(device)
+    return unet.to(dtype=dtype) if dtype != torch.float32 else unet
