@@ -79,6 +79,38 @@ def _prompt_problem(generated: Sequence[GeneratedImage]) -> str | None:
     )
 
 
+def _score(
+    names: Sequence[str],
+    embeddings: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]],
+    texts: Mapping[str, torch.Tensor],
+    used: Mapping[str, ImageEmbedder],
+    kid_subsets: int,
+) -> dict[str, dict]:
+    """metric -> its values plus the backbone, preprocessing and aggregation behind them."""
+    results = {}
+    for name in names:
+        spec = METRICS[name]
+        emb = {subject: by_role[spec.role] for subject, by_role in embeddings.items()}
+        if name == "clip_t":
+            values = score_clip_t(emb, texts)
+        elif name == "vendi":
+            values = score_vendi(emb)
+        elif name == "kid":
+            values = score_kid(emb, kid_subsets)
+        elif name == "fid":
+            values = score_fid(emb)
+        else:
+            values = score_pair_cosine(emb)
+        results[name] = {
+            **values,
+            "backbone": used[spec.role].name,
+            "preprocessing": used[spec.role].preprocessing,
+            "aggregation": spec.aggregation,
+            "higher_is_better": spec.higher_is_better,
+        }
+    return results
+
+
 def evaluate(
     real: RealSource,
     generated: PathLike,
@@ -121,28 +153,7 @@ def evaluate(
             prompts = [strip_placeholders(g.prompt or "", (*g.tokens, *extra_tokens)) for g in images]
             texts[subject] = used["clip"].embed_texts(prompts)
 
-    results = {}
-    for name in names:
-        spec = METRICS[name]
-        emb = {s: e[spec.role] for s, e in embeddings.items()}
-        if name == "clip_t":
-            values = score_clip_t(emb, texts)
-        elif name == "vendi":
-            values = score_vendi(emb)
-        elif name == "kid":
-            values = score_kid(emb, kid_subsets)
-        elif name == "fid":
-            values = score_fid(emb)
-        else:
-            values = score_pair_cosine(emb)
-        results[name] = {
-            **values,
-            "backbone": used[spec.role].name,
-            "preprocessing": used[spec.role].preprocessing,
-            "aggregation": spec.aggregation,
-            "higher_is_better": spec.higher_is_better,
-        }
-
+    results = _score(names, embeddings, texts, used, kid_subsets)
     return {
         "format": REPORT_FORMAT,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -150,7 +161,7 @@ def evaluate(
             "real": f"mapping of {len(real)} subject(s)" if isinstance(real, Mapping) else str(real),
             "generated": str(generated),
             "metadata_from": metadata_source,
-            "placeholder_tokens_removed": sorted({t for g in generated_images for t in g.tokens} | set(extra_tokens)),
+            "placeholder_tokens": sorted({t for g in generated_images for t in g.tokens} | set(extra_tokens)),
         },
         "run": {
             "methods": sorted({m for g in generated_images for m in g.methods}),

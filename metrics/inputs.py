@@ -147,7 +147,9 @@ def group_by_subject(
         unlabelled = next(image.path for image in generated if image.subject is None)
         raise ValueError(f"some generated images have a subject and some do not (first without: {unlabelled})")
     if len(real) == 1 and len(names) == 1:
-        (subject,) = real
+        (subject,), (name,) = real, names
+        if name is not None and name != subject:
+            logger.info("generated subject %r is paired with the only real subject %r", name, subject)
         return {subject: list(generated)}
     if names == {None}:
         raise ValueError(

@@ -81,8 +81,8 @@ def _from_pretrained(model_class: type, source: str, **kwargs: object) -> ModelA
         return model_class.from_pretrained(source, **kwargs), AutoImageProcessor.from_pretrained(source)
     except OSError as err:
         raise OSError(
-            f"could not load {model_class.__name__} from {source!r}: {err}. Give a local folder saved with "
-            "save_pretrained, or a hub id while online."
+            f"could not load {model_class.__name__} from {source!r}: {str(err).rstrip('.')}. "
+            "Give a local folder saved with save_pretrained, or a hub id while online."
         ) from err
 
 

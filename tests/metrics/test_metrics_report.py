@@ -28,7 +28,8 @@ def fake_report(method: str, dino: float, clip_t: float | None, vendi: float, su
 
 
 def test_markdown_table_has_one_row_per_run():
-    table = markdown_table({"lora": fake_report("lora", 0.6684, 0.3051, 4.84), "ti": fake_report("ti", 0.569, None, 9.37)})
+    reports = {"lora": fake_report("lora", 0.6684, 0.3051, 4.84), "ti": fake_report("ti", 0.569, None, 9.37)}
+    table = markdown_table(reports)
     lines = table.splitlines()
     assert lines[0] == "| run | subjects | real | generated | DINO ↑ | CLIP-T ↑ | Vendi ↑ |"
     assert lines[2] == "| lora | 1 | 4 | 8 | 0.668 | 0.305 | 4.84 |"
