@@ -1,0 +1,217 @@
+"""Filter atoms (filter-atoms.txt §3.1, §3.2, §3.4): tune only the spatial atoms of each k x k conv.
+
+A conv weight `W0 (out, in, k, k)` flattened to `W_flat (out*in, k*k)` is written as atom
+coefficients times atoms, `W_flat = alpha @ D`. The decomposition is a truncated SVD
+`W_flat = U S V^T`, `alpha = U_m S_m`, `D = V_m^T (m, k*k)` (ADAPTERS.md §1: deterministic,
+instead of the paper's randomly initialised sparse coding). Tuning `D -> D + dD` gives
+
+    delta_flat = alpha @ dD = W_flat @ (V_m @ dD)          # (out*in, k*k)
+
+so `alpha` is never stored: the layer keeps `V_m (k*k, m)` and reads W0 from the layer itself.
+With `m = k*k` the atoms are complete and the update is basis-free, `W_flat @ M` with
+`M = V @ dD (k*k, k*k)` any matrix.
+
+Variants, each in delta form (`delta(theta_init) == 0` exactly, no residual is stored):
+- overcomplete (`m1 >= 1`, §3.2, configuration C3): atom `l` of input channel `i` is a mix of
+  `m1` sub-atoms, `D^(i)[l] = sum_j beta[i, l, j] D1[l*m1 + j]`, with `D1 (m*m1, k*k)` initialised
+  by repeating each atom `m1` times and `beta (in, m, m1)` initialised to `1/m1`. Both are
+  trained as offsets from that init, so `delta = W(theta) - W(theta_init)` is exactly zero at init;
+  `alpha @ E_i` for every input channel is again computed as `W_flat[:, i] @ (V_m @ E_i)`, so
+  the W0-sized `alpha` buffer of the paper's formulation is not needed either.
+- `tune_coefficients` (the paper's C4): `alpha` trainable too, as an offset `dalpha (out*in, m)`;
+  the update gains `dalpha @ D(theta)`. The paper shows it overfits (Table 2, diversity 3.17):
+  an explicit option only.
+
+The recomposed weight runs as one `F.conv2d` (the core's DeltaSlot), not the paper's two-stage
+convolution. The basis `V_m` is stored in the adapter file: SVD vectors are defined only up to
+sign (and up to rotation for tied singular values), and a sign rule on a 9-entry vector is fragile
+for antisymmetric (gradient-like) atoms, so recomputing it on another device could silently
+change what a saved `dD` means. It costs `k*k*m` floats per conv, as much as `dD`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .base import AdapterConfig, LayerAdapter, Method, TrainDefaults, join_patterns, register
+
+# 3x3 convs of the UNet's ResNet blocks and resamplers (every diffusers UNet2DConditionModel).
+CONVS = r"(resnets\.\d+\.conv[12]|(down|up)samplers\.\d+\.conv)$"
+# The UNet's first and last convs (latent <-> feature channels); optional (ADAPTERS.md §1).
+CONV_IO = r"^(conv_in|conv_out)$"
+
+# filter-atoms.txt §4.3: AdamW, lr 1e-3 for every parameter-efficient method; 1000 steps as YEH et al.
+TRAIN_DEFAULTS = TrainDefaults(lr=1e-3, steps=1000, source="filter-atoms.txt §4.3: AdamW lr 1e-3, 1000 steps (SD few-shot)")
+
+
+@dataclass
+class FilterAtomsConfig(AdapterConfig):
+    m: int = 9  # atoms per conv; 9 = k*k for 3x3 (complete), the paper's main setting (Table 1, Table 6, C2)
+    m1: int = 0  # sub-atoms per atom; 0 = plain atoms (§3.1), >= 1 = overcomplete (§3.2; C3 uses 3)
+    tune_coefficients: bool = False  # paper's C4: alpha trainable too; overfits (Table 2), so off
+
+
+def is_spatial_conv(module: nn.Module) -> bool:
+    """A Conv2d whose kernel has more than one tap (1x1 convs are linear layers for this method)."""
+    return isinstance(module, nn.Conv2d) and module.kernel_size[0] * module.kernel_size[1] > 1
+
+
+def decomposition_device(tensor: torch.Tensor) -> torch.device:
+    """The weight's device, except MPS (no float64 there): decompose on the CPU instead."""
+    return torch.device("cpu") if tensor.device.type == "mps" else tensor.device
+
+
+def right_singular_basis(matrix: torch.Tensor) -> torch.Tensor:
+    """Right singular vectors of `matrix (rows, cols)` as the columns of a (cols, cols) float32
+    matrix, by decreasing singular value, on the matrix's device.
+
+    Computed as the eigenvectors of the Gram matrix `matrix^T matrix` (float32 product, float64
+    eigh): here rows >> cols (out*in rows, k*k columns), so this is one thin matmul over the weight
+    as it is (no float64 copy of W0) instead of an SVD of the tall matrix, and gives the same
+    vectors up to sign, which the layers make irrelevant by saving the basis.
+    """
+    work = matrix.detach().to(decomposition_device(matrix), torch.float32)  # no copy for float32 weights
+    gram = (work.T @ work).double()  # (cols, cols)
+    _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
+    return vectors.flip(-1).to(device=matrix.device, dtype=torch.float32).contiguous()
+
+
+def require_int(method: str, **values: object) -> None:
+    """UserError unless every value is an integer (not a bool)."""
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UserError(f"{method} {name} must be an integer, got {value!r}")
+
+
+def check_saved_basis(saved: dict[str, torch.Tensor], shape: tuple[int, int], name: str) -> None:
+    """Reject a basis from an adapter file whose shape does not fit layer `name` and the config."""
+    basis = saved.get("basis")
+    if basis is not None and tuple(basis.shape) != shape:
+        raise UserError(
+            f"adapter file stores a basis of shape {tuple(basis.shape)} for layer '{name}', "
+            f"its config needs {shape}; the file is damaged or was edited"
+        )
+
+
+class FilterAtomsLayer(LayerAdapter):
+    """Atom updates of one k x k conv: `delta_atoms (m, k*k)`, or the overcomplete offsets
+    `delta_sub_atoms (m*m1, k*k)` and `delta_beta (in, m, m1)`; plus `delta_alpha (out*in, m)` when
+    coefficients are tuned. All zeros at init."""
+
+    saved_buffers = ("basis",)
+
+    def __init__(self, layer: nn.Module, config: FilterAtomsConfig, saved: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        weight = layer.weight  # (out, in, kh, kw)
+        out, cin = weight.shape[:2]
+        taps = weight[0, 0].numel()  # k*k
+        m, m1 = config.m, config.m1
+        basis = saved.get("basis")
+        if basis is None:
+            basis = right_singular_basis(weight.detach().reshape(out * cin, taps))[:, :m]
+        self.register_buffer("basis", basis.to(weight.device, torch.float32).contiguous(), persistent=False)  # (k*k, m)
+        # W0 itself, not a copy: a plain tuple so it is neither a submodule, a buffer nor saved twice.
+        # It stays W0 while the adapter is merged (merge swaps in a new Parameter on the layer).
+        self._base_weight = (weight,)
+        self.m1 = m1
+        device = weight.device
+        if m1 == 0:
+            self.delta_atoms = nn.Parameter(torch.zeros(m, taps, device=device))  # (m, k*k)
+        else:
+            self.delta_sub_atoms = nn.Parameter(torch.zeros(m * m1, taps, device=device))  # (m*m1, k*k)
+            self.delta_beta = nn.Parameter(torch.zeros(cin, m, m1, device=device))  # (in, m, m1)
+        if config.tune_coefficients:
+            self.delta_alpha = nn.Parameter(torch.zeros(out * cin, m, device=device))  # (out*in, m)
+        self.tune_coefficients = config.tune_coefficients
+
+    def atom_change(self) -> torch.Tensor:
+        """`D(theta) - D(theta_init)`: (m, k*k), or (in, m, k*k) per input channel when overcomplete."""
+        if self.m1 == 0:
+            return self.delta_atoms
+        atoms = self.basis.T  # (m, k*k) = D, the initial atoms
+        m, taps = atoms.shape
+        d_sub = self.delta_sub_atoms.view(m, self.m1, taps)  # (m, m1, k*k)
+        sub_atoms = atoms[:, None, :] + d_sub  # (m, m1, k*k) = D1: each atom repeated m1 times, plus offsets
+        # beta = 1/m1 + delta_beta: sum_j beta[i,l,j] D1[l,j] - D[l] = mean_j dD1[l,j] + sum_j delta_beta[i,l,j] D1[l,j]
+        mixed = torch.einsum("ilj,ljk->ilk", self.delta_beta, sub_atoms)  # (in, m, k*k)
+        return d_sub.mean(dim=1) + mixed
+
+    def delta_weight(self) -> torch.Tensor:
+        w0 = self._base_weight[0].detach()
+        shape = w0.shape
+        out, cin = shape[:2]
+        w = w0.reshape(out, cin, -1)  # (out, in, k*k), in W0's dtype: no float32 copy of W0 per step
+        change = self.atom_change()
+        if change.dim() == 2:
+            mix = self.basis @ change  # (k*k, k*k)
+            delta = (w.reshape(out * cin, -1) @ mix.to(w.dtype)).float()  # (out*in, k*k)
+        else:
+            # basis @ change[i] for every i, folded into one (in*k*k, m) @ (m, k*k) matmul (a broadcast
+            # batched matmul can fall back to a loop over the input channels).
+            mix = (change.transpose(1, 2) @ self.basis.T).transpose(1, 2)  # (in, k*k, k*k)
+            per_channel = torch.bmm(w.transpose(0, 1), mix.to(w.dtype))  # (in, out, k*k)
+            delta = per_channel.transpose(0, 1).float().reshape(out * cin, -1)  # (out*in, k*k)
+        if self.tune_coefficients:
+            atoms = self.basis.T + change  # D(theta): (m, k*k) or (in, m, k*k)
+            if atoms.dim() == 2:
+                delta = delta + self.delta_alpha @ atoms
+            else:
+                coeff = self.delta_alpha.view(out, cin, -1)  # (out, in, m)
+                delta = delta + torch.einsum("oil,ilk->oik", coeff, atoms).reshape(out * cin, -1)
+        return delta.reshape(shape)
+
+
+@register
+class FilterAtoms(Method):
+    name = "filter_atoms"
+    description = "Filter atoms: tunes only the spatial atoms of each 3x3 conv; channel mixing stays frozen"
+    config_cls = FilterAtomsConfig
+    layer_cls = FilterAtomsLayer
+    presets = {"convs": CONVS, "convs_io": join_patterns(CONVS, CONV_IO)}
+    default_preset = "convs"
+    layer_types = (nn.Conv2d,)
+    train_defaults = TRAIN_DEFAULTS
+
+    @classmethod
+    def validate(cls, config: FilterAtomsConfig) -> None:
+        require_int("filter_atoms", m=config.m, m1=config.m1)
+        if not isinstance(config.tune_coefficients, bool):
+            raise UserError(f"filter_atoms tune_coefficients must be true or false, got {config.tune_coefficients!r}")
+        if config.m < 1:
+            raise UserError(f"filter_atoms m (atoms per conv) must be between 1 and k*k (9 for 3x3), got {config.m}")
+        if config.m1 < 0:
+            raise UserError(f"filter_atoms m1 must be 0 (plain atoms) or a positive number of sub-atoms, got {config.m1}")
+
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        return is_spatial_conv(module)
+
+    @classmethod
+    def build_layers(cls, layers, config, saved=None):
+        saved = saved or {}
+        adapters = {}
+        for name, layer in layers.items():
+            taps = layer.weight[0, 0].numel()
+            if config.m > taps:
+                raise UserError(
+                    f"filter_atoms m={config.m} is more atoms than layer '{name}' has kernel taps "
+                    f"({'x'.join(map(str, layer.weight.shape[2:]))} = {taps}); accepted: 1..{taps}"
+                )
+            layer_saved = saved.get(name, {})
+            check_saved_basis(layer_saved, (taps, config.m), name)
+            adapters[name] = cls.layer_cls(layer, config, layer_saved)
+        return adapters
+
+    @classmethod
+    def count_trainable(cls, layer: nn.Module, config: FilterAtomsConfig) -> int:
+        out, cin = layer.weight.shape[:2]
+        taps = layer.weight[0, 0].numel()
+        m, m1 = config.m, config.m1
+        count = m * taps if m1 == 0 else m * m1 * taps + cin * m * m1
+        if config.tune_coefficients:
+            count += out * cin * m
+        return count
