@@ -60,6 +60,8 @@ class PeftLoraSlot(Slot):
         parent_name, _, child = self.name.rpartition(".")
         parent = self.root.get_submodule(parent_name) if parent_name else self.root
         setattr(parent, child, self.base)
+        if not any(hasattr(m, "base_layer") for m in self.root.modules()) and hasattr(self.root, "peft_config"):
+            del self.root.peft_config  # peft's marker; left behind it makes a later attach warn
 
 
 @register

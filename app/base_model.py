@@ -1,0 +1,76 @@
+"""The base model the app generates with: loaded once, shared under a lock, with an offline fallback.
+
+When the requested model cannot be loaded (no network, no local copy: `load_pipeline` raises
+UserError), the app falls back to the built-in `tiny` model and keeps the reason for a banner.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from personalize import attach, load_pipeline
+from personalize.errors import UserError
+from personalize.models import BUILTIN_MODELS
+
+FALLBACK_MODEL = "tiny"
+
+
+class BaseModel:
+    """The loaded pipeline, its name, and why it is not the requested one (if so)."""
+
+    def __init__(self, requested: str) -> None:
+        self.requested = requested
+        self.name = requested
+        self.fallback_reason = ""  # why the requested model could not be loaded (the app then runs FALLBACK_MODEL)
+        self.pipe: Any = None
+        self.lock = threading.Lock()  # one user of the pipeline at a time (generation, size estimate)
+        self._estimates: dict[tuple[str, str], tuple[int, int]] = {}
+
+    def load(self) -> "BaseModel":
+        try:
+            self.pipe = load_pipeline(self.requested)
+        except UserError as exc:
+            if self.requested == FALLBACK_MODEL:
+                raise
+            self.fallback_reason = str(exc)
+            self.name = FALLBACK_MODEL
+            self.pipe = load_pipeline(FALLBACK_MODEL)
+        return self
+
+    @property
+    def banner(self) -> str:
+        """One line saying that (and why) the app runs on the fallback model; empty when it does not."""
+        if not self.fallback_reason:
+            return ""
+        return (
+            f"The base model '{self.requested}' could not be loaded, so the app runs the built-in offline demo model "
+            f"'{FALLBACK_MODEL}' (random weights, 64x64 images: every flow works, the pictures are noise). "
+            f"Reason: {self.fallback_reason}"
+        )
+
+    @property
+    def is_builtin(self) -> bool:
+        """True for the built-in random-weight models (offline demo: the tiny embedders fit them)."""
+        return self.name in BUILTIN_MODELS
+
+    def estimate(self, method: str, options: dict[str, Any]) -> tuple[int, int]:
+        """(trainable parameters, adapter file bytes) of `method` with `options` on this base UNet.
+
+        Attaches the adapter to the loaded UNet, counts, saves it to a temporary file (the exact
+        bytes of an untrained adapter file) and detaches it again; the UNet is left bit-identical.
+        """
+        key = (method, repr(sorted(options.items())))
+        if key not in self._estimates:
+            with self.lock:
+                adapter = attach(self.pipe.unet, method, **options)
+                try:
+                    with tempfile.TemporaryDirectory(prefix="personalize-estimate-") as folder:
+                        path = Path(folder) / "adapter.safetensors"
+                        adapter.save(str(path), {"base_model": self.name})
+                        self._estimates[key] = (adapter.num_trainable, path.stat().st_size)
+                finally:
+                    adapter.detach()
+        return self._estimates[key]

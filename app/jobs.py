@@ -1,0 +1,173 @@
+"""The background training job: one at a time, observed by the UI through snapshots, stopped by an Event.
+
+`TrainingJobs.start` runs `personalize.train.train` in a thread with a callback that records progress
+(step, loss, ETA) and validation images; the Train tab polls `snapshot()`. A second start while a job
+runs is refused with a message. When the run ends, its result is written into the concept's
+concept.json (status, steps done, parameter count, file size).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+from personalize.errors import UserError
+from personalize.io import adapter_info
+from personalize.train import Progress, TrainCallback, TrainConfig, TrainResult, train
+
+from .workspace import DONE, FAILED, STOPPED, TRAINING, Concept, Workspace
+
+log = logging.getLogger(__name__)
+
+RUNNING = "running"
+
+
+@dataclass
+class JobState:
+    """What the Train tab shows about the current (or last) job."""
+
+    concept_id: str
+    concept_name: str
+    status: str = RUNNING  # running | done | stopped | failed
+    phase: str = "loading the base model"  # what the job does right now, before steps start
+    step: int = 0
+    total: int = 0
+    loss: float | None = None
+    elapsed: float = 0.0
+    eta: float | None = None
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
+    samples: list[tuple[str, str]] = field(default_factory=list)  # (grid path, caption)
+    num_trainable: int | None = None
+    message: str = ""  # final message (result or error)
+    started: float = field(default_factory=time.time)
+
+    @property
+    def running(self) -> bool:
+        return self.status == RUNNING
+
+
+class _Recorder(TrainCallback):
+    """Copies trainer callbacks into the shared JobState under the job's lock."""
+
+    def __init__(self, jobs: "TrainingJobs") -> None:
+        self.jobs = jobs
+
+    def on_prepare(self, stage: str, done: int, total: int) -> None:
+        with self.jobs.lock:
+            self.jobs.state.phase = f"preparing {stage} ({done}/{total})"
+
+    def on_start(self, config: TrainConfig, total_steps: int, num_trainable: int) -> None:
+        with self.jobs.lock:
+            state = self.jobs.state
+            state.total, state.num_trainable, state.phase = total_steps, num_trainable, "training"
+
+    def on_step(self, progress: Progress) -> None:
+        with self.jobs.lock:
+            state = self.jobs.state
+            state.step, state.total = progress.step, progress.total_steps
+            state.loss, state.elapsed, state.eta = progress.loss, progress.elapsed, progress.eta
+            state.losses.append((progress.step, float(progress.loss)))
+            if progress.step >= progress.total_steps:
+                state.phase = "finishing: validation images, evaluation loss, saving the adapter"
+
+    def on_samples(self, step: int, images: list, grid_path: str) -> None:
+        with self.jobs.lock:
+            self.jobs.state.samples.append((str(grid_path), f"step {step}"))
+
+
+class TrainingJobs:
+    """Runs at most one training job; `train_fn` is `personalize.train.train` (injectable for tests)."""
+
+    def __init__(self, workspace: Workspace, train_fn: Callable[..., TrainResult] = train) -> None:
+        self.workspace = workspace
+        self.train_fn = train_fn
+        self.lock = threading.Lock()
+        self.state: JobState | None = None
+        self.cancel = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    @property
+    def busy(self) -> bool:
+        with self.lock:
+            return self.state is not None and self.state.running
+
+    def snapshot(self) -> JobState | None:
+        """A copy of the current job's state (lists copied), safe to read without the lock."""
+        with self.lock:
+            if self.state is None:
+                return None
+            return replace(self.state, losses=list(self.state.losses), samples=list(self.state.samples))
+
+    def start(self, concept: Concept, config: TrainConfig) -> None:
+        """Start training `concept` with `config` in the background; refuses while a job runs."""
+        with self.lock:
+            if self.state is not None and self.state.running:
+                running = self.state
+                raise UserError(
+                    f"a training job is already running (concept '{running.concept_name}', step "
+                    f"{running.step}/{running.total or '?'}); wait for it to finish or press Stop"
+                )
+            self.cancel = threading.Event()
+            self.state = JobState(concept.id, concept.name)
+            self.thread = threading.Thread(target=self._run, args=(concept, config, self.cancel), name="personalize-train", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> bool:
+        """Ask the running job to stop after its current step (the adapter is still saved)."""
+        with self.lock:
+            if self.state is None or not self.state.running:
+                return False
+            self.state.phase = "stopping after the current step"
+        self.cancel.set()
+        return True
+
+    def wait(self, timeout: float | None = None) -> None:
+        thread = self.thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def _run(self, concept: Concept, config: TrainConfig, cancel: threading.Event) -> None:
+        try:
+            result = self.train_fn(config, callbacks=[_Recorder(self)], cancel=cancel)
+        except UserError as exc:
+            self._finish(concept.id, FAILED, str(exc))
+        except Exception as exc:  # the UI shows one line; the log keeps the traceback
+            log.exception("training concept %s failed", concept.id)
+            self._finish(concept.id, FAILED, f"{type(exc).__name__}: {exc}")
+        else:
+            self._record(concept.id, result)
+
+    def _record(self, concept_id: str, result: TrainResult) -> None:
+        status = STOPPED if result.cancelled else DONE
+        try:
+            concept = self.workspace.get(concept_id)
+        except UserError:  # deleted meanwhile: nothing to record
+            concept = None
+        if concept is not None:
+            concept.status, concept.steps_done = status, result.steps_done
+            concept.num_trainable, concept.wall_time = result.num_trainable, result.wall_time
+            if os.path.isfile(result.adapter_path):
+                concept.file_size = adapter_info(result.adapter_path)["file_size"]
+            concept.message = ""
+            self.workspace.save(concept)
+        verb = "stopped" if result.cancelled else "finished"
+        self._set_final(status, f"Training {verb} after {result.steps_done} steps in {result.wall_time:.1f} s; adapter saved.")
+
+    def _finish(self, concept_id: str, status: str, message: str) -> None:
+        try:
+            concept = self.workspace.get(concept_id)
+            if concept.status == TRAINING:
+                concept.status, concept.message = status, message
+                self.workspace.save(concept)
+        except UserError:
+            pass
+        self._set_final(status, f"Training failed: {message}")
+
+    def _set_final(self, status: str, message: str) -> None:
+        with self.lock:
+            assert self.state is not None
+            self.state.status, self.state.message, self.state.phase = status, message, status

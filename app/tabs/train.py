@@ -1,0 +1,237 @@
+"""Train tab: upload concept images, pick a method and its options, and train in the background.
+
+Callbacks stay thin: validation comes from `personalize.data`, the size estimate from the base
+UNet, the run from `personalize.train.train` (through `app.jobs`); this module turns their results
+into components.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from personalize import METHODS, get_method
+from personalize.data import validate_instance_images
+from personalize.errors import UserError
+from personalize.train import TrainConfig, load_config
+from personalize.training.config import MIXED_PRECISION, resolve
+
+from ..feedback import guarded, human_count, human_duration, human_size, message_of
+from ..jobs import JobState
+from ..options import COLUMNS, option_rows, parse_options
+from ..state import AppState
+from ..workspace import Concept, check_name
+
+POLL_SECONDS = 0.5  # how often the page asks the job for progress while one runs
+
+
+def _field(name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+
+
+def train_default(name: str) -> Any:
+    """The default of a TrainConfig field (the trainer owns the defaults; the form shows them)."""
+    f = _field(name)
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def train_help(name: str) -> str | None:
+    """The trainer's own one-line help of a TrainConfig field, shown under its input."""
+    return _field(name).metadata.get("help")
+
+
+def method_choices() -> list[tuple[str, str]]:
+    return [(f"{name}: {get_method(name).description}", name) for name in METHODS]
+
+
+def check_uploads(files: list[str] | None) -> tuple[list[str], list[str]]:
+    """(accepted image paths, one message per rejected file) using the trainer's own validation."""
+    accepted, rejected = [], []
+    for path in files or []:
+        try:
+            accepted.extend(validate_instance_images([path]))
+        except UserError as exc:  # name the file as the user knows it, not by its upload path
+            rejected.append(str(exc).replace(str(path), Path(path).name))
+    return accepted, rejected
+
+
+def upload_message(accepted: list[str], rejected: list[str]) -> str:
+    lines = [f"{len(accepted)} image(s) accepted." if accepted else "No usable image yet."]
+    if rejected:
+        lines.append(f"**{len(rejected)} file(s) rejected:**")
+        lines += [f"- {html.escape(line)}" for line in rejected]
+    return "\n".join(lines)
+
+
+def estimate_text(state: AppState, method: str, rows: Any) -> str:
+    """Trainable parameters and adapter file size of the chosen method/options on the base UNet."""
+    try:
+        count, size = state.base.estimate(method, parse_options(method, rows))
+    except Exception as exc:  # shown next to the options: the user is editing them
+        return f"Cannot size this adapter: {html.escape(message_of(exc))}"
+    return f"**Trainable parameters:** {human_count(count)} · **Adapter file:** {human_size(size)} (on `{state.base.name}`)"
+
+
+def progress_html(job: JobState | None) -> str:
+    if job is None:
+        return ""
+    fraction = job.step / job.total if job.total else 0.0
+    parts = [f"<b>{html.escape(job.concept_name)}</b>", f"step {job.step}/{job.total or '?'}"]
+    if job.loss is not None:
+        parts.append(f"loss {job.loss:.4f}")
+    parts.append(f"elapsed {human_duration(job.elapsed)}")
+    if job.running:
+        parts.append(f"ETA {human_duration(job.eta)}" if job.step else html.escape(job.phase))
+    else:
+        parts.append(html.escape(job.status))
+    return (
+        f'<div class="pz-progress" data-status="{job.status}">'
+        f'<div class="pz-bar"><div class="pz-fill" style="width:{100 * fraction:.1f}%"></div></div>'
+        f'<div class="pz-progress-text">{" · ".join(parts)}</div></div>'
+    )
+
+
+def loss_frame(job: JobState | None) -> pd.DataFrame:
+    points = job.losses if job else []
+    return pd.DataFrame({"step": [p[0] for p in points], "loss": [p[1] for p in points]}).astype({"step": int, "loss": float})
+
+
+def job_status(job: JobState | None) -> str:
+    if job is None:
+        return ""
+    if job.running:
+        return f"Training **{html.escape(job.concept_name)}**: {html.escape(job.phase)}."
+    return html.escape(job.message)
+
+
+def build(state: AppState) -> dict[str, Any]:
+    default_method = train_default("method")
+    defaults = get_method(default_method).train_defaults
+    with gr.Row():
+        with gr.Column(scale=5):
+            files = gr.File(label="Concept images", file_count="multiple", file_types=["image"], elem_id="train-files")
+            upload_status = gr.Markdown("Upload 3-5 photos of your subject.", elem_id="train-upload-status")
+            thumbs = gr.Gallery(label="Accepted images", columns=5, height=200, elem_id="train-thumbs", interactive=False)
+            accepted = gr.State([])
+        with gr.Column(scale=6):
+            name = gr.Textbox(label="Concept name", placeholder="e.g. my dog", elem_id="train-name")
+            with gr.Row():
+                token = gr.Textbox(label="Token", value=train_default("token"), info="rare word that stands for the subject", elem_id="train-token")
+                class_noun = gr.Textbox(label="Class noun", value=train_default("class_noun"), info="what the subject is: dog, person, mug", elem_id="train-class")
+            method = gr.Dropdown(method_choices(), value=default_method, label="Method", elem_id="train-method")
+            with gr.Row():
+                steps = gr.Number(label="Steps", value=defaults.steps, precision=0, minimum=1, info="empty = the method's paper default", elem_id="train-steps")
+                lr = gr.Number(label="Learning rate", value=defaults.lr, minimum=0, step=1e-5, info="empty = the method's paper default", elem_id="train-lr")
+            defaults_note = gr.Markdown(f"Paper defaults: {html.escape(defaults.source)}")
+            options = gr.Dataframe(
+                value=option_rows(default_method), headers=COLUMNS, datatype="str", interactive=True,
+                label="Method options (edit the value column)", static_columns=[0, 2], elem_id="train-options",
+            )
+            prior = gr.Checkbox(label="Prior preservation", value=train_default("prior_preservation"),
+                                info=train_help("prior_preservation"), elem_id="train-prior")
+            with gr.Accordion("Advanced", open=False):
+                with gr.Row():
+                    class_images = gr.Number(label="Class images", value=train_default("class_images"), precision=0, minimum=1,
+                                             info=train_help("class_images"), elem_id="train-class-images")
+                    validation_every = gr.Number(label="Validation images every (steps)", value=train_default("validation_every"),
+                                                 precision=0, minimum=0, info=train_help("validation_every"), elem_id="train-validation")
+                    sample_steps = gr.Number(label="Sampling steps", value=train_default("sample_steps"), precision=0, minimum=1,
+                                             info=train_help("sample_steps"), elem_id="train-sample-steps")
+                with gr.Row():
+                    resolution = gr.Number(label="Resolution (px, 0 = native)", value=train_default("resolution") or 0, precision=0,
+                                           minimum=0, step=64, info=train_help("resolution"), elem_id="train-resolution")
+                    mixed_precision = gr.Dropdown(list(MIXED_PRECISION), value=train_default("mixed_precision"), label="Mixed precision",
+                                                  info=train_help("mixed_precision"))
+                    seed = gr.Number(label="Seed", value=train_default("seed"), precision=0, info=train_help("seed"))
+            estimate = gr.Markdown(estimate_text(state, default_method, option_rows(default_method)), elem_id="train-estimate")
+            with gr.Row():
+                start = gr.Button("Start training", variant="primary", elem_id="train-start")
+                stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
+    status = gr.Markdown(elem_id="train-status")
+    progress = gr.HTML(elem_id="train-progress")
+    with gr.Row():
+        loss_plot = gr.LinePlot(loss_frame(None), x="step", y="loss", title="Training loss", height=260, elem_id="train-loss")
+        samples = gr.Gallery(label="Validation images", columns=3, height=260, elem_id="train-samples", interactive=False)
+    timer = gr.Timer(POLL_SECONDS, active=False)
+
+    @guarded
+    def on_upload(paths: list[str] | None):
+        good, bad = check_uploads(paths)
+        if bad:
+            gr.Warning("Rejected: " + "; ".join(bad), duration=15)
+        return good, good, upload_message(good, bad)
+
+    files.change(on_upload, files, [accepted, thumbs, upload_status])
+
+    @guarded
+    def on_method(chosen: str):
+        method_cls = get_method(chosen)
+        rows = option_rows(chosen)
+        paper = method_cls.train_defaults
+        return (paper.steps, paper.lr, rows, f"Paper defaults: {html.escape(paper.source)}", estimate_text(state, chosen, rows))
+
+    method.change(on_method, method, [steps, lr, options, defaults_note, estimate])
+    options.input(lambda chosen, rows: estimate_text(state, chosen, rows), [method, options], estimate)
+
+    @guarded
+    def on_start(images, concept_name, token_text, noun, chosen, n_steps, rate, rows, use_prior, n_class, every, n_sample,
+                 size, precision, seed_value):
+        if state.jobs.busy:
+            job = state.jobs.snapshot()
+            raise UserError(f"a training job is already running (concept '{job.concept_name}'); wait for it or press Stop")
+        if not images:
+            raise UserError("no usable concept images: upload 3-5 photos of the subject first")
+        concept_name = check_name(concept_name)
+        method_options = parse_options(chosen, rows)
+        concept = Concept(
+            id="", name=concept_name, method=chosen, base_model=state.base.name, token=str(token_text).strip(),
+            class_noun=str(noun).strip(), steps=0, lr=0.0, method_options=method_options, prior_preservation=bool(use_prior),
+        )
+        concept = state.workspace.create(concept, images)
+        try:  # empty steps / learning rate mean the method's paper defaults
+            config = load_config(
+                instance_images=str(state.workspace.images_dir(concept.id)),
+                output_dir=str(state.workspace.train_dir(concept.id)),
+                base_model=state.base.name, method=chosen, method_options=method_options,
+                token=concept.token, class_noun=concept.class_noun, steps=n_steps, lr=rate,
+                prior_preservation=concept.prior_preservation, class_images=n_class, validation_every=every,
+                sample_steps=n_sample, resolution=size or None, mixed_precision=precision, seed=seed_value,
+            )
+            effective = resolve(config)  # every value checked now, before the job starts
+            concept.steps, concept.lr = effective.steps, effective.lr
+            state.workspace.save(concept)
+            state.jobs.start(concept, config)
+        except Exception:
+            state.workspace.delete(concept.id)
+            raise
+        job = state.jobs.snapshot()
+        return job_status(job), progress_html(job), loss_frame(job), [], gr.Timer(active=True)
+
+    start.click(
+        on_start,
+        [accepted, name, token, class_noun, method, steps, lr, options, prior, class_images, validation_every, sample_steps,
+         resolution, mixed_precision, seed],
+        [status, progress, loss_plot, samples, timer],
+    )
+
+    @guarded
+    def on_stop():
+        if not state.jobs.stop():
+            gr.Info("No training job is running.")
+        return job_status(state.jobs.snapshot())
+
+    stop.click(on_stop, None, status)
+
+    def on_tick():
+        job = state.jobs.snapshot()
+        running = job is not None and job.running
+        gallery = [(path, caption) for path, caption in job.samples] if job else []
+        return job_status(job), progress_html(job), loss_frame(job), gallery, gr.Timer(active=running)
+
+    timer.tick(on_tick, None, [status, progress, loss_plot, samples, timer], show_progress="hidden")
+    return {"refresh": (on_tick, [], [status, progress, loss_plot, samples, timer])}

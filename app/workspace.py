@@ -1,0 +1,261 @@
+"""The concept library on disk: one folder per learned concept, surviving app restarts.
+
+Layout of a workspace:
+
+    <workspace>/concepts/<id>/concept.json     what the Concepts tab lists (name, method, status, size, ...)
+    <workspace>/concepts/<id>/images/          copies of the training images
+    <workspace>/concepts/<id>/train/           the trainer's output folder (adapter.safetensors, result.json, samples/)
+    <workspace>/concepts/<id>/generated/<run>/ generated images with manifest.jsonl, one folder per Generate click
+    <workspace>/concepts/<id>/evaluations/<run>/report.json (+ .md, .png)
+    <workspace>/generated/<run>/               images generated with the base model only
+
+Every file is written atomically; a deleted concept is first renamed out of the library, so a crash
+never leaves a half-deleted concept listed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from personalize.atomic import atomic_path, write_json_atomic
+from personalize.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CONCEPT_FILE = "concept.json"
+ADAPTER_FILE = "adapter.safetensors"
+MAX_NAME_LENGTH = 80
+
+# Status of a concept: the app shows it, and only finished ones (with an adapter) can generate.
+TRAINING, DONE, STOPPED, FAILED, INTERRUPTED = "training", "done", "stopped", "failed", "interrupted"
+USABLE = (DONE, STOPPED)
+
+
+def default_workspace() -> Path:
+    """The per-user data folder: $XDG_DATA_HOME/personalize, or the platform's usual place."""
+    if os.environ.get("XDG_DATA_HOME"):
+        return Path(os.environ["XDG_DATA_HOME"]) / "personalize"
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "personalize"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "personalize"
+    return Path.home() / ".local" / "share" / "personalize"
+
+
+def now_iso() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+@dataclass
+class Concept:
+    """What concept.json stores about one learned concept."""
+
+    id: str  # folder name; stable across renames
+    name: str
+    method: str
+    base_model: str
+    token: str
+    class_noun: str
+    steps: int  # steps asked for
+    lr: float
+    method_options: dict[str, Any] = field(default_factory=dict)
+    prior_preservation: bool = True
+    images: list[str] = field(default_factory=list)  # file names inside images/
+    created: str = ""
+    status: str = TRAINING
+    steps_done: int = 0
+    num_trainable: int | None = None
+    file_size: int | None = None
+    wall_time: float | None = None
+    message: str = ""  # why training failed, for the Concepts tab
+
+    @property
+    def prompt(self) -> str:
+        return f"a photo of {self.token} {self.class_noun}"
+
+    @property
+    def usable(self) -> bool:
+        return self.status in USABLE
+
+
+def check_name(name: str) -> str:
+    name = " ".join(str(name or "").split())
+    if not name:
+        raise UserError("the concept name is empty; give a short name such as 'my dog'")
+    if len(name) > MAX_NAME_LENGTH:
+        raise UserError(f"the concept name '{name[:20]}...' is {len(name)} characters long; at most {MAX_NAME_LENGTH} are accepted")
+    return name
+
+
+def slug(name: str) -> str:
+    text = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return text[:40] or "concept"
+
+
+class Workspace:
+    """The concepts of one workspace folder."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root).expanduser().resolve()
+        try:
+            self.concepts_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot use '{self.root}' as the workspace folder: {exc.strerror}") from exc
+
+    @property
+    def concepts_dir(self) -> Path:
+        return self.root / "concepts"
+
+    # --- paths --------------------------------------------------------------------------------
+    def folder(self, concept_id: str) -> Path:
+        if not re.fullmatch(r"[a-z0-9-]+", concept_id or ""):
+            raise UserError(f"'{concept_id}' is not a concept id of this workspace")
+        return self.concepts_dir / concept_id
+
+    def images_dir(self, concept_id: str) -> Path:
+        return self.folder(concept_id) / "images"
+
+    def train_dir(self, concept_id: str) -> Path:
+        return self.folder(concept_id) / "train"
+
+    def adapter_path(self, concept_id: str) -> Path:
+        return self.train_dir(concept_id) / ADAPTER_FILE
+
+    def generated_dir(self, concept_id: str | None) -> Path:
+        return self.folder(concept_id) / "generated" if concept_id else self.root / "generated"
+
+    def evaluation_dir(self, concept_id: str, run: str) -> Path:
+        return self.folder(concept_id) / "evaluations" / run
+
+    def new_generation_dir(self, concept_id: str | None) -> Path:
+        """A fresh folder for one Generate click (time-stamped, so runs sort by time)."""
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = self.generated_dir(concept_id)
+        run, number = base / stamp, 1
+        while run.exists():
+            number += 1
+            run = base / f"{stamp}-{number}"
+        return run
+
+    def generation_runs(self, concept_id: str) -> list[str]:
+        """Names of the concept's generation folders that hold a manifest, newest first."""
+        base = self.generated_dir(concept_id)
+        if not base.is_dir():
+            return []
+        return sorted((p.name for p in base.iterdir() if (p / "manifest.jsonl").is_file()), reverse=True)
+
+    def samples(self, concept_id: str) -> list[Path]:
+        """Validation grids written during training, oldest first."""
+        folder = self.train_dir(concept_id) / "samples"
+        return sorted(folder.glob("*.png")) if folder.is_dir() else []
+
+    def preview_image(self, concept_id: str) -> Path | None:
+        """The latest validation grid, else the first training image."""
+        samples = self.samples(concept_id)
+        if samples:
+            return samples[-1]
+        images = sorted(self.images_dir(concept_id).glob("*")) if self.images_dir(concept_id).is_dir() else []
+        return images[0] if images else None
+
+    # --- reading ------------------------------------------------------------------------------
+    def concepts(self) -> list[Concept]:
+        """Every concept, newest first; unreadable concept.json files are skipped with a log line."""
+        found = []
+        for folder in self.concepts_dir.iterdir():
+            if folder.name.startswith(".") or not (folder / CONCEPT_FILE).is_file():
+                continue
+            try:
+                found.append(self._read(folder))
+            except (OSError, ValueError, TypeError) as exc:
+                log.warning("skipping %s: unreadable %s (%s)", folder, CONCEPT_FILE, exc)
+        return sorted(found, key=lambda c: (c.created, c.id), reverse=True)
+
+    def get(self, concept_id: str) -> Concept:
+        folder = self.folder(concept_id)
+        if not (folder / CONCEPT_FILE).is_file():
+            raise UserError(f"there is no concept '{concept_id}' in the workspace {self.root}; it may have been deleted")
+        return self._read(folder)
+
+    def _read(self, folder: Path) -> Concept:
+        data = json.loads((folder / CONCEPT_FILE).read_text(encoding="utf-8"))
+        known = {f.name for f in dataclasses.fields(Concept)}
+        return Concept(**{k: v for k, v in data.items() if k in known})
+
+    def find_by_name(self, name: str) -> Concept | None:
+        wanted = name.casefold()
+        return next((c for c in self.concepts() if c.name.casefold() == wanted), None)
+
+    # --- writing ------------------------------------------------------------------------------
+    def save(self, concept: Concept) -> None:
+        write_json_atomic(self.folder(concept.id) / CONCEPT_FILE, dataclasses.asdict(concept))
+
+    def create(self, concept: Concept, images: list[str]) -> Concept:
+        """Store a new concept: a fresh folder, copies of `images`, concept.json; sets id and created."""
+        concept.name = check_name(concept.name)
+        if self.find_by_name(concept.name):
+            raise UserError(f"a concept named '{concept.name}' already exists; choose another name or delete it first")
+        concept.id = self._new_id(concept.name)
+        concept.created = concept.created or now_iso()
+        target = self.images_dir(concept.id)
+        target.mkdir(parents=True)
+        names = []
+        for index, source in enumerate(images):
+            source = Path(source)
+            name = f"{index:02d}-{re.sub(r'[^A-Za-z0-9._-]+', '_', source.name)}"
+            with atomic_path(target / name) as tmp:
+                shutil.copyfile(source, tmp)
+            names.append(name)
+        concept.images = names
+        self.save(concept)
+        return concept
+
+    def _new_id(self, name: str) -> str:
+        base = slug(name)
+        concept_id = base
+        while self.folder(concept_id).exists():
+            concept_id = f"{base}-{uuid.uuid4().hex[:6]}"
+        return concept_id
+
+    def rename(self, concept_id: str, new_name: str) -> Concept:
+        concept = self.get(concept_id)
+        new_name = check_name(new_name)
+        other = self.find_by_name(new_name)
+        if other is not None and other.id != concept_id:
+            raise UserError(f"a concept named '{new_name}' already exists; choose another name")
+        concept.name = new_name
+        self.save(concept)
+        return concept
+
+    def delete(self, concept_id: str) -> Concept:
+        concept = self.get(concept_id)
+        folder = self.folder(concept_id)
+        trash = self.concepts_dir / f".deleted-{concept_id}-{uuid.uuid4().hex[:6]}"
+        os.replace(folder, trash)  # one rename: the concept leaves the library at once
+        shutil.rmtree(trash, ignore_errors=True)
+        return concept
+
+    def recover(self) -> list[Concept]:
+        """Tidy up after an app that exited mid-way (call at start-up, before any job): finish
+        interrupted deletions and mark concepts left 'training' as interrupted (or stopped when
+        their adapter was saved). Returns the concepts marked."""
+        for trash in self.concepts_dir.glob(".deleted-*"):
+            shutil.rmtree(trash, ignore_errors=True)
+        stale = [c for c in self.concepts() if c.status == TRAINING]
+        for concept in stale:
+            concept.status = INTERRUPTED
+            concept.message = "the app stopped while this concept was training"
+            if self.adapter_path(concept.id).is_file():
+                concept.status = STOPPED
+            self.save(concept)
+        return stale

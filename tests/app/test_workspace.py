@@ -1,0 +1,106 @@
+"""The concept library on disk: persistence across restarts, rename, delete, recovery, name checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from app.workspace import DONE, INTERRUPTED, STOPPED, TRAINING, Concept, Workspace, default_workspace
+from personalize.errors import UserError
+
+
+def make_images(folder, count=3):
+    paths = []
+    for index in range(count):
+        path = folder / f"photo {index}.png"
+        Image.new("RGB", (64, 64), (index * 60, 100, 200)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def new_concept(name="My Dog", **fields):
+    values = dict(id="", name=name, method="lora", base_model="tiny", token="sks", class_noun="dog", steps=5, lr=1e-4)
+    values.update(fields)
+    return Concept(**values)
+
+
+def test_create_copies_images_and_survives_restart(tmp_path):
+    space = Workspace(tmp_path / "ws")
+    concept = space.create(new_concept(), make_images(tmp_path))
+    assert concept.id == "my-dog" and concept.created
+    assert sorted(p.name for p in space.images_dir(concept.id).iterdir()) == concept.images
+    assert len(concept.images) == 3
+    stored = json.loads((space.folder(concept.id) / "concept.json").read_text())
+    assert stored["name"] == "My Dog" and stored["status"] == TRAINING
+
+    reopened = Workspace(tmp_path / "ws")  # a restarted app sees the same library
+    assert [c.name for c in reopened.concepts()] == ["My Dog"]
+    assert reopened.get(concept.id) == concept
+
+
+def test_names_are_unique_and_checked(tmp_path):
+    space = Workspace(tmp_path)
+    first = space.create(new_concept("cat"), make_images(tmp_path, 1))
+    with pytest.raises(UserError, match="already exists"):
+        space.create(new_concept("CAT"), make_images(tmp_path, 1))
+    with pytest.raises(UserError, match="empty"):
+        space.create(new_concept("   "), make_images(tmp_path, 1))
+    second = space.create(new_concept("cat!"), make_images(tmp_path, 1))  # same slug, distinct folder
+    assert first.id == "cat" and second.id.startswith("cat-") and second.id != first.id
+    with pytest.raises(UserError, match="already exists"):
+        space.rename(second.id, "Cat")
+
+
+def test_rename_keeps_folder_and_delete_removes_everything(tmp_path):
+    space = Workspace(tmp_path)
+    concept = space.create(new_concept(), make_images(tmp_path))
+    renamed = space.rename(concept.id, "  Rex   the dog ")
+    assert renamed.name == "Rex the dog" and renamed.id == concept.id
+    assert space.get(concept.id).name == "Rex the dog"
+    space.delete(concept.id)
+    assert space.concepts() == []
+    assert not space.folder(concept.id).exists()
+    assert list(space.concepts_dir.iterdir()) == []
+    with pytest.raises(UserError, match="no concept"):
+        space.get(concept.id)
+
+
+def test_recover_marks_interrupted_runs_and_finishes_deletions(tmp_path):
+    space = Workspace(tmp_path)
+    stale = space.create(new_concept("a"), make_images(tmp_path, 1))
+    saved = space.create(new_concept("b"), make_images(tmp_path, 1))
+    space.adapter_path(saved.id).parent.mkdir(parents=True)
+    space.adapter_path(saved.id).write_bytes(b"adapter")
+    finished = space.create(new_concept("c", status=DONE), make_images(tmp_path, 1))
+    (space.concepts_dir / ".deleted-x-123456").mkdir()
+    marked = space.recover()
+    assert sorted(c.id for c in marked) == sorted([stale.id, saved.id])
+    assert space.get(stale.id).status == INTERRUPTED
+    assert space.get(saved.id).status == STOPPED
+    assert space.get(finished.id).status == DONE
+    assert not (space.concepts_dir / ".deleted-x-123456").exists()
+
+
+def test_generation_runs_newest_first_and_only_with_manifest(tmp_path):
+    space = Workspace(tmp_path)
+    concept = space.create(new_concept(), make_images(tmp_path, 1))
+    first = space.new_generation_dir(concept.id)
+    first.mkdir(parents=True)
+    (first / "manifest.jsonl").write_text("{}\n")
+    second = space.new_generation_dir(concept.id)
+    assert second != first
+    second.mkdir()
+    (second / "manifest.jsonl").write_text("{}\n")
+    space.new_generation_dir(concept.id).mkdir()  # no manifest: not a run
+    assert space.generation_runs(concept.id) == [second.name, first.name]
+    assert space.generated_dir(None) == space.root / "generated"
+
+
+def test_bad_ids_and_default_location(tmp_path, monkeypatch):
+    space = Workspace(tmp_path)
+    with pytest.raises(UserError, match="not a concept id"):
+        space.folder("../outside")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert default_workspace() == tmp_path / "data" / "personalize"
