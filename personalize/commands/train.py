@@ -1,0 +1,132 @@
+"""`personalize train`: flags (or a TOML file via --config, flags win) -> TrainConfig -> train().
+
+Every TrainConfig field is a flag (`steps` -> `--steps`, booleans as `--x/--no-x`); method
+options are `--option NAME=VALUE` (repeatable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import sys
+import threading
+import tomllib
+import typing
+
+from tqdm import tqdm
+
+from ..errors import UserError
+from ..train import Progress, TrainCallback, TrainConfig, TrainResult, load_config, train
+from ..training.config import FIELDS
+
+SHORT = {"output_dir": ["--output"]}  # extra spellings of some flags
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML file (or config.json of an earlier run) with training settings; flags override it")
+    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                        help="a method option, e.g. --option rank=8 (repeatable; see `personalize methods NAME`)")
+    hints = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        if field.name == "method_options":
+            continue
+        flags = ["--" + field.name.replace("_", "-")] + SHORT.get(field.name, [])
+        kwargs: dict = {"dest": field.name, "default": argparse.SUPPRESS, "help": _help(field)}
+        hint = hints[field.name]
+        kinds = set(typing.get_args(hint)) or {hint}
+        if bool in kinds:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif field.name in ("instance_images", "validation_prompts"):
+            kwargs.update(nargs="+", metavar="PATH" if field.name == "instance_images" else "PROMPT")
+        else:
+            kwargs["type"] = int if int in kinds else float if float in kinds else str
+        parser.add_argument(*flags, **kwargs)
+
+
+def _help(field: dataclasses.Field) -> str:
+    text = field.metadata.get("help", "")
+    if field.default is not dataclasses.MISSING and field.default is not None and not isinstance(field.default, bool):
+        text += f" (default: {field.default})"
+    return text.replace("%", "%%")
+
+
+def parse_options(items: list[str]) -> dict[str, typing.Any]:
+    """NAME=VALUE pairs; values are read as TOML literals (8, 0.5, true, "x") or else kept as text."""
+    options: dict[str, typing.Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise UserError(f"--option expects NAME=VALUE, got '{item}'")
+        if value.strip().lower() in ("none", "null"):
+            options[name.strip()] = None
+            continue
+        try:
+            options[name.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            options[name.strip()] = value
+    return options
+
+
+class TqdmProgress(TrainCallback):
+    """A progress bar for preparation stages and for the training steps."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+        self.stage: str | None = None
+
+    def on_prepare(self, stage: str, done: int, total: int) -> None:
+        if self.stage != stage:
+            self._close()
+            self.bar, self.stage = tqdm(total=total, desc=stage, unit="img"), stage
+        self.bar.n = done
+        self.bar.refresh()
+
+    def on_start(self, config: TrainConfig, total_steps: int, num_trainable: int) -> None:
+        self._close()
+        print(f"training {config.method} ({num_trainable:,} trainable parameters) on {len(config.instance_images)} images, "
+              f"{total_steps} steps at lr {config.lr:g}, {config.resolution} px -> {config.output_dir}")
+        self.bar = tqdm(total=total_steps, desc="train", unit="step")
+
+    def on_step(self, progress: Progress) -> None:
+        self.bar.n = progress.step
+        self.bar.set_postfix(loss=f"{progress.loss:.4f}", lr=f"{progress.lr:.2g}", refresh=False)
+        self.bar.refresh()
+
+    def on_samples(self, step: int, images: list, grid_path: str) -> None:
+        tqdm.write(f"step {step}: samples -> {grid_path}")
+
+    def on_end(self, result: TrainResult) -> None:
+        """The summary (only the main process gets this call, so a multi-GPU run prints it once)."""
+        self._close()
+        state = "cancelled" if result.cancelled else "done"
+        print(f"{state}: {result.steps_done}/{result.total_steps} steps in {result.wall_time:.1f}s; "
+              f"eval loss {result.eval_loss_start:.4f} -> {result.eval_loss_end:.4f}")
+        print(f"adapter: {result.adapter_path}")
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.bar = self.stage = None
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {name: value for name, value in vars(args).items() if name in FIELDS}
+    overrides["method_options"] = parse_options(args.option)
+    config = load_config(args.config, **overrides)
+    cancel = threading.Event()
+
+    def stop(signum, frame) -> None:  # first Ctrl-C: finish this step and save; second: abort
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+        print("\nstopping after this step and saving the adapter (Ctrl-C again to abort)", file=sys.stderr)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signals can only be caught there
+    previous = signal.signal(signal.SIGINT, stop) if in_main_thread else None
+    try:
+        train(config, callbacks=[TqdmProgress()], cancel=cancel)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
+    return 0

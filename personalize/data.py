@@ -1,0 +1,184 @@
+"""Instance and class images: validation where they enter, conversion to RGB, resize and crop.
+
+Every image passes through `load_image`, which reads the header first (size limits, decompression-bomb
+guard) and then decodes, applies the EXIF orientation, converts colour (ICC profiles, CMYK,
+grayscale, 16-bit, transparency) to 8-bit sRGB, and names the file in every error. Input files
+are only ever opened for reading.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import warnings
+from pathlib import Path
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
+ACCEPTED = ", ".join(IMAGE_SUFFIXES)
+MIN_SIDE = 64  # px: below this an image carries too little of the subject to learn from (and below one SD latent tile)
+MAX_PIXELS = 150_000_000  # above the largest camera sensors (150 MP); guards against decompression bombs (~450 MB decoded)
+BACKGROUND = (255, 255, 255)  # transparent pixels become white: cut-out product/subject photos are meant on white
+
+
+def list_image_files(source: str | os.PathLike | Sequence[str | os.PathLike], what: str = "instance images") -> list[Path]:
+    """The image files named by `source`: a folder (its image files, sorted), a file, or a list of those.
+
+    In a folder, files without an image suffix (captions, notes) are skipped with a log message; a
+    file given explicitly must be an image.
+    """
+    sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    if not sources:
+        raise UserError(f"no {what} given; pass a folder or a list of image files ({ACCEPTED})")
+    files: list[Path] = []
+    for entry in sources:
+        path = Path(entry).expanduser()
+        if path.is_dir():
+            files += _images_in_folder(path, what)
+        elif path.exists() or path.is_symlink():
+            files.append(path)
+        else:
+            raise UserError(f"{what}: '{path}' does not exist (expected a folder or image files: {ACCEPTED})")
+    return files
+
+
+def _images_in_folder(folder: Path, what: str) -> list[Path]:
+    try:
+        entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError as exc:
+        raise UserError(f"{what}: cannot read folder '{folder}': {exc.strerror or exc}") from exc
+    images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    skipped = [p.name for p in entries if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES]
+    if skipped:
+        log.info("%s: skipping %d non-image file(s) in %s: %s", what, len(skipped), folder, ", ".join(skipped[:5]))
+    if not images:
+        raise UserError(f"no {what} found in folder '{folder}'; accepted files: {ACCEPTED}")
+    return images
+
+
+def validate_instance_images(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Check that every image can be used for training; returns the image files as strings.
+
+    Raises UserError naming the bad file (missing, unreadable, not an image, corrupt, too small, too large).
+    """
+    files = list_image_files(paths)
+    for file in files:
+        load_image(file)
+    return [str(f) for f in files]
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Decode `path` into an 8-bit sRGB image, upright (EXIF orientation applied)."""
+    path = Path(path)
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError as exc:
+        raise UserError(f"image '{path}' does not exist") from exc
+    except IsADirectoryError as exc:
+        raise UserError(f"'{path}' is a folder, not an image file ({ACCEPTED})") from exc
+    except OSError as exc:
+        raise UserError(f"image '{path}' cannot be read: {exc.strerror or exc}") from exc
+    with handle, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS is checked below
+        try:
+            image = Image.open(handle)  # reads the header only
+        except Image.DecompressionBombError as exc:
+            raise _too_large(path, None) from exc
+        except UnidentifiedImageError as exc:
+            raise UserError(f"'{path}' is not an image file that can be read; accepted: {ACCEPTED}") from exc
+        except OSError as exc:
+            raise UserError(f"image '{path}' cannot be read: {exc.strerror or exc}") from exc
+        width, height = image.size
+        if width * height > MAX_PIXELS:
+            raise _too_large(path, image.size)
+        if min(width, height) < MIN_SIDE:
+            raise UserError(f"image '{path}' is {width}x{height} px; each side must be at least {MIN_SIDE} px")
+        try:
+            image.load()
+        except Image.DecompressionBombError as exc:
+            raise _too_large(path, image.size) from exc
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise UserError(f"image '{path}' is corrupt or truncated ({exc}); re-export it as PNG or JPEG") from exc
+    return to_rgb(image)
+
+
+def _too_large(path: Path, size: tuple[int, int] | None) -> UserError:
+    dims = f" ({size[0]}x{size[1]} px)" if size else ""
+    return UserError(
+        f"image '{path}' is too large{dims}; at most {MAX_PIXELS / 1e6:.0f} megapixels are accepted "
+        "(decompression-bomb guard): downscale it first"
+    )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Upright 8-bit RGB in sRGB: EXIF orientation, ICC profile, 16-bit depth, CMYK and alpha handled."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        image = _to_8bit(image)
+    icc = image.info.get("icc_profile")
+    if icc and image.mode in ("RGB", "RGBA", "CMYK", "L"):
+        image = _to_srgb(image, icc)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit / 32-bit integer and float grayscale to 8 bits (16-bit range mapped to 0..255)."""
+    values = np.asarray(image).astype(np.float64)
+    if image.mode == "F":
+        top = 1.0 if values.max(initial=0.0) <= 1.0 else 255.0
+    else:
+        top = 65535.0 if values.max(initial=0.0) > 255 else 255.0
+    return Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+
+
+def _to_srgb(image: Image.Image, icc: bytes) -> Image.Image:
+    """Convert from the embedded colour profile (Display P3 phone photos, print CMYK) to sRGB."""
+    alpha = image.getchannel("A") if image.mode == "RGBA" else None
+    source = image.convert("RGB") if image.mode == "RGBA" else image
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        converted = ImageCms.profileToProfile(source, profile, ImageCms.createProfile("sRGB"), outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError) as exc:
+        log.debug("ignoring unusable ICC profile: %s", exc)
+        return image
+    if converted is None:  # profileToProfile returns None only with inPlace=True
+        return image
+    if alpha is not None:
+        converted.putalpha(alpha)
+    return converted
+
+
+def fit_square(image: Image.Image, resolution: int) -> Image.Image:
+    """Resize so the shorter side is `resolution`, then crop the centre square."""
+    width, height = image.size
+    if min(width, height) < resolution:
+        log.info("upscaling a %dx%d image to %d px; photos at least as large as the training size work better", width, height, resolution)
+    factor = resolution / min(width, height)
+    size = (max(resolution, round(width * factor)), max(resolution, round(height * factor)))
+    resized = image.resize(size, Image.Resampling.LANCZOS)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    return resized.crop((left, top, left + resolution, top + resolution))
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) float32 in [-1, 1], the VAE's input range."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def load_training_images(files: Sequence[str | os.PathLike], resolution: int) -> torch.Tensor:
+    """(n, 3, resolution, resolution) tensors of the images, ready for the VAE."""
+    return torch.stack([image_to_tensor(fit_square(load_image(f), resolution)) for f in files])

@@ -1,0 +1,29 @@
+"""DreamBooth-style training of one adapter on a few photos: `train(TrainConfig(...)) -> TrainResult`.
+
+    from personalize.train import TrainConfig, train
+    result = train(TrainConfig(instance_images="photos/", output_dir="out", base_model="tiny", method="svfit"))
+    print(result.eval_loss_start, "->", result.eval_loss_end, result.adapter_path)
+
+The output folder holds adapter.safetensors, config.json (the effective config), result.json,
+log.jsonl, samples/ (validation grids) and checkpoints/. Progress goes to `TrainCallback`s;
+`cancel.set()` stops after the current step and still saves the adapter. Run under
+`accelerate launch` for multi-GPU (DDP). The pieces live in `personalize.training`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from .data import validate_instance_images
+from .training.callbacks import Progress, TrainCallback, TrainResult
+from .training.config import TrainConfig, load_config
+from .training.trainer import Trainer
+
+
+def train(config: TrainConfig, callbacks: Sequence[TrainCallback] = (), cancel: threading.Event | None = None) -> TrainResult:
+    """Train the adapter described by `config`; invalid input raises `personalize.errors.UserError`."""
+    return Trainer(config, callbacks, cancel).run()
+
+
+__all__ = ["Progress", "TrainCallback", "TrainConfig", "TrainResult", "load_config", "train", "validate_instance_images"]

@@ -1,0 +1,87 @@
+"""What training reports to its callers (CLI, app, examples): per-step progress, samples and the result.
+
+The trainer knows nothing about its UI: it calls these hooks on the main process only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .config import TrainConfig
+
+
+@dataclass
+class Progress:
+    """One optimiser step, as callbacks receive it."""
+
+    step: int  # steps done, 1-based
+    total_steps: int
+    loss: float  # training loss of this step (mean over micro-batches and processes)
+    lr: float  # learning rate of the main parameter group after this step
+    elapsed: float  # seconds of training so far, earlier sessions of a resumed run included
+    eta: float  # estimated seconds until the last step
+
+
+@dataclass
+class TrainResult:
+    """What a run produced; also written to `result.json` in the output folder."""
+
+    adapter_path: str
+    output_dir: str
+    steps_done: int
+    cancelled: bool
+    eval_loss_start: float  # denoising loss on the fixed evaluation set before the first step
+    eval_loss_end: float  # the same loss after the last step
+    num_trainable: int
+    wall_time: float  # seconds this call took, model loading included
+    method: str = ""
+    total_steps: int = 0
+    train_time: float = 0.0  # seconds in the training loop over all sessions of the run
+    resumed_from: int | None = None  # checkpoint step this session started from
+    num_processes: int = 1
+    final_loss: float | None = None  # mean training loss over the last (up to) 10 steps
+    samples: list[str] = field(default_factory=list)  # validation grids written by this session
+    config_path: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class TrainCallback:
+    """Subclass and override what you need; every method is optional."""
+
+    def on_prepare(self, stage: str, done: int, total: int) -> None:
+        """Preparation before the first step (e.g. stage 'class images', done 12 of 100)."""
+
+    def on_start(self, config: TrainConfig, total_steps: int, num_trainable: int) -> None:
+        """Training is about to run its first step (of this session)."""
+
+    def on_step(self, progress: Progress) -> None:
+        """After every optimiser step."""
+
+    def on_samples(self, step: int, images: list[Image.Image], grid_path: str) -> None:
+        """Validation images (fixed prompts and seeds) at `step`, also saved as the grid `grid_path`."""
+
+    def on_end(self, result: TrainResult) -> None:
+        """The run finished (or was cancelled) and its files are written."""
+
+
+class CallbackList:
+    """Fan one event out to several callbacks."""
+
+    def __init__(self, callbacks: Sequence[TrainCallback], enabled: bool) -> None:
+        self.callbacks, self.enabled = list(callbacks), enabled
+
+    def __getattr__(self, name: str):
+        def call(*args: Any) -> None:
+            if self.enabled:
+                for callback in self.callbacks:
+                    getattr(callback, name)(*args)
+
+        return call

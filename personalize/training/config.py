@@ -1,0 +1,225 @@
+"""`TrainConfig`: every training setting with its default and the reason for it.
+
+A config comes from keyword arguments, a TOML file (or the `config.json` of an earlier run) and
+command-line flags, in that order of precedence (flags win). `resolve` fills the method's paper
+defaults (steps, learning rate) and checks every value before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..adapters import get_method
+from ..errors import UserError
+from ..models import DEFAULT_BASE_MODEL
+
+VALIDATION_PROMPTS = [
+    "a photo of {token} {class_noun}",
+    "a {token} {class_noun} in the jungle",
+    "a {token} {class_noun} on the beach",
+    "a watercolor painting of {token} {class_noun}",
+]
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "adamw8bit")
+SCHEDULES = ("constant", "cosine", "linear")
+REPORT_TO = ("none", "tensorboard")
+PLACEHOLDERS = ("token", "class_noun")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class TrainConfig:
+    """DreamBooth-style training of one adapter on a few photos of one subject."""
+
+    instance_images: str | list[str] = field(metadata=_help("a folder or a list of image files of the subject (3-5 typical)"))
+    output_dir: str = field(metadata=_help("folder for adapter.safetensors, config.json, result.json, log.jsonl, samples/, checkpoints/"))
+    base_model: str = field(default=DEFAULT_BASE_MODEL, metadata=_help("hub id, diffusers folder, .safetensors/.ckpt file, or 'tiny'"))
+    method: str = field(default="lora", metadata=_help("adapter method (see `personalize methods`)"))
+    method_options: dict[str, Any] = field(default_factory=dict, metadata=_help("the method's options, e.g. rank=8 preset=attention"))
+    # DreamBooth (Ruiz et al. 2023, §3.2): a rare token bound to the subject, plus its class noun.
+    token: str = field(default="sks", metadata=_help("rare identifier token bound to the subject (DreamBooth §3.2)"))
+    class_noun: str = field(default="person", metadata=_help("the subject's class, e.g. dog, backpack, person"))
+    instance_prompt: str = field(default="a photo of {token} {class_noun}", metadata=_help("training prompt template (DreamBooth §3.2)"))
+    class_prompt: str = field(default="a photo of {class_noun}", metadata=_help("prompt of the prior-preservation class images (DreamBooth §3.3)"))
+    steps: int | None = field(default=None, metadata=_help("optimiser steps; default: the method's paper value (docs/training.md)"))
+    lr: float | None = field(default=None, metadata=_help("learning rate of the main parameter group; default: the method's paper value"))
+    resolution: int | None = field(default=None, metadata=_help("training size in px; default: the base model's native size (512 for SD 1.5)"))
+    # Batch 1: the DreamBooth-LoRA examples of diffusers and kohya train 3-5 images at batch size 1.
+    batch_size: int = field(default=1, metadata=_help("instance images per step and process (plus as many class images)"))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help("micro-batches per optimiser step"))
+    # Prior preservation on: DreamBooth's class-specific prior loss (§3.3) keeps the class from drifting.
+    prior_preservation: bool = field(default=True, metadata=_help("add the class-prior loss on generated class images (DreamBooth §3.3)"))
+    class_images: int = field(default=100, metadata=_help("class images to generate or reuse (diffusers' default 100)"))
+    prior_loss_weight: float = field(default=1.0, metadata=_help("weight of the prior loss (DreamBooth: lambda = 1)"))
+    class_data_dir: str | None = field(default=None, metadata=_help("folder of class images; default: a cache shared by runs with the same model, prompt, size"))
+    class_batch_size: int = field(default=4, metadata=_help("images per batch when generating class images (diffusers' default 4)"))
+    # DPM-Solver++ (Lu et al. 2022) converges in 20-25 steps; used for class images and validation samples.
+    sample_steps: int = field(default=25, metadata=_help("denoising steps for class images and validation samples (DPM-Solver++)"))
+    validation_prompts: list[str] = field(default_factory=lambda: list(VALIDATION_PROMPTS), metadata=_help("fixed prompts rendered at each validation"))
+    validation_every: int = field(default=100, metadata=_help("render validation samples every N steps and at the end; 0 = off"))
+    validation_guidance: float = field(default=7.5, metadata=_help("classifier-free guidance of validation samples (SD's usual 7.5)"))
+    checkpoint_every: int = field(default=100, metadata=_help("save a resumable checkpoint every N steps; 0 = only at the end"))
+    checkpoints_keep: int = field(default=3, metadata=_help("keep the last K checkpoints"))
+    seed: int = field(default=0, metadata=_help("seed of the adapter init, noise, timesteps, data order and validation samples"))
+    mixed_precision: str = field(default="auto", metadata=_help("auto (fp16 on CUDA GPUs, none elsewhere) | no | fp16 | bf16"))
+    # Off as in both anchors: it trades ~30% speed for memory; docs/training.md turns it on for 8 GB GPUs.
+    gradient_checkpointing: bool = field(default=False, metadata=_help("recompute activations in backward to save GPU memory"))
+    optimizer: str = field(default="adamw", metadata=_help("adamw | adamw8bit (needs bitsandbytes)"))
+    adam_beta1: float = field(default=0.9, metadata=_help("AdamW beta1 (Loshchilov & Hutter 2019 default)"))
+    adam_beta2: float = field(default=0.999, metadata=_help("AdamW beta2 (default)"))
+    adam_epsilon: float = field(default=1e-8, metadata=_help("AdamW epsilon (default)"))
+    weight_decay: float = field(default=1e-4, metadata=_help("AdamW weight decay (diffusers' DreamBooth-LoRA value)"))
+    max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm (diffusers and kohya default); 0 = off"))
+    lr_scheduler: str = field(default="constant", metadata=_help("constant | cosine | linear (LoLDU and DreamBooth-LoRA train at constant lr)"))
+    lr_warmup_steps: int = field(default=0, metadata=_help("linear warm-up steps before the schedule"))
+    snr_gamma: float | None = field(default=None, metadata=_help("Min-SNR loss weighting gamma (Hang et al. 2023 suggest 5); off by default"))
+    noise_offset: float = field(default=0.0, metadata=_help("offset noise strength (Guttenberg 2023; 0.05-0.1 typical); off by default"))
+    random_flip: bool = field(default=False, metadata=_help("also train on mirrored images (off: subjects are often asymmetric)"))
+    eval_timesteps: int = field(default=8, metadata=_help("timesteps per instance image in the fixed evaluation set"))
+    eval_batch_size: int = field(default=4, metadata=_help("batch size of the evaluation and latent encoding passes"))
+    report_to: str = field(default="none", metadata=_help("none | tensorboard (log.jsonl is always written)"))
+    resume: bool = field(default=False, metadata=_help("continue from the latest checkpoint in output_dir"))
+    overwrite: bool = field(default=False, metadata=_help("replace an earlier run in output_dir (only its own files are removed)"))
+    cpu: bool = field(default=False, metadata=_help("train on the CPU even if a GPU is present"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def prompt(self, template: str) -> str:
+        return template.format(token=self.token, class_noun=self.class_noun)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# Fields that define what a run learns: a resumed run must agree with the saved config on them.
+RUN_DEFINING = (
+    "instance_images", "base_model", "method", "method_options", "token", "class_noun", "instance_prompt",
+    "class_prompt", "lr", "resolution", "batch_size", "gradient_accumulation_steps", "prior_preservation",
+    "class_images", "prior_loss_weight", "seed", "optimizer", "adam_beta1", "adam_beta2", "adam_epsilon",
+    "weight_decay", "max_grad_norm", "lr_scheduler", "lr_warmup_steps", "snr_gamma", "noise_offset", "random_flip",
+)
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """A TrainConfig from a TOML/JSON file and keyword overrides (overrides win; method options merge)."""
+    values: dict[str, Any] = read_config_file(path) if path else {}
+    options = {**values.pop("method_options", {}), **overrides.pop("method_options", {})}
+    values.update({k: v for k, v in overrides.items()})
+    values["method_options"] = options
+    return make_config(values, source=str(path) if path else "arguments")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"config file '{path}' cannot be read: {exc.strerror or exc}") from exc
+    try:
+        values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        kind = "JSON" if path.suffix == ".json" else "TOML"
+        raise UserError(f"config file '{path}' is not valid {kind}: {exc}") from exc
+    if not isinstance(values, dict):
+        raise UserError(f"config file '{path}' must hold a table of TrainConfig fields")
+    return {key.replace("-", "_"): value for key, value in values.items()}
+
+
+def make_config(values: dict[str, Any], source: str = "arguments") -> TrainConfig:
+    """Check names and types of `values`, then build the config."""
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise UserError(f"unknown training setting(s) {', '.join(unknown)} in {source}; accepted: {', '.join(FIELDS)}")
+    missing = [name for name in ("instance_images", "output_dir") if values.get(name) in (None, "", [])]
+    if missing:
+        raise UserError(f"missing required setting(s): {', '.join(missing)} (the subject's images and an output folder)")
+    hints = typing.get_type_hints(TrainConfig)
+    for name, value in values.items():
+        values[name] = _check_type(name, value, hints[name], source)
+    return TrainConfig(**values)
+
+
+def _check_type(name: str, value: Any, hint: Any, source: str) -> Any:
+    """`value` converted to the field's type (int -> float where a float is expected), or a UserError."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return None
+        origin = typing.get_origin(option) or option
+        if origin is bool and isinstance(value, bool):
+            return value
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is str and isinstance(value, str):
+            return value
+        if origin is list and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return [str(v) for v in value]
+        if origin is dict and isinstance(value, dict):
+            return dict(value)
+    accepted = " or ".join(getattr(o, "__name__", str(o)).replace("NoneType", "none") for o in options)
+    raise UserError(f"setting '{name}' in {source} must be {accepted}, got {value!r}")
+
+
+def resolve(config: TrainConfig) -> TrainConfig:
+    """A copy with the method's paper defaults filled in and every value checked."""
+    method = get_method(config.method)
+    adapter_config = method.make_config(dict(config.method_options))  # raises on unknown options
+    steps = method.train_defaults.steps if config.steps is None else config.steps
+    lr = method.train_defaults.lr if config.lr is None else config.lr
+    resolved = dataclasses.replace(config, steps=steps, lr=lr, method_options=adapter_config.to_dict())
+    _check_values(resolved)
+    return resolved
+
+
+def _check_values(c: TrainConfig) -> None:
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise UserError(message)
+
+    need(c.steps >= 1, f"steps must be a positive integer, got {c.steps}")
+    need(math.isfinite(c.lr) and c.lr > 0, f"lr must be a positive number, got {c.lr}")
+    need(c.resolution is None or (c.resolution >= 64 and c.resolution % 8 == 0),
+         f"resolution must be a multiple of 8 of at least 64 px, got {c.resolution}")
+    for name in ("batch_size", "gradient_accumulation_steps", "class_batch_size", "sample_steps", "checkpoints_keep",
+                 "eval_timesteps", "eval_batch_size"):
+        need(getattr(c, name) >= 1, f"{name} must be a positive integer, got {getattr(c, name)}")
+    for name in ("validation_every", "checkpoint_every", "lr_warmup_steps"):
+        need(getattr(c, name) >= 0, f"{name} must be 0 or a positive integer, got {getattr(c, name)}")
+    need(not c.prior_preservation or c.class_images >= 1, f"class_images must be at least 1 with prior preservation, got {c.class_images}")
+    for name in ("prior_loss_weight", "weight_decay", "max_grad_norm", "noise_offset", "validation_guidance", "adam_epsilon"):
+        value = getattr(c, name)
+        need(math.isfinite(value) and value >= 0, f"{name} must be a non-negative number, got {value}")
+    need(0 <= c.adam_beta1 < 1 and 0 <= c.adam_beta2 < 1, f"adam betas must lie in [0, 1), got {c.adam_beta1}, {c.adam_beta2}")
+    need(c.snr_gamma is None or c.snr_gamma > 0, f"snr_gamma must be a positive number (or unset), got {c.snr_gamma}")
+    for name, accepted in (("mixed_precision", MIXED_PRECISION), ("optimizer", OPTIMIZERS),
+                           ("lr_scheduler", SCHEDULES), ("report_to", REPORT_TO)):
+        need(getattr(c, name) in accepted, f"{name} '{getattr(c, name)}' is not supported; accepted: {', '.join(accepted)}")
+    need(bool(c.token.strip()), "token must not be empty (DreamBooth binds the subject to it, e.g. 'sks')")
+    need(bool(c.class_noun.strip()), "class_noun must not be empty (e.g. dog, backpack, person)")
+    need(not (c.resume and c.overwrite), "choose either resume (continue the run in output_dir) or overwrite (replace it), not both")
+    for name in ("instance_prompt", "class_prompt"):
+        _check_template(name, getattr(c, name))
+    need("{token}" in c.instance_prompt, f"instance_prompt must contain {{token}}, got '{c.instance_prompt}'")
+    for template in c.validation_prompts:
+        _check_template("validation_prompts", template)
+
+
+def _check_template(name: str, template: str) -> None:
+    try:
+        template.format(**{key: "" for key in PLACEHOLDERS})
+    except (KeyError, IndexError, ValueError) as exc:
+        raise UserError(
+            f"{name} '{template}' has an unknown placeholder ({exc}); accepted: {', '.join('{' + p + '}' for p in PLACEHOLDERS)}"
+        ) from exc

@@ -1,0 +1,88 @@
+"""Image latents, encoded once with the frozen VAE, and the order in which training visits them.
+
+The VAE's posterior is cached as (mean, std) and a fresh latent is drawn from it at every step,
+as diffusers' DreamBooth script does with `--cache_latents`: no VAE pass per step, same objective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from collections.abc import Sequence
+
+import torch
+
+from ..data import load_training_images
+
+EPOCH_SEED_STRIDE = 1_000_003  # separates the per-epoch permutation seeds of different runs
+
+
+@dataclass
+class LatentSet:
+    """Posterior of each image: latent = (mean + std * noise - shift) * scale."""
+
+    mean: torch.Tensor  # (n, c, h, w)
+    std: torch.Tensor  # (n, c, h, w)
+    scale: float
+    shift: float
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+    def sample(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        mean, std = self.mean[index.to(self.mean.device)], self.std[index.to(self.std.device)]
+        noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
+        return (mean + std * noise - self.shift) * self.scale
+
+    def means(self) -> torch.Tensor:
+        """The posterior means, scaled like training latents (the fixed evaluation set uses them)."""
+        return (self.mean - self.shift) * self.scale
+
+
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor, batch_size: int, device: torch.device) -> LatentSet:
+    """Encode (n, 3, H, W) images in [-1, 1]; the VAE runs in float32 where its config asks for it (SDXL)."""
+    dtype = vae.dtype
+    upcast = dtype != torch.float32 and bool(getattr(vae.config, "force_upcast", False))
+    if upcast:
+        vae.to(torch.float32)
+        batch_size = 1  # a float32 VAE at 512-1024 px takes ~1 GB per image: keep the peak low on small GPUs
+    try:
+        means, stds = [], []
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size].to(device=device, dtype=vae.dtype)
+            posterior = vae.encode(batch).latent_dist
+            means.append(posterior.mean.float())
+            stds.append(posterior.std.float())
+    finally:
+        if upcast:
+            vae.to(dtype)
+    config = vae.config
+    shift = getattr(config, "shift_factor", None) or 0.0
+    return LatentSet(torch.cat(means), torch.cat(stds), float(config.scaling_factor), float(shift))
+
+
+def encode_files(vae, files: Sequence, resolution: int, batch_size: int, device: torch.device, flip: bool = False) -> LatentSet:
+    """Load, crop and encode image files in chunks (never all decoded images in memory at once).
+    With `flip`, the mirrored images follow the originals (rows n..2n-1)."""
+    parts = []
+    for mirrored in (False, True) if flip else (False,):
+        for start in range(0, len(files), batch_size):
+            images = load_training_images(files[start : start + batch_size], resolution)  # (b, 3, res, res)
+            parts.append(encode_images(vae, torch.flip(images, dims=[3]) if mirrored else images, batch_size, device))
+    first = parts[0]
+    return LatentSet(torch.cat([p.mean for p in parts]), torch.cat([p.std for p in parts]), first.scale, first.shift)
+
+
+def epoch_indices(count: int, position: int, size: int, seed: int) -> torch.Tensor:
+    """`size` indices from an endless sequence of shuffled epochs over `count` items, starting at `position`.
+
+    Each epoch is a permutation seeded by (seed, epoch), so the order depends only on the position:
+    a resumed run visits the images in the same order as an uninterrupted one.
+    """
+    picked = []
+    for pos in range(position, position + size):
+        epoch, offset = divmod(pos, count)
+        generator = torch.Generator().manual_seed(seed * EPOCH_SEED_STRIDE + epoch)
+        picked.append(int(torch.randperm(count, generator=generator)[offset]))
+    return torch.tensor(picked, dtype=torch.long)

@@ -1,0 +1,94 @@
+"""The denoising objective: noisy latents, the target the model predicts, loss weights, and the fixed
+evaluation set that measures the same loss before and after training.
+
+The target follows the scheduler config of the base model: the noise for epsilon-prediction
+(SD 1.x, SD 2 base) or the velocity `alpha_t * noise - sigma_t * x0` for v-prediction (SD 2.x 768).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from .conditioning import Conditioning
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+EVAL_SEED = 20240  # fixed, independent of the run's seed: evaluation losses compare across runs and methods
+
+
+def training_scheduler(pipe):
+    """A DDPM scheduler with the base model's noise schedule and prediction type."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    if scheduler.config.prediction_type not in PREDICTION_TYPES:
+        raise UserError(
+            f"base model predicts '{scheduler.config.prediction_type}'; training supports {', '.join(PREDICTION_TYPES)}"
+        )
+    return scheduler
+
+
+def target_for(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    return noise
+
+
+def snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each timestep."""
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return alphas / (1.0 - alphas)
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023, eq. 10), written for the model's prediction target."""
+    ratio = snr(scheduler, timesteps)
+    clipped = torch.clamp(ratio, max=gamma)
+    if scheduler.config.prediction_type == "v_prediction":
+        return clipped / (ratio + 1.0)
+    return clipped / ratio
+
+
+def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(b,) mean squared error of each sample, in float32."""
+    return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=tuple(range(1, prediction.ndim)))
+
+
+@dataclass
+class EvalSet:
+    """Instance latents x fixed timesteps with fixed noise: the loss on it is deterministic."""
+
+    latents: torch.Tensor  # (m, c, h, w)
+    noise: torch.Tensor  # (m, c, h, w)
+    timesteps: torch.Tensor  # (m,)
+    conditioning: Conditioning  # m rows
+
+    @classmethod
+    def build(cls, scheduler, latents: torch.Tensor, conditioning: Conditioning, timesteps_per_image: int) -> EvalSet:
+        count = latents.shape[0]
+        steps = scheduler.config.num_train_timesteps
+        # evenly spaced over the whole schedule, centred in each of the equal intervals
+        grid = ((torch.arange(timesteps_per_image) + 0.5) * steps / timesteps_per_image).long()  # (k,)
+        timesteps = grid.repeat(count)  # (n*k,)
+        index = torch.arange(count).repeat_interleave(timesteps_per_image)  # (n*k,)
+        generator = torch.Generator().manual_seed(EVAL_SEED)
+        noise = torch.randn((len(index),) + tuple(latents.shape[1:]), generator=generator).to(latents.device)
+        return cls(latents[index.to(latents.device)], noise, timesteps.to(latents.device), conditioning.take(index))
+
+    @torch.no_grad()
+    def loss(self, unet, scheduler, batch_size: int, autocast) -> float:
+        total, count = 0.0, 0
+        for start in range(0, len(self.timesteps), batch_size):
+            part = slice(start, start + batch_size)
+            latents, noise, timesteps = self.latents[part], self.noise[part], self.timesteps[part]
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            conditioning = self.conditioning.take(torch.arange(start, start + len(timesteps)))
+            with autocast():
+                prediction = unet(noisy.to(unet.dtype), timesteps, **conditioning.unet_kwargs()).sample
+            errors = per_sample_mse(prediction, target_for(scheduler, latents, noise, timesteps))
+            total += errors.sum().item()
+            count += len(errors)
+        return total / count

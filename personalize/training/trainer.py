@@ -1,0 +1,385 @@
+"""The training run: prepare (model, prior images, cached conditioning and latents, adapter,
+optimiser), loop over optimiser steps, and finish (adapter, evaluation, result).
+
+accelerate places everything on the device, runs the UNet under fp16/bf16 autocast with the
+trainable tensors kept in float32, accumulates gradients and, under `accelerate launch`, wraps
+the UNet in DDP. Only the main process writes files and calls the callbacks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+from collections.abc import Sequence
+
+import torch
+
+from ..atomic import write_json_atomic
+from ..data import validate_instance_images
+from ..errors import UserError
+from ..inject import attach
+from ..io import load_adapter
+from ..models import load_pipeline
+from . import checkpoint as ckpt
+from .callbacks import CallbackList, Progress, TrainCallback, TrainResult
+from .conditioning import Conditioning, encode_prompts
+from .config import TrainConfig, resolve
+from .latents import encode_files, epoch_indices
+from .objective import EvalSet, min_snr_weights, per_sample_mse, target_for, training_scheduler
+from .outputs import (ADAPTER_FILE, CHECKPOINTS_DIR, CONFIG_FILE, RESULT_FILE, SAMPLES_DIR, TENSORBOARD_DIR, TrainLog,
+                      check_output_dir, clear_run)
+from .prior import default_class_dir, ensure_class_images, existing_class_images
+from .samples import render_samples, save_grid
+
+log = logging.getLogger(__name__)
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+NOISE_SEED_STRIDE = 1009  # per-process noise streams: seed * stride + rank
+RECENT_LOSSES = 10
+
+
+def resolve_mixed_precision(requested: str, cpu: bool) -> str:
+    """'auto': fp16 on CUDA (the precision SD checkpoints ship in and inference uses), none elsewhere."""
+    if requested != "auto":
+        return requested
+    return "fp16" if torch.cuda.is_available() and not cpu else "no"
+
+
+class Trainer:
+    """One training run; `train()` builds it and calls `run()`. Inputs are checked in `__init__`,
+    before any model is loaded."""
+
+    def __init__(self, config: TrainConfig, callbacks: Sequence[TrainCallback], cancel: threading.Event | None) -> None:
+        self.wall_start = time.perf_counter()
+        self.config = resolve(config)
+        self.cancel = cancel or threading.Event()
+        self.instance_files = [str(Path(f).absolute()) for f in validate_instance_images(self.config.instance_images)]
+        self.output_dir = Path(self.config.output_dir).expanduser().resolve()
+        self.mixed_precision = resolve_mixed_precision(self.config.mixed_precision, self.config.cpu)
+        self.optimizer_cls = self.optimizer_class()
+        self.accelerator = self._accelerator()
+        self.main = self.accelerator.is_main_process
+        self.rank, self.num_processes = self.accelerator.process_index, self.accelerator.num_processes
+        self.hooks = CallbackList(callbacks, enabled=self.main)
+        self.generator = torch.Generator().manual_seed(self.config.seed * NOISE_SEED_STRIDE + self.rank)
+        self.samples: list[str] = []
+
+    # --- preparation ----------------------------------------------------------------------------
+    def _accelerator(self):
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        c = self.config
+        if c.mixed_precision == "fp16" and (c.cpu or not torch.cuda.is_available()):
+            raise UserError("mixed_precision fp16 needs a CUDA GPU; on this machine use 'bf16' or 'no'")
+        if c.report_to == "tensorboard":
+            from accelerate.utils import is_tensorboard_available
+
+            if not is_tensorboard_available():
+                raise UserError("report_to 'tensorboard' needs the tensorboard package: pip install tensorboard")
+        # accelerate keeps one process-wide state; a long-lived process (the app) may train again with
+        # another precision, so start from a clean state (the distributed process group is kept).
+        AcceleratorState._reset_state(reset_partial_state=False)
+        return Accelerator(
+            mixed_precision=self.mixed_precision,
+            gradient_accumulation_steps=c.gradient_accumulation_steps,
+            cpu=c.cpu,
+            log_with="tensorboard" if c.report_to == "tensorboard" else None,
+            project_dir=str(self.output_dir),
+            # adapter buffers are derived from W0 identically on every process: no per-step broadcast
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        )
+
+    def effective(self, resolution: int | None) -> TrainConfig:
+        return dataclasses.replace(self.config, instance_images=self.instance_files, output_dir=str(self.output_dir),
+                                   resolution=resolution, mixed_precision=self.mixed_precision)
+
+    def prepare_output(self) -> Path | None:
+        """Check and (with overwrite) clear the output folder; the checkpoint to resume from, if any."""
+        c = self.config
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise UserError(f"output_dir '{self.output_dir}' is a file; give a folder (it is created if missing)")
+        check_output_dir(self.output_dir, self.effective(c.resolution).to_dict(), c.resume, c.overwrite)
+        self.accelerator.wait_for_everyone()
+        if self.main:
+            if c.overwrite:
+                clear_run(self.output_dir)
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+        if not c.resume:
+            return None
+        found = ckpt.latest_checkpoint(self.output_dir / CHECKPOINTS_DIR)
+        if found is None:
+            log.info("no checkpoint in %s: starting from the first step", self.output_dir / CHECKPOINTS_DIR)
+        return found
+
+    def prepare(self) -> None:
+        from accelerate.utils import set_seed
+        from diffusers.optimization import get_scheduler
+
+        c, acc = self.config, self.accelerator
+        self.resume_from = self.prepare_output()
+        self.weight_dtype = WEIGHT_DTYPES[self.mixed_precision]
+        self.pipe = pipe = load_pipeline(c.base_model, device=acc.device, dtype=self.weight_dtype)
+        self.resolution = c.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        if self.resolution % pipe.vae_scale_factor:
+            raise UserError(f"resolution {self.resolution} must be a multiple of the VAE's factor {pipe.vae_scale_factor}")
+        self.run_config = self.effective(self.resolution)
+        self.scheduler = training_scheduler(pipe)
+        pipe.unet.requires_grad_(False)
+        pipe.vae.requires_grad_(False)
+
+        device = acc.device
+        self.instance_cond, _ = encode_prompts(pipe, [c.prompt(c.instance_prompt)], device, self.resolution)
+        if c.validation_every and c.validation_prompts:
+            self.validation_cond = encode_prompts(pipe, [c.prompt(p) for p in c.validation_prompts], device, self.resolution)
+        self.instance = encode_files(pipe.vae, self.instance_files, self.resolution, c.eval_batch_size, device, c.random_flip)
+        self.classes = None
+        if c.prior_preservation:
+            self.class_cond, _ = encode_prompts(pipe, [c.prompt(c.class_prompt)], device, self.resolution)
+            class_files = self.class_images()
+            if class_files:
+                self.classes = encode_files(pipe.vae, class_files, self.resolution, c.eval_batch_size, device)
+
+        set_seed(c.seed)  # adapter initialisation (LoRA's gaussian A) and anything else drawing from global RNGs
+        if self.resume_from is not None:
+            self.adapter = load_adapter(pipe.unet, self.resume_from / ADAPTER_FILE)
+        else:
+            self.adapter = attach(pipe.unet, c.method, **c.method_options)
+        for param in self.adapter.parameters():
+            param.data = param.data.float()  # trainable tensors stay float32 under mixed precision
+        if c.gradient_checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
+        pipe.unet.train()
+
+        groups = self.adapter.parameter_groups(c.lr)
+        for group in groups:
+            group["weight_decay"] = c.weight_decay
+        optimizer = self.optimizer_cls(groups, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon)
+        # the group trained at `lr` itself (ratio 1; e.g. FRoD's on-axis group) is the one progress reports
+        ratios = self.adapter.method.group_lr_ratio
+        self.main_group = next((i for i, g in enumerate(groups) if ratios.get(g["name"]) == 1.0), 0)
+        name = "constant_with_warmup" if c.lr_scheduler == "constant" and c.lr_warmup_steps else c.lr_scheduler
+        self.lr_scheduler = get_scheduler(name, optimizer, num_warmup_steps=c.lr_warmup_steps, num_training_steps=c.steps)
+        self.model, self.optimizer = acc.prepare(pipe.unet, optimizer)
+
+        count = len(self.instance_files)
+        self.eval_set = EvalSet.build(self.scheduler, self.instance.means()[:count],
+                                      self.instance_cond.take(torch.zeros(count, dtype=torch.long)), c.eval_timesteps)
+
+    def class_images(self) -> list[Path]:
+        c, acc = self.config, self.accelerator
+        folder = Path(c.class_data_dir).expanduser() if c.class_data_dir else default_class_dir(
+            c.base_model, c.prompt(c.class_prompt), self.resolution, c.sample_steps)
+        if self.main:
+            ensure_class_images(self.pipe, folder, c.prompt(c.class_prompt), c.class_images, self.resolution,
+                                c.sample_steps, c.class_batch_size,
+                                progress=lambda done, total: self.hooks.on_prepare("class images", done, total),
+                                stop=self.cancel.is_set)
+        acc.wait_for_everyone()
+        return existing_class_images(folder)[: c.class_images]
+
+    def optimizer_class(self):
+        """Checked before any model is loaded, so a missing package fails fast."""
+        if self.config.optimizer == "adamw8bit":
+            try:
+                import bitsandbytes as bnb
+            except ImportError as exc:
+                raise UserError("optimizer 'adamw8bit' needs bitsandbytes: pip install bitsandbytes (or use 'adamw')") from exc
+            return bnb.optim.AdamW8bit
+        return torch.optim.AdamW
+
+    # --- one step ------------------------------------------------------------------------------
+    def micro_batch(self, step: int, micro: int) -> tuple[torch.Tensor, Conditioning]:
+        c = self.config
+        slot = (step * c.gradient_accumulation_steps + micro) * self.num_processes + self.rank  # global micro-batch index
+        index = epoch_indices(len(self.instance), slot * c.batch_size, c.batch_size, c.seed)
+        latents = self.instance.sample(index, self.generator)  # (b, c, h, w)
+        conditioning = self.instance_cond.take(torch.zeros(c.batch_size, dtype=torch.long))
+        if self.classes is not None:
+            class_index = epoch_indices(len(self.classes), slot * c.batch_size, c.batch_size, c.seed + 1)
+            latents = torch.cat([latents, self.classes.sample(class_index, self.generator)])  # (2b, c, h, w)
+            conditioning = conditioning.cat(self.class_cond.take(torch.zeros(c.batch_size, dtype=torch.long)))
+        return latents, conditioning
+
+    def loss(self, latents: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        c, device = self.config, latents.device
+        noise = torch.randn(latents.shape, generator=self.generator).to(device)
+        if c.noise_offset:
+            noise = noise + c.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=self.generator).to(device)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),), generator=self.generator).to(device)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        prediction = self.model(noisy.to(self.weight_dtype), timesteps, **conditioning.unet_kwargs()).sample
+        errors = per_sample_mse(prediction, target_for(self.scheduler, latents, noise, timesteps))  # (b,)
+        if c.snr_gamma is not None:
+            errors = errors * min_snr_weights(self.scheduler, timesteps, c.snr_gamma)
+        if self.classes is None:
+            return errors.mean()
+        return errors[: c.batch_size].mean() + c.prior_loss_weight * errors[c.batch_size :].mean()
+
+    def optimiser_step(self, step: int) -> float:
+        c, acc = self.config, self.accelerator
+        losses = []
+        for micro in range(c.gradient_accumulation_steps):
+            with acc.accumulate(self.model):
+                loss = self.loss(*self.micro_batch(step, micro))
+                acc.backward(loss)
+                if acc.sync_gradients and c.max_grad_norm > 0:
+                    acc.clip_grad_norm_(self.adapter.parameters(), c.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        if not acc.optimizer_step_was_skipped:  # fp16 overflow skips the step; keep the schedule in line
+            self.lr_scheduler.step()
+        return acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
+
+    # --- evaluation, samples, checkpoints --------------------------------------------------------
+    def evaluate(self) -> float:
+        unet = self.accelerator.unwrap_model(self.model)
+        was_training = unet.training
+        unet.eval()
+        try:
+            return self.eval_set.loss(unet, self.scheduler, self.config.eval_batch_size, self.accelerator.autocast)
+        finally:
+            unet.train(was_training)
+
+    def validate(self, step: int) -> None:
+        c = self.config
+        if not (c.validation_every and c.validation_prompts) or not self.main:
+            return
+        positive, negative = self.validation_cond
+        images = render_samples(self.pipe, positive, negative, c.seed, self.resolution, c.sample_steps,
+                                c.validation_guidance, self.accelerator.autocast)
+        path = save_grid(images, self.output_dir / SAMPLES_DIR / f"step_{step:06d}.png")
+        self.samples.append(str(path))
+        self.log.write({"step": step, "event": "samples", "path": str(path)})
+        self.log.images(step, images)
+        self.hooks.on_samples(step, images, str(path))
+
+    def adapter_metadata(self, step: int) -> dict[str, Any]:
+        c = self.run_config
+        return {"token": c.token, "class_noun": c.class_noun, "instance_prompt": c.prompt(c.instance_prompt),
+                "base_model": c.base_model, "steps": step, "train_config": c.to_dict()}
+
+    def save_checkpoint(self, step: int, state: dict[str, Any]) -> None:
+        acc, folder = self.accelerator, self.output_dir / CHECKPOINTS_DIR
+        staging = ckpt.staging_dir(folder, step)
+        if self.main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        acc.wait_for_everyone()
+        ckpt.write_rng(staging, self.rank, self.generator)
+        acc.wait_for_everyone()
+        if self.main:
+            path = ckpt.finish_checkpoint(staging, folder, step, self.adapter, self.adapter_metadata(step), self.optimizer,
+                                          self.lr_scheduler, acc.scaler, state, self.config.checkpoints_keep)
+            self.log.write({"step": step, "event": "checkpoint", "path": str(path)})
+        acc.wait_for_everyone()
+
+    # --- the run ---------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        self.prepare()
+        c, acc = self.config, self.accelerator
+        step, train_time_before = 0, 0.0
+        if self.resume_from is not None:
+            state = ckpt.load_training_state(self.resume_from, self.optimizer, self.lr_scheduler, acc.scaler)
+            step, train_time_before, eval_start = state["step"], state["train_time"], state["eval_loss_start"]
+            if not ckpt.read_rng(self.resume_from, self.rank, self.generator):
+                log.warning("checkpoint %s has no random state for process %d; its noise will differ", self.resume_from, self.rank)
+            log.info("resuming from %s (step %d of %d)", self.resume_from, step, c.steps)
+        else:
+            eval_start = self.evaluate()
+        resumed_from = step if self.resume_from is not None else None
+        tracker = None
+        if self.main:
+            if c.report_to == "tensorboard":
+                acc.init_trackers(TENSORBOARD_DIR, config=_scalar_config(self.run_config.to_dict()))
+                tracker = acc.get_tracker("tensorboard")
+            self.log = TrainLog(self.output_dir, resumed_from, tracker)
+            write_json_atomic(self.output_dir / CONFIG_FILE, self.run_config.to_dict())
+            if resumed_from is None:
+                self.log.write({"step": 0, "event": "eval", "eval_loss": eval_start})
+        self.hooks.on_start(self.run_config, c.steps, self.adapter.num_trainable)
+
+        loop_start, first_step = time.perf_counter(), step
+        recent: deque[float] = deque(maxlen=RECENT_LOSSES)
+        saved_steps: set[int] = {step} if self.resume_from is not None else set()
+        cancelled = False
+
+        def state() -> dict[str, Any]:
+            return {"total_steps": c.steps, "eval_loss_start": eval_start, "method": c.method,
+                    "train_time": train_time_before + time.perf_counter() - loop_start, "num_processes": self.num_processes}
+
+        try:
+            while step < c.steps:
+                if self.main and self.cancel.is_set():
+                    acc.set_trigger()
+                if acc.check_trigger():
+                    cancelled = True
+                    break
+                loss = self.optimiser_step(step)
+                step += 1
+                recent.append(loss)
+                now = time.perf_counter()
+                rate = (now - loop_start) / (step - first_step)
+                lr = self.lr_scheduler.get_last_lr()[self.main_group]
+                progress = Progress(step, c.steps, loss, lr, train_time_before + now - loop_start, rate * (c.steps - step))
+                if self.main:
+                    self.log.write({"step": step, "loss": loss, "lr": lr, "elapsed": progress.elapsed})
+                self.hooks.on_step(progress)
+                if c.validation_every and step % c.validation_every == 0 and step < c.steps:
+                    self.validate(step)
+                if c.checkpoint_every and step % c.checkpoint_every == 0 and step < c.steps:
+                    self.save_checkpoint(step, state())
+                    saved_steps.add(step)
+            if cancelled:
+                log.info("training cancelled after step %d of %d", step, c.steps)
+            if step not in saved_steps and step > 0:
+                self.save_checkpoint(step, state())
+        except torch.OutOfMemoryError as exc:
+            raise UserError(
+                "the GPU ran out of memory; try --gradient-checkpointing, --mixed-precision fp16, --optimizer adamw8bit, "
+                "a smaller --resolution or --batch-size (docs/training.md lists settings for 8 GB)"
+            ) from exc
+        train_time = train_time_before + time.perf_counter() - loop_start
+        return self.finish(step, cancelled, eval_start, train_time, resumed_from, list(recent))
+
+    def finish(self, step: int, cancelled: bool, eval_start: float, train_time: float,
+               resumed_from: int | None, recent: list[float]) -> TrainResult:
+        c, acc = self.config, self.accelerator
+        adapter_path = self.output_dir / ADAPTER_FILE
+        if self.main:
+            self.adapter.save(adapter_path, metadata=self.adapter_metadata(step))
+            if not cancelled:
+                self.validate(step)
+        eval_end = self.evaluate()
+        result = TrainResult(
+            adapter_path=str(adapter_path), output_dir=str(self.output_dir), steps_done=step, cancelled=cancelled,
+            eval_loss_start=eval_start, eval_loss_end=eval_end, num_trainable=self.adapter.num_trainable,
+            wall_time=time.perf_counter() - self.wall_start, method=c.method, total_steps=c.steps, train_time=train_time,
+            resumed_from=resumed_from, num_processes=self.num_processes,
+            final_loss=sum(recent) / len(recent) if recent else None, samples=self.samples,
+            config_path=str(self.output_dir / CONFIG_FILE),
+        )
+        if self.main:
+            self.log.write({"step": step, "event": "end", "eval_loss": eval_end, "cancelled": cancelled})
+            self.log.close()
+            write_json_atomic(self.output_dir / RESULT_FILE, result.to_dict())
+        for tracker in acc.trackers:  # not end_training(): it destroys the process group the caller may still use
+            tracker.finish()
+        acc.wait_for_everyone()
+        self.hooks.on_end(result)
+        return result
+
+
+def _scalar_config(values: dict[str, Any]) -> dict[str, Any]:
+    """TensorBoard hparams accept only scalars and strings."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in values.items()}

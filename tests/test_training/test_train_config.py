@@ -1,0 +1,142 @@
+"""TrainConfig from arguments, TOML files and flags; every rejected value is named, and the CLI prints one line.
+
+None of these tests loads a model: validation happens before any heavy work.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import personalize as P
+from personalize.cli import main
+from personalize.commands.train import parse_options
+from personalize.errors import UserError
+from personalize.train import TrainConfig, load_config, train
+from personalize.training.config import VALIDATION_PROMPTS, resolve
+
+
+def test_toml_file_and_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(
+        'instance_images = "photos"\noutput-dir = "out"\nmethod = "lora"\nsteps = 40\nlr = 1\n'
+        "validation_prompts = ['a {token} {class_noun}']\n[method_options]\nrank = 8\nalpha = 8.0\n"
+    )
+    config = load_config(path, steps=12, method_options={"rank": 2})
+    assert config.steps == 12  # flags win
+    assert config.lr == 1.0 and isinstance(config.lr, float)  # TOML integer accepted for a float field
+    assert config.method_options == {"rank": 2, "alpha": 8.0}  # options merge per key
+    assert config.output_dir == "out" and config.validation_prompts == ["a {token} {class_noun}"]
+
+
+def test_json_config_of_an_earlier_run(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"instance_images": ["a.png"], "output_dir": "o", "method": "svfit", "steps": 3}')
+    assert load_config(path).instance_images == ["a.png"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('instance_images = "p"\noutput_dir = "o"\nstepz = 3\n', r"unknown training setting\(s\) stepz in .*accepted: instance_images"),
+        ('instance_images = "p"\noutput_dir = "o"\nsteps = "many"\n', r"setting 'steps' in .* must be int or none, got 'many'"),
+        ('instance_images = "p"\noutput_dir = "o"\nprior_preservation = 1\n', r"'prior_preservation' .* must be bool"),
+        ('output_dir = "o"\n', r"missing required setting\(s\): instance_images"),
+        ("steps = = 3", r"is not valid TOML"),
+    ],
+)
+def test_bad_config_files(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=message):
+        load_config(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(UserError, match=r"config file '.*nope\.toml' cannot be read"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_method_defaults_fill_steps_and_lr():
+    for name in P.METHODS:
+        defaults = P.get_method(name).train_defaults
+        config = resolve(TrainConfig(instance_images="p", output_dir="o", method=name))
+        assert (config.steps, config.lr) == (defaults.steps, defaults.lr)
+    assert resolve(TrainConfig(instance_images="p", output_dir="o", steps=7, lr=0.5)).steps == 7
+    assert TrainConfig(instance_images="p", output_dir="o").validation_prompts == VALIDATION_PROMPTS
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"method": "dora"}, r"unknown method 'dora'; accepted: .*lora"),
+        ({"method": "lora", "method_options": {"rnak": 4}}, r"unknown option\(s\) rnak for method 'lora'; accepted: .*rank"),
+        ({"steps": 0}, "steps must be a positive integer, got 0"),
+        ({"lr": -1.0}, "lr must be a positive number, got -1.0"),
+        ({"resolution": 100}, "resolution must be a multiple of 8 of at least 64 px, got 100"),
+        ({"mixed_precision": "fp8"}, r"mixed_precision 'fp8' is not supported; accepted: auto, no, fp16, bf16"),
+        ({"lr_scheduler": "step"}, r"lr_scheduler 'step' is not supported; accepted: constant, cosine, linear"),
+        ({"report_to": "wandb"}, r"report_to 'wandb' is not supported; accepted: none, tensorboard"),
+        ({"instance_prompt": "a photo of {subject}"}, r"instance_prompt 'a photo of \{subject\}' has an unknown placeholder"),
+        ({"instance_prompt": "a photo of a {class_noun}"}, r"instance_prompt must contain \{token\}"),
+        ({"validation_prompts": ["{token} {"]}, r"validation_prompts '\{token\} \{' has an unknown placeholder"),
+        ({"resume": True, "overwrite": True}, "either resume .* or overwrite"),
+        ({"class_images": 0}, "class_images must be at least 1 with prior preservation, got 0"),
+        ({"snr_gamma": 0.0}, "snr_gamma must be a positive number"),
+        ({"token": " "}, "token must not be empty"),
+    ],
+)
+def test_bad_values_are_named(changes, message):
+    with pytest.raises(UserError, match=message):
+        resolve(TrainConfig(instance_images="p", output_dir="o", **changes))
+
+
+def test_parse_options():
+    assert parse_options(["rank=8", "alpha=4.5", "preset=attention", "init=\"uniform\"", "rank_x=none", "flag=true"]) == {
+        "rank": 8, "alpha": 4.5, "preset": "attention", "init": "uniform", "rank_x": None, "flag": True}
+    assert parse_options([r"targets=attn1\.to_q$"]) == {"targets": r"attn1\.to_q$"}
+    with pytest.raises(UserError, match="--option expects NAME=VALUE, got 'rank'"):
+        parse_options(["rank"])
+
+
+def cli_error(capsys, argv: list[str]) -> str:
+    """Run the CLI, expect exit status 2 and exactly one line on stderr; return it."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+def test_cli_input_errors_are_one_line(capsys, tmp_path, photos):
+    out = str(tmp_path / "out")
+    base = ["train", "--base-model", "tiny", "--output-dir", out]
+    assert "unknown method 'nope'" in cli_error(capsys, base + ["--instance-images", str(photos), "--method", "nope"])
+    assert "unknown option(s) depth" in cli_error(capsys, base + ["--instance-images", str(photos), "--option", "depth=3"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert f"no instance images found in folder '{empty}'" in cli_error(capsys, base + ["--instance-images", str(empty)])
+    text = tmp_path / "notes.txt"
+    text.write_text("x")
+    assert "notes.txt' is not an image file" in cli_error(capsys, base + ["--instance-images", str(text)])
+    assert "unknown training setting(s) colour" in cli_error(capsys, ["train", "--config", str(_toml(tmp_path, "colour = 1\n"))])
+    assert not (tmp_path / "out").exists()
+
+
+def _toml(tmp_path, text):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+def test_fp16_without_gpu_is_refused(photos, tmp_path):
+    config = TrainConfig(instance_images=str(photos), output_dir=str(tmp_path / "o"), base_model="tiny", mixed_precision="fp16", cpu=True)
+    with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
+        train(config)
+
+
+def test_missing_bitsandbytes_is_explained(fast, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
+    with pytest.raises(UserError, match="optimizer 'adamw8bit' needs bitsandbytes"):
+        train(TrainConfig(**{**fast, "optimizer": "adamw8bit"}))

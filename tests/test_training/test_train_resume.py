@@ -1,0 +1,111 @@
+"""Checkpoints, cancel and resume: a resumed run reproduces the uninterrupted one; output folders of other
+runs are refused unless resume/overwrite; callbacks see every step and the validation samples."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from personalize.errors import UserError
+from personalize.train import Progress, TrainCallback, TrainConfig, TrainResult, train
+
+
+def step_losses(folder: Path) -> dict[int, float]:
+    records = map(json.loads, (folder / "log.jsonl").read_text().splitlines())
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+class CancelAt(TrainCallback):
+    def __init__(self, step: int, event: threading.Event) -> None:
+        self.step, self.event = step, event
+
+    def on_step(self, progress: Progress) -> None:
+        if progress.step == self.step:
+            self.event.set()
+
+
+def test_resume_reproduces_the_uninterrupted_run(fast, tmp_path, class_dir):
+    settings = {**fast, "method": "lora", "steps": 6, "lr": 1e-2, "prior_preservation": True, "checkpoint_every": 2,
+                "checkpoints_keep": 2, "lr_scheduler": "cosine", "lr_warmup_steps": 2}
+    full = train(TrainConfig(**{**settings, "output_dir": str(tmp_path / "full")}))
+    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == ["step_000004", "step_000006"]
+    class_files = {p.name: p.stat().st_mtime_ns for p in class_dir.iterdir()}
+
+    cancel = threading.Event()
+    part = tmp_path / "part"
+    stopped = train(TrainConfig(**{**settings, "output_dir": str(part)}), [CancelAt(3, cancel)], cancel)
+    assert stopped.cancelled and stopped.steps_done == 3
+    assert (part / "adapter.safetensors").is_file() and json.loads((part / "result.json").read_text())["cancelled"]
+    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["step_000002", "step_000003"]  # cancel saves one
+
+    # pretend the process died after step 3 before its checkpoint: resume from step 2, log records of step 3 are redone
+    shutil.rmtree(part / "checkpoints" / "step_000003")
+    resumed = train(TrainConfig(**{**settings, "output_dir": str(part), "resume": True}))
+    assert resumed.resumed_from == 2 and resumed.steps_done == 6 and not resumed.cancelled
+
+    expected, got = step_losses(tmp_path / "full"), step_losses(part)
+    assert sorted(got) == list(range(1, 7))
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    assert resumed.eval_loss_start == full.eval_loss_start
+    assert resumed.eval_loss_end == pytest.approx(full.eval_loss_end, rel=1e-6)
+    a, b = load_file(tmp_path / "full" / "adapter.safetensors"), load_file(part / "adapter.safetensors")
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
+    assert {p.name: p.stat().st_mtime_ns for p in class_dir.iterdir()} == class_files  # class images reused, untouched
+
+
+def test_output_folder_of_another_run(fast, tmp_path):
+    out = Path(fast["output_dir"])
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    train(TrainConfig(**{**fast, "method": "svfit", "steps": 2}))
+    with pytest.raises(UserError, match=r"already holds a training run .*--resume .*--overwrite"):
+        train(TrainConfig(**{**fast, "method": "svfit", "steps": 2}))
+    with pytest.raises(UserError, match=r"cannot resume .*method: saved 'svfit', now 'loldu'"):
+        train(TrainConfig(**{**fast, "method": "loldu", "resume": True}))
+    result = train(TrainConfig(**{**fast, "method": "loldu", "steps": 2, "overwrite": True}))
+    assert result.steps_done == 2 and json.loads((out / "config.json").read_text())["method"] == "loldu"
+    assert (out / "notes.txt").read_text() == "mine"  # overwrite removes only the run's own files
+
+
+class Recorder(TrainCallback):
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+        self.progress: list[Progress] = []
+
+    def on_start(self, config, total_steps, num_trainable):
+        self.events.append(("start", total_steps, num_trainable, config.resolution))
+
+    def on_step(self, progress):
+        self.progress.append(progress)
+
+    def on_samples(self, step, images, grid_path):
+        self.events.append(("samples", step, len(images), Path(grid_path).is_file()))
+
+    def on_end(self, result):
+        self.events.append(("end", result.steps_done))
+
+
+def test_callbacks_see_steps_and_samples(fast):
+    recorder = Recorder()
+    result = train(TrainConfig(**{**fast, "method": "svfit", "steps": 4, "validation_every": 2, "lr_scheduler": "linear",
+                                  "validation_prompts": ["a {token} {class_noun}"]}), [recorder])
+    assert recorder.events == [("start", 4, result.num_trainable, 64), ("samples", 2, 1, True), ("samples", 4, 1, True), ("end", 4)]
+    steps = recorder.progress
+    assert [p.step for p in steps] == [1, 2, 3, 4] and all(p.total_steps == 4 for p in steps)
+    assert [p.lr for p in steps] == pytest.approx([1e-2 * (1 - s / 4) for s in range(1, 5)])  # linear decay to 0
+    assert all(p.loss > 0 and p.eta >= 0 for p in steps) and steps[-1].eta == 0
+    assert all(a.elapsed < b.elapsed for a, b in zip(steps, steps[1:]))
+    assert len(result.samples) == 2
+
+
+def test_cancel_before_the_first_step(fast):
+    cancel = threading.Event()
+    cancel.set()
+    result = train(TrainConfig(**{**fast, "method": "svfit"}), cancel=cancel)
+    assert isinstance(result, TrainResult) and result.cancelled and result.steps_done == 0
+    assert Path(result.adapter_path).is_file() and result.eval_loss_end == result.eval_loss_start
