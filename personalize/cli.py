@@ -24,7 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "methods": ("personalize.commands.methods", "list the adapter methods and their options"),
 }
 
-USER_ERRORS = (UserError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+USER_ERRORS = (UserError, ValueError, OSError)  # OSError: unreadable files, unreachable hub, missing weights
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
