@@ -58,6 +58,16 @@ class LayerAdapter(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def delta_factors(self) -> list[torch.Tensor] | None:
+        """Optional factored form of the update, for speed: tensors whose product is `delta_weight()`
+        viewed as `(out, fan_in)` (`fan_in = in*k*k` for a conv), left to right; a 1-D tensor is a
+        diagonal. SVFit returns `[U (out, r), ds (r,), V^T (r, in)]`.
+
+        With it, the slot picks per call the cheaper of composing the weight and applying the factors
+        to the activations as LoRA does (`DeltaSlot.prefers_activations`). None: `delta_weight()` only.
+        """
+        return None
+
     def param_group(self, name: str) -> str:
         """Learning-rate group of the trainable tensor `name` (see `Method.group_lr_ratio`)."""
         return "main"
@@ -212,32 +222,94 @@ class Slot:
         """Uninstall the live update branch (the base weight is left as it is)."""
         raise NotImplementedError
 
+    def install(self) -> None:
+        """Put the live update branch back after `remove()`, with the same adapter tensors (the
+        benchmark swaps methods on one model this way instead of decomposing again)."""
+        raise NotImplementedError
+
 
 ADAPTER_ATTR = "personalize_adapter"
 
 
 class DeltaSlot(Slot):
-    """Installs a LayerAdapter on its layer: forward uses `W0 + scale * delta` in one F.linear/conv."""
+    """Installs a LayerAdapter on its layer. The forward runs the layer with `W0 + scale * delta`
+    (one F.linear / conv), or, when the adapter has a factored form that is cheaper to apply to the
+    activations than to compose, `layer(x, W0) + x @ (scale * delta)^T` through the factors."""
 
     def __init__(self, base: nn.Module, adapter: LayerAdapter) -> None:
         super().__init__(base)
-        if hasattr(base, ADAPTER_ATTR):
-            raise UserError("layer already has an adapter attached; detach it first")
         self.adapter = adapter.to(base.weight.device)
-        base.add_module(ADAPTER_ATTR, self.adapter)
         self.live = True
-        base.forward = self._forward  # instance attribute; `del` restores the class's forward
+        self.install()
+
+    def install(self) -> None:
+        if hasattr(self.base, ADAPTER_ATTR):
+            raise UserError("layer already has an adapter attached; detach it first")
+        self.base.add_module(ADAPTER_ATTR, self.adapter)
+        self.base.forward = self._forward  # instance attribute; `del` restores the class's forward
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         base, adapter = self.base, self.adapter
+        if not self.live or adapter.scale == 0.0:
+            return self._run(x, base.weight)
+        factors = adapter.delta_factors()
+        if factors is not None and self.prefers_activations(x, factors):
+            return self._run(x, base.weight) + self._run_factors(x, scaled(factors, adapter.scale))
         weight = base.weight
-        if self.live and adapter.scale != 0.0:
-            with torch.autocast(device_type=weight.device.type, enabled=False):
-                delta = adapter.delta_weight() * adapter.scale
-            weight = weight + delta.to(weight.dtype)
+        with torch.autocast(device_type=weight.device.type, enabled=False):  # compose in float32
+            delta = adapter.delta_weight() if factors is None else compose(factors).view(weight.shape)
+        return self._run(x, torch.add(weight, delta.to(weight.dtype), alpha=adapter.scale))
+
+    def _run(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        base = self.base
         if isinstance(base, nn.Conv2d):
             return base._conv_forward(x, weight, base.bias)
         return nn.functional.linear(x, weight, base.bias)
+
+    def _run_factors(self, x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+        """`x` through the update's factors, right to left, without forming the update."""
+        base = self.base
+        conv = isinstance(base, nn.Conv2d)
+        h, first = x, True
+        for factor in reversed(factors):
+            factor = factor.to(h.dtype)  # a no-op under autocast's fp32 inputs; fp16 for half inputs
+            if factor.dim() == 1:
+                h = h * (factor.view(-1, 1, 1) if conv else factor)
+            elif conv and first:  # the kernel's taps: (r, in*k*k) -> (r, in, k, k), the layer's geometry
+                kernel = factor.view(factor.shape[0], -1, *base.kernel_size)
+                h = nn.functional.conv2d(h, kernel, None, base.stride, base.padding, base.dilation)
+                first = False
+            elif conv:
+                h = nn.functional.conv2d(h, factor[:, :, None, None])  # channel mixing: a 1x1 conv
+            else:
+                h = nn.functional.linear(h, factor)
+                first = False
+        return h
+
+    def prefers_activations(self, x: torch.Tensor, factors: list[torch.Tensor]) -> bool:
+        """True when applying the factors to `x` costs fewer multiply-adds than composing the update.
+
+        Composing costs the chain's matmuls and, when training, the weight gradient `G^T X` (tokens x
+        out x fan_in) plus the chain's backward; the activation form costs tokens x (the factors'
+        sizes), about twice that when training. LoRA-sized ranks always take the activation form,
+        full-rank factors take it where the layer sees fewer tokens than about its width.
+        """
+        base = self.base
+        if isinstance(base, nn.Conv2d):
+            if base.groups != 1 or base.padding_mode != "zeros":
+                return False
+            tokens = x.numel() // x.shape[1] // (base.stride[0] * base.stride[1])
+        else:
+            tokens = x.numel() // x.shape[-1]
+        matrices = [f for f in factors if f.dim() == 2]
+        out, fan_in = matrices[0].shape[0], matrices[-1].shape[1]
+        activation = tokens * sum(m.numel() for m in matrices)
+        weight = chain_cost(factors)
+        if torch.is_grad_enabled() and any(f.requires_grad for f in factors):
+            trained = sum(m.numel() for m in matrices if m.requires_grad)
+            activation = 2 * activation + tokens * trained
+            weight = 2 * weight + tokens * out * fan_in
+        return activation < weight
 
     def delta(self) -> torch.Tensor:
         return self.adapter.delta_weight() * self.adapter.scale
@@ -264,3 +336,54 @@ class DeltaSlot(Slot):
     def remove(self) -> None:
         del self.base.forward
         delattr(self.base, ADAPTER_ATTR)
+
+
+def scaled(factors: list[torch.Tensor], scale: float) -> list[torch.Tensor]:
+    """The factors with `scale` folded into the smallest one."""
+    if scale == 1.0:
+        return factors
+    smallest = min(range(len(factors)), key=lambda i: factors[i].numel())
+    return [f * scale if i == smallest else f for i, f in enumerate(factors)]
+
+
+def chain_cost(factors: list[torch.Tensor]) -> int:
+    """Multiply-adds of `compose(factors)` (the cheaper of the two orders it tries)."""
+    return min(_ordered_cost(factors), _ordered_cost([f.T if f.dim() == 2 else f for f in reversed(factors)]))
+
+
+def _ordered_cost(factors: list[torch.Tensor]) -> int:
+    rows, cols, cost = None, None, 0
+    for f in factors:
+        if f.dim() == 1:
+            cost += 0 if rows is None else rows * f.numel()
+            continue
+        if rows is None:
+            rows, cols = f.shape
+        else:
+            cost += rows * cols * f.shape[1]
+            cols = f.shape[1]
+    return cost
+
+
+def compose(factors: list[torch.Tensor]) -> torch.Tensor:
+    """The product of a factor chain (1-D = diagonal) as an (out, fan_in) matrix, in the cheaper order."""
+    if _ordered_cost(factors) <= _ordered_cost([f.T if f.dim() == 2 else f for f in reversed(factors)]):
+        return _left_to_right(factors)
+    return _left_to_right([f.T if f.dim() == 2 else f for f in reversed(factors)]).T
+
+
+def _left_to_right(factors: list[torch.Tensor]) -> torch.Tensor:
+    result, pending = None, None  # pending: diagonals met before the first matrix
+    for f in factors:
+        if f.dim() == 1:
+            if result is None:
+                pending = f if pending is None else pending * f
+            else:
+                result = result * f  # scales the columns
+        else:
+            if result is None:
+                result = f if pending is None else pending[:, None] * f
+            else:
+                result = result @ f
+    assert result is not None, "a factor chain needs at least one matrix"
+    return result

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import AdapterConfig, LayerAdapter, Method, TrainDefaults, register, weight_2d
+from .base import AdapterConfig, LayerAdapter, Method, TrainDefaults, compose, register, weight_2d
 
 INITS = ("ldu", "uniform")
 
@@ -52,9 +52,12 @@ class LoLDULayer(LayerAdapter):
         self.sigma = nn.Parameter(sigma0.clone())  # ()
         self.weight_shape = tuple(layer.weight.shape)
 
-    def delta_weight(self) -> torch.Tensor:
+    def delta_factors(self) -> list[torch.Tensor]:
         coeff = self.sigma * self.z - self.sigma0 * self.z0  # (r,)
-        return (self.pl * coeff) @ self.u  # (out, r) @ (r, in)
+        return [self.pl, coeff, self.u]  # (out, r), (r,), (r, in)
+
+    def delta_weight(self) -> torch.Tensor:
+        return compose(self.delta_factors()).reshape(self.weight_shape)  # (out, r) @ (r, in)
 
 
 def ldu_factors(w: torch.Tensor, perm: torch.Tensor | None) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]:

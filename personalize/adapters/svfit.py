@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import AdapterConfig, LayerAdapter, Method, TrainDefaults, register, weight_2d
+from .base import AdapterConfig, LayerAdapter, Method, TrainDefaults, compose, register, weight_2d
 
 
 @dataclass
@@ -32,8 +32,11 @@ class SVFitLayer(LayerAdapter):
         self.ds = nn.Parameter(torch.zeros(rank, device=w.device))  # (r,)
         self.weight_shape = tuple(layer.weight.shape)
 
+    def delta_factors(self) -> list[torch.Tensor]:
+        return [self.u, self.ds, self.vh]  # (out, r), (r,), (r, in)
+
     def delta_weight(self) -> torch.Tensor:
-        return ((self.u * self.ds) @ self.vh).reshape(self.weight_shape)  # (out, r) @ (r, in)
+        return compose(self.delta_factors()).reshape(self.weight_shape)  # (out, r) @ (r, in)
 
 
 def effective_rank(shape: tuple[int, ...], rank: int | None) -> int:
