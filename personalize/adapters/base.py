@@ -68,6 +68,14 @@ class LayerAdapter(nn.Module):
         """
         return None
 
+    def weight_factors(self, scale: float) -> list[torch.Tensor] | None:
+        """Optional, with `delta_factors`: factors of the whole adapted weight `W0 + scale * delta`, for
+        methods whose frozen basis reproduces W0 (full-rank SVFit: `[U, s + scale * ds, V^T]`, W0 up to
+        float rounding). Where it costs less, the slot runs the layer through them alone, skipping
+        the matmul with W0 that the update's factors would be added to. None: not available.
+        """
+        return None
+
     def param_group(self, name: str) -> str:
         """Learning-rate group of the trainable tensor `name` (see `Method.group_lr_ratio`)."""
         return "main"
@@ -233,8 +241,8 @@ ADAPTER_ATTR = "personalize_adapter"
 
 class DeltaSlot(Slot):
     """Installs a LayerAdapter on its layer. The forward runs the layer with `W0 + scale * delta`
-    (one F.linear / conv), or, when the adapter has a factored form that is cheaper to apply to the
-    activations than to compose, `layer(x, W0) + x @ (scale * delta)^T` through the factors."""
+    (one F.linear / conv) or, when the adapter has a factored form and that costs less (`plan`),
+    `layer(x, W0) + x @ (scale * delta)^T` through the factors, or x through the whole weight's factors."""
 
     def __init__(self, base: nn.Module, adapter: LayerAdapter) -> None:
         super().__init__(base)
@@ -253,8 +261,14 @@ class DeltaSlot(Slot):
         if not self.live or adapter.scale == 0.0:
             return self._run(x, base.weight)
         factors = adapter.delta_factors()
-        if factors is not None and self.prefers_activations(x, factors):
-            return self._run(x, base.weight) + self._run_factors(x, scaled(factors, adapter.scale))
+        if factors is not None:
+            full = adapter.weight_factors(adapter.scale)
+            path = self.plan(x, factors, full)
+            if path == "full":
+                assert full is not None
+                return self._add_bias(self._run_factors(x, full))
+            if path == "activations":
+                return self._run(x, base.weight) + self._run_factors(x, scaled(factors, adapter.scale))
         weight = base.weight
         with torch.autocast(device_type=weight.device.type, enabled=False):  # compose in float32
             delta = adapter.delta_weight() if factors is None else compose(factors).view(weight.shape)
@@ -266,8 +280,14 @@ class DeltaSlot(Slot):
             return base._conv_forward(x, weight, base.bias)
         return nn.functional.linear(x, weight, base.bias)
 
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        bias = self.base.bias
+        if bias is None:
+            return y
+        return y + bias.to(y.dtype).view(-1, 1, 1) if isinstance(self.base, nn.Conv2d) else y + bias.to(y.dtype)
+
     def _run_factors(self, x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
-        """`x` through the update's factors, right to left, without forming the update."""
+        """`x` through a factor chain, right to left, without forming the matrix."""
         base = self.base
         conv = isinstance(base, nn.Conv2d)
         h, first = x, True
@@ -287,29 +307,37 @@ class DeltaSlot(Slot):
         return h
 
     def prefers_activations(self, x: torch.Tensor, factors: list[torch.Tensor]) -> bool:
-        """True when applying the factors to `x` costs fewer multiply-adds than composing the update.
+        """True when applying the update's factors to `x` costs less than composing the update."""
+        return self.plan(x, factors, None) == "activations"
+
+    def plan(self, x: torch.Tensor, factors: list[torch.Tensor], full: list[torch.Tensor] | None) -> str:
+        """The cheapest way to run the layer on `x`, in multiply-adds: "weight" (compose W0 + delta,
+        one matmul), "activations" (the frozen layer plus x through the update's factors, as LoRA)
+        or "full" (x through `weight_factors` alone).
 
         Composing costs the chain's matmuls and, when training, the weight gradient `G^T X` (tokens x
-        out x fan_in) plus the chain's backward; the activation form costs tokens x (the factors'
-        sizes), about twice that when training. LoRA-sized ranks always take the activation form,
-        full-rank factors take it where the layer sees fewer tokens than about its width.
+        out x fan_in) plus the chain's backward; the factor forms cost tokens x (the factors' sizes),
+        about twice that when training. LoRA-sized ranks always take the activation forms; full-rank
+        factors take them where the layer sees fewer tokens than about its width.
         """
         base = self.base
         if isinstance(base, nn.Conv2d):
             if base.groups != 1 or base.padding_mode != "zeros":
-                return False
+                return "weight"
             tokens = x.numel() // x.shape[1] // (base.stride[0] * base.stride[1])
         else:
             tokens = x.numel() // x.shape[-1]
         matrices = [f for f in factors if f.dim() == 2]
         out, fan_in = matrices[0].shape[0], matrices[-1].shape[1]
-        activation = tokens * sum(m.numel() for m in matrices)
-        weight = chain_cost(factors)
-        if torch.is_grad_enabled() and any(f.requires_grad for f in factors):
-            trained = sum(m.numel() for m in matrices if m.requires_grad)
-            activation = 2 * activation + tokens * trained
-            weight = 2 * weight + tokens * out * fan_in
-        return activation < weight
+        training = torch.is_grad_enabled() and any(f.requires_grad for f in factors)
+        layer = tokens * out * fan_in  # the frozen layer's matmul
+        costs = {
+            "weight": (2 * chain_cost(factors) + 3 * layer) if training else chain_cost(factors) + layer,
+            "activations": _activation_cost(tokens, factors, training) + (2 if training else 1) * layer,
+        }
+        if full is not None:
+            costs["full"] = _activation_cost(tokens, full, training)
+        return min(costs, key=costs.__getitem__)
 
     def delta(self) -> torch.Tensor:
         return self.adapter.delta_weight() * self.adapter.scale
@@ -336,6 +364,15 @@ class DeltaSlot(Slot):
     def remove(self) -> None:
         del self.base.forward
         delattr(self.base, ADAPTER_ATTR)
+
+
+def _activation_cost(tokens: int, factors: list[torch.Tensor], training: bool) -> int:
+    """Multiply-adds of passing `tokens` rows through the factors (and back, with their gradients)."""
+    matrices = [f for f in factors if f.dim() == 2]
+    cost = tokens * sum(m.numel() for m in matrices)
+    if training:
+        cost = 2 * cost + tokens * sum(m.numel() for m in matrices if m.requires_grad)
+    return cost
 
 
 def scaled(factors: list[torch.Tensor], scale: float) -> list[torch.Tensor]:

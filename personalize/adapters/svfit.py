@@ -26,14 +26,21 @@ class SVFitLayer(LayerAdapter):
         super().__init__()
         w = weight_2d(layer).float()  # (out, in)
         rank = effective_rank(w.shape, config.rank)
-        u, _, vh = torch.linalg.svd(w, full_matrices=False)  # (out, k), (k,), (k, in)
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)  # (out, k), (k,), (k, in)
         self.register_buffer("u", u[:, :rank].contiguous(), persistent=False)  # (out, r)
         self.register_buffer("vh", vh[:rank].contiguous(), persistent=False)  # (r, in)
+        # Full rank: U diag(s) V^T is W0 (up to rounding), so the layer can run as U diag(s + ds) V^T alone.
+        self.register_buffer("s", s.contiguous() if rank == min(w.shape) else None, persistent=False)  # (r,)
         self.ds = nn.Parameter(torch.zeros(rank, device=w.device))  # (r,)
         self.weight_shape = tuple(layer.weight.shape)
 
     def delta_factors(self) -> list[torch.Tensor]:
         return [self.u, self.ds, self.vh]  # (out, r), (r,), (r, in)
+
+    def weight_factors(self, scale: float) -> list[torch.Tensor] | None:
+        if self.s is None:  # a truncated basis does not reproduce W0
+            return None
+        return [self.u, self.s + scale * self.ds, self.vh]  # (out, r), (r,), (r, in)
 
     def delta_weight(self) -> torch.Tensor:
         return compose(self.delta_factors()).reshape(self.weight_shape)  # (out, r) @ (r, in)

@@ -1,0 +1,85 @@
+"""`personalize bench`: time, memory and size of every adapter method on one UNet -> bench.json,
+a table section in BENCHMARKS.md and a PNG chart of the step-time ratios."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..benchmark import BenchConfig, markdown_table, run_benchmark, write_chart, write_json, write_markdown
+from ..benchmark.config import PRECISIONS
+
+QUICK_STEPS, QUICK_WARMUP = 3, 1  # --quick: a few minutes for every method on a 2-core CPU at 256 px
+FULL_STEPS, FULL_WARMUP = BenchConfig.steps, BenchConfig.warmup
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--methods", nargs="+", metavar="METHOD[:K=V,...]",
+                        help="methods to measure, e.g. svfit loldu:rank=16 atoms:preset=c3 (default: every registered "
+                             "method); `none` (frozen floor) and `lora` r=4 (reference) are always measured")
+    parser.add_argument("--base-model", default=BenchConfig.base_model,
+                        help=f"UNet to measure on: a hub id, folder, file, or a built-in (default: {BenchConfig.base_model})")
+    parser.add_argument("--resolution", type=int, default=BenchConfig.resolution, help="image size in pixels (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=BenchConfig.batch, help="images per step (default: %(default)s)")
+    parser.add_argument("--steps", type=int, help=f"timed steps per method, one per interleaved round (default: {FULL_STEPS}; {QUICK_STEPS} with --quick)")
+    parser.add_argument("--warmup", type=int, help=f"untimed steps per method first (default: {FULL_WARMUP}; {QUICK_WARMUP} with --quick)")
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} timed steps and {QUICK_WARMUP} warm-up per method")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: CUDA, then MPS, then CPU)")
+    parser.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+                        help="autocast dtype; the frozen weights are stored in it too (default: fp16 on GPUs, fp32 on CPU)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward, as low-memory training does")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=BenchConfig.seed, help="inputs and built-in weights (default: %(default)s)")
+    parser.add_argument("--profile", metavar="DIR", help="also write, per method, where a training step's time goes (torch.profiler operators and a per-layer replay) to DIR")
+    parser.add_argument("--output", default="bench.json", help="JSON record (default: %(default)s)")
+    parser.add_argument("--markdown", default="BENCHMARKS.md",
+                        help="markdown file whose section for this device/precision/resolution is (re)written; '' = none (default: %(default)s)")
+    parser.add_argument("--chart", help="PNG chart of the ratios (default: the output path with .png); '' = none")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = BenchConfig(
+        methods=args.methods,
+        base_model=args.base_model,
+        resolution=args.resolution,
+        batch=args.batch,
+        steps=args.steps if args.steps is not None else QUICK_STEPS if args.quick else FULL_STEPS,
+        warmup=args.warmup if args.warmup is not None else QUICK_WARMUP if args.quick else FULL_WARMUP,
+        device=args.device,
+        precision=args.precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+        threads=args.threads,
+        seed=args.seed,
+        profile_dir=args.profile,
+    )
+    config.validate()  # before the UNet is built
+    bar = tqdm(total=1, unit="step", desc="loading model")
+
+    def progress(done: int, total: int, label: str) -> None:
+        bar.total = total
+        bar.n = done
+        bar.set_description(label)
+        bar.refresh()
+
+    try:
+        record = run_benchmark(config, progress)
+    finally:
+        bar.close()
+    record["command"] = shlex.join(["personalize", *sys.argv[1:]]) if Path(sys.argv[0]).name == "personalize" else "personalize bench"
+    output = Path(args.output)
+    chart = None if args.chart == "" else Path(args.chart) if args.chart else output.with_suffix(".png")
+    write_json(record, output)
+    written = [str(output)]
+    if chart is not None:
+        write_chart(record, chart)
+        written.append(str(chart))
+    if args.markdown:
+        write_markdown(record, args.markdown, chart)
+        written.append(args.markdown)
+    print(markdown_table(record))
+    print(f"wrote {', '.join(written)} ({record['total_s']:.0f} s)")
+    return 0

@@ -1,0 +1,61 @@
+"""`personalize export`: write an adapter file as a standard LoRA for diffusers, A1111 and ComfyUI.
+
+    personalize export --adapter concept.safetensors --format kohya --rank 16 --output concept-lora.safetensors
+
+Prints the rank and relative error of every layer, the overall error and the file size.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from tqdm import tqdm
+
+from ..errors import UserError
+from ..export import DEFAULT_DTYPE, DEFAULT_ENERGY, DEFAULT_FORMAT, DTYPES, FORMATS, check_options, export_lora
+from ..io import adapter_info
+from ..models import load_unet
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", required=True, metavar="FILE", help="adapter file saved by `personalize train`")
+    parser.add_argument(
+        "--format",
+        default=DEFAULT_FORMAT,
+        metavar="|".join(FORMATS),
+        help=f"diffusers: PEFT keys for pipe.load_lora_weights; kohya: lora_unet_* keys for A1111, ComfyUI and diffusers (default {DEFAULT_FORMAT})",
+    )
+    parser.add_argument("--rank", type=int, metavar="R", help="largest LoRA rank per layer (alone: every layer gets min(R, its rank))")
+    parser.add_argument(
+        "--energy",
+        type=float,
+        metavar="E",
+        help=f"per layer, the smallest rank keeping this share of the update's squared norm, at most --rank (default {DEFAULT_ENERGY} when --rank is not given)",
+    )
+    parser.add_argument("--output", required=True, metavar="OUT", help="the LoRA file to write (.safetensors)")
+    parser.add_argument("--base-model", default=None, help="base model the adapter was trained on (default: the one recorded in the adapter file)")
+    parser.add_argument("--device", default=None, help="where to compute the updates and SVDs (default: cuda, then mps, then cpu)")
+    parser.add_argument("--dtype", default=DEFAULT_DTYPE, metavar="|".join(DTYPES), help=f"dtype of the stored factors (default {DEFAULT_DTYPE})")
+
+
+def run(args: argparse.Namespace) -> int:
+    check_options(args.format, args.output, args.rank, args.energy, args.dtype, source=args.adapter)  # fail before loading a model
+    info = adapter_info(args.adapter)
+    base_model = args.base_model or info["base_model"]
+    if not base_model:
+        raise UserError(f"adapter '{args.adapter}' does not record its base model; pass --base-model")
+    print(f"exporting {info['method']} adapter '{args.adapter}' on {base_model} as a {args.format} LoRA")
+    unet = load_unet(base_model, device=args.device)
+    with tqdm(total=len(info["layers"]), desc="export", unit="layer") as bar:
+        report = export_lora(
+            unet,
+            args.adapter,
+            args.format,
+            output=args.output,
+            rank=args.rank,
+            energy=args.energy,
+            dtype=args.dtype,
+            on_layer=lambda done, total, name: bar.update(1),
+        )
+    print(report.table())
+    return 0

@@ -1,0 +1,167 @@
+"""`personalize bench` on the tiny model, its report files, and the core's factored (activation-space)
+forward that the benchmark motivated: same outputs and gradients as composing the weight."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import personalize as P
+from personalize.adapters.base import DeltaSlot
+from personalize.benchmark import BenchConfig, parse_method_spec, resolve_specs, run_benchmark, write_markdown
+from personalize.cli import main
+
+TINY = dict(base_model="tiny", resolution=32, steps=2, warmup=1, threads=1)
+
+
+@pytest.fixture(scope="module")
+def record():
+    return run_benchmark(BenchConfig(methods=["svfit", "loldu:rank=4"], **TINY))
+
+
+def test_record_has_every_method_with_paired_ratios(record):
+    results = {r["label"]: r for r in record["results"]}
+    assert list(results) == ["none", "lora", "svfit", "loldu:rank=4"]
+    assert results["none"]["trainable"] == 0 and results["none"]["file_bytes"] == 0
+    assert results["lora"]["options"] == {"rank": 4, "alpha": 4.0}
+    assert results["loldu:rank=4"]["options"] == {"rank": 4}
+    unet = P.load_unet("tiny", device="cpu")
+    for label, method, options in (("svfit", "svfit", {}), ("loldu:rank=4", "loldu", {"rank": 4}), ("lora", "lora", {"rank": 4})):
+        adapter = P.attach(unet, method, **options)
+        assert results[label]["trainable"] == adapter.num_trainable == adapter.expected_num_trainable()
+        adapter.detach()
+        assert results[label]["file_bytes"] > 0 and results[label]["attach_s"] > 0
+    for r in results.values():
+        assert len(r["train_s"]) == len(r["inference_s"]) == 2
+        assert all(t > 0 for t in r["train_s"] + r["inference_s"])
+        assert r["train_median_s"] > 0 and r["inference_ratio_base"] > 0 and r["memory_mb"] >= 0
+        expected = sorted(t / ref for t, ref in zip(r["train_s"], results["lora"]["train_s"]))
+        assert r["train_ratio_lora"] == pytest.approx(sum(expected) / 2)  # median of two paired ratios
+    assert results["lora"]["train_ratio_lora"] == 1.0 and results["none"]["train_ratio_floor"] == 1.0
+    assert results["none"]["inference_ratio_base"] == 1.0
+    env = record["environment"]
+    assert env["device"] == "cpu" and env["compute_dtype"] == "float32" and env["cpu_threads"] == 1
+    assert env["torch"] == torch.__version__ and env["diffusers"]
+    assert record["settings"]["latent_size"] == 16
+
+
+def test_markdown_section_is_replaced_not_duplicated(record, tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\nHand-written analysis stays.\n")
+    write_markdown(record, path, tmp_path / "charts" / "bench.png")
+    write_markdown(record, path, tmp_path / "charts" / "bench.png")
+    text = path.read_text()
+    assert "Hand-written analysis stays." in text
+    assert text.count("<!-- bench:cpu-float32-32px-tiny:start -->") == 1
+    assert "![train-step and merged-inference ratios](charts/bench.png)" in text
+    assert "| svfit |" in text and "| lora r=4 (reference) |" in text
+
+
+def test_cli_writes_json_markdown_and_chart(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        code = main(["bench", "--base-model", "tiny", "--resolution", "32", "--methods", "lora", "--steps", "1",
+                     "--warmup", "1", "--threads", "1", "--output", str(out), "--markdown", str(tmp_path / "B.md"),
+                     "--profile", str(tmp_path / "profiles")])
+        assert torch.get_num_threads() == 2, "the run must give the caller's thread count back"
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert [r["label"] for r in data["results"]] == ["none", "lora"]
+    assert data["settings"]["steps"] == 1 and data["command"].startswith("personalize")
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| lora r=4 (reference) |" in (tmp_path / "B.md").read_text()
+    assert "| lora r=4 (reference) |" in capsys.readouterr().out
+    lora_profile = (tmp_path / "profiles" / "lora.txt").read_text()
+    assert "== adapted layers ==" in lora_profile and "Linear" in lora_profile and "aten::" in lora_profile
+    assert "== adapted layers ==" not in (tmp_path / "profiles" / "none.txt").read_text()  # the floor has none
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--methods", "dora"], "unknown method 'dora'"),
+        (["--methods", "svfit:rnak=3"], "unknown option"),
+        (["--methods", "svfit:rank"], "expected name:key=value"),
+        (["--methods", "none:rank=3"], "takes no options"),
+        (["--resolution", "30"], "accepted: a multiple of 4"),
+        (["--steps", "0"], "steps must be a positive integer"),
+    ],
+)
+def test_bad_input_is_one_line_error(argv, message, tmp_path, capsys):
+    code = main(["bench", "--base-model", "tiny", "--threads", "1", "--output", str(tmp_path / "b.json"), "--markdown", "", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_method_specs():
+    assert parse_method_spec("atoms:preset=c3,m1=2").options == {"preset": "c3", "m1": 2}
+    assert parse_method_spec("svfit:rank=none").options == {"rank": None}
+    labels = [s.label for s in resolve_specs(["svfit", "lora", "none"])]
+    assert labels == ["none", "lora", "svfit"]
+    assert [s.label for s in resolve_specs(None)] == ["none", "lora", *[m for m in P.METHODS if m != "lora"]]
+    with pytest.raises(P.UserError, match="listed twice"):
+        resolve_specs(["svfit", "svfit"])
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(12, 10)
+        self.conv = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.pointwise = nn.Conv2d(6, 5, 1)
+
+    def forward(self, tokens: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        return self.linear(tokens).square().mean() + self.pointwise(self.conv(image)).square().mean()
+
+
+@pytest.mark.parametrize(
+    "method, options, paths",
+    [
+        ("svfit", {"rank": 3}, ("activations",)),
+        ("svfit", {}, ("activations", "full")),  # full rank: U diag(s + ds) V^T alone reproduces the layer
+        ("loldu", {"rank": 3, "init": "uniform"}, ("activations",)),
+    ],
+)
+def test_factored_forms_match_composed_weight(method, options, paths, monkeypatch):
+    torch.manual_seed(0)
+    net = _Net()
+    tokens, image = torch.randn(2, 7, 12), torch.randn(2, 4, 9, 9)
+    adapter = P.attach(net, method, targets=r"^(linear|conv|pointwise)$", **options)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    adapter.scale = 0.7
+    results = {}
+    for path in ("weight", *paths):
+        monkeypatch.setattr(DeltaSlot, "plan", lambda self, x, factors, full, path=path: path)
+        loss = net(tokens, image)
+        results[path] = loss.detach(), torch.autograd.grad(loss, adapter.parameters())
+    loss_w, grads_w = results.pop("weight")
+    for loss, grads in results.values():
+        torch.testing.assert_close(loss, loss_w, rtol=1e-5, atol=1e-6)
+        for g, gw in zip(grads, grads_w):
+            torch.testing.assert_close(g, gw, rtol=1e-4, atol=1e-6)
+
+
+def test_cost_model_picks_the_cheaper_form():
+    adapter = P.attach(nn.Sequential(nn.Linear(8, 8)), "svfit", targets=r"^0$")
+    slot = next(iter(adapter.slots.values()))
+    width = 1280
+    full_rank = [torch.zeros(width, width), torch.zeros(width, requires_grad=True), torch.zeros(width, width)]
+    assert slot.prefers_activations(torch.zeros(1, 64, width), full_rank)  # 64 tokens << width: per-token form
+    assert not slot.prefers_activations(torch.zeros(1, 4096, width), full_rank)  # many tokens: compose the weight
+    with torch.no_grad():  # inference: composing costs width^3, the per-token form 2 * tokens * width^2
+        assert not slot.prefers_activations(torch.zeros(1, 1024, width), full_rank)
+    low_rank = [torch.zeros(width, 4), torch.zeros(4, requires_grad=True), torch.zeros(4, width)]
+    assert slot.prefers_activations(torch.zeros(1, 4096, width), low_rank)  # LoRA-sized rank: never compose
+    full = [full_rank[0], torch.zeros(width, requires_grad=True), full_rank[2]]  # no matmul with W0 at all
+    assert slot.plan(torch.zeros(1, 64, width), full_rank, full) == "full"
+    assert slot.plan(torch.zeros(1, 4096, width), full_rank, full) == "weight"

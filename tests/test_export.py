@@ -1,0 +1,260 @@
+"""LoRA export: every registered method's update survives the trip to a diffusers or kohya file.
+
+At full rank the diffusers file, loaded with `pipe.load_lora_weights`, reproduces the adapted UNet,
+and the kohya file, read through diffusers' own kohya converter, gives the same LoRA weights.
+Also: every Linear/Conv2d of the three tiny UNet families, the rank/energy choice, zero updates,
+the CLI and its error messages.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import personalize as P
+from personalize import cli
+from personalize.export import KOHYA_ALPHA, export_adapter, export_lora, kohya_name
+from personalize.lowrank import factorize
+from personalize.models import tiny_unet
+from tests.helpers import UNET_STYLES, run_unet, unet_inputs
+
+FULL = 10**6  # a rank above every layer's own: each layer is capped at its full rank
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+@pytest.fixture(scope="module")
+def components():
+    return P.load_pipeline("tiny").components
+
+
+def pipeline(components, style: str = "sd1") -> StableDiffusionPipeline:
+    """A pipeline around a fresh base UNet of `style` (`load_lora_weights` is a pipeline method)."""
+    return StableDiffusionPipeline(**{**components, "unet": tiny_unet(style)})
+
+
+def perturbed(unet, method: str, seed: int = 0, **options) -> P.Adapter:
+    """`method` attached to `unet` with every trainable tensor moved by noise, as training would."""
+    adapter = P.attach(unet, method, **options)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param, _ in adapter.named_trainables():
+            size = param.abs().mean().item() or 1.0
+            param.add_(0.1 * size * torch.randn(param.shape, generator=generator))
+    return adapter
+
+
+def lora_deltas(unet) -> dict[str, torch.Tensor]:
+    """The update of every PEFT LoRA layer that diffusers installed, by module name."""
+    return {
+        name: module.get_delta_weight(next(iter(module.lora_A))).float()
+        for name, module in unet.named_modules()
+        if isinstance(module, LoraLayer) and len(module.lora_A)
+    }
+
+
+@pytest.fixture(scope="module")
+def adapter_file(tmp_path_factory):
+    """An svfit adapter file trained (perturbed) on `tiny`, and its per-layer updates."""
+    unet = tiny_unet("sd1")
+    adapter = perturbed(unet, "svfit")
+    deltas = adapter.deltas()
+    path = tmp_path_factory.mktemp("source") / "adapter.safetensors"
+    adapter.save(str(path))
+    return path, deltas
+
+
+@pytest.mark.parametrize("method", P.METHODS)
+def test_full_rank_export_reproduces_the_adapted_unet(method, components, tmp_path):
+    unet = tiny_unet("sd1")
+    inputs = unet_inputs(unet, batch=1)
+    with torch.no_grad():
+        base = run_unet(unet, inputs)
+    adapter = perturbed(unet, method)
+    deltas = adapter.deltas()
+    with torch.no_grad():
+        adapted = run_unet(unet, inputs)
+    assert rel(adapted, base) > 1e-2, "the adapter must change the output far more than the tolerance below"
+
+    loaded = {}
+    for fmt in ("diffusers", "kohya"):
+        output = tmp_path / f"{fmt}.safetensors"
+        report = export_adapter(adapter, fmt, output=output, rank=FULL, dtype="float32")
+        assert not report.skipped and {layer.name for layer in report.layers} == set(deltas)
+        assert report.error < 1e-6
+        assert report.file_size == output.stat().st_size
+        pipe = pipeline(components)
+        pipe.load_lora_weights(str(output))
+        loaded[fmt] = lora_deltas(pipe.unet)
+        assert set(loaded[fmt]) == set(deltas), f"{fmt}: diffusers installed LoRA on other layers"
+        with torch.no_grad():
+            assert rel(run_unet(pipe.unet, inputs), adapted) < 1e-4, f"{fmt} LoRA output != adapted UNet"
+    for name, delta in deltas.items():
+        assert rel(loaded["diffusers"][name], delta) < 1e-5, f"diffusers LoRA update of {name}"
+        assert rel(loaded["kohya"][name], loaded["diffusers"][name]) < 1e-5, f"kohya != diffusers on {name}"
+
+
+@pytest.mark.parametrize("style", UNET_STYLES)
+def test_every_linear_and_conv_layer_round_trips(style, components, tmp_path):
+    """Linears, 1x1 and 3x3 convs (strided ones too), embeddings: every layer of each family."""
+    unet = tiny_unet(style)
+    original = {k: v.clone() for k, v in unet.state_dict().items()}
+    adapter = perturbed(unet, "svfit", targets=r".")
+    deltas = adapter.deltas()
+    source = tmp_path / "adapter.safetensors"
+    adapter.save(str(source))
+    adapter.detach()
+    for fmt in ("diffusers", "kohya"):
+        output = tmp_path / f"{fmt}.safetensors"
+        report = export_lora(unet, source, fmt, output=output, rank=FULL, dtype="float32")
+        state = unet.state_dict()
+        assert state.keys() == original.keys() and all(torch.equal(state[k], original[k]) for k in original), "export changed the UNet"
+        kinds = {layer.kind for layer in report.layers}
+        assert {"linear", "conv3x3"} <= kinds and (style != "sd1" or "conv1x1" in kinds)
+        pipe = pipeline(components, style)
+        pipe.load_lora_weights(str(output))
+        got = lora_deltas(pipe.unet)
+        assert set(got) == set(deltas)
+        for name, delta in deltas.items():
+            assert rel(got[name], delta) < 1e-5, f"{style} {fmt}: {name}"
+    assert not list(tmp_path.glob(".*.tmp")), "temporary files left behind"
+    tensors = load_file(str(tmp_path / "kohya.safetensors"))
+    for name, delta in deltas.items():
+        key = kohya_name(name)
+        down, up = tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"]
+        r = down.shape[0]
+        if delta.dim() == 4:  # LoCon: down (r, in, k, k), up (out, r, 1, 1)
+            assert down.shape == (r, *delta.shape[1:]) and up.shape == (delta.shape[0], r, 1, 1)
+        else:
+            assert down.shape == (r, delta.shape[1]) and up.shape == (delta.shape[0], r)
+        assert tensors[f"{key}.alpha"].item() == KOHYA_ALPHA
+
+
+def test_fixed_rank_is_the_best_approximation_of_that_rank(adapter_file, tmp_path):
+    source, deltas = adapter_file
+    report = export_lora(tiny_unet("sd1"), source, "diffusers", output=tmp_path / "r3.safetensors", rank=3, dtype="float32")
+    for layer in report.layers:
+        s = torch.linalg.svdvals(deltas[layer.name].reshape(layer.shape[0], -1).double())
+        assert layer.rank == 3 and layer.full_rank == s.numel()
+        optimum = (s[3:].square().sum() / s.square().sum()).sqrt().item()  # Eckart-Young
+        assert layer.error == pytest.approx(optimum, abs=1e-6)
+    with safe_open(str(tmp_path / "r3.safetensors"), framework="pt") as handle:
+        config = json.loads(handle.metadata()["lora_adapter_metadata"])
+    assert config["unet.r"] == config["unet.lora_alpha"] == 3 and config["unet.rank_pattern"] == {}
+
+
+def test_energy_picks_the_smallest_rank_holding_that_share(adapter_file, tmp_path):
+    source, deltas = adapter_file
+    report = export_lora(tiny_unet("sd1"), source, "kohya", output=tmp_path / "e.safetensors", energy=0.9, dtype="float32")
+    ranks = set()
+    for layer in report.layers:
+        s2 = torch.linalg.svdvals(deltas[layer.name].reshape(layer.shape[0], -1).double()).square()
+        share = torch.cumsum(s2, 0) / s2.sum()
+        assert share[layer.rank - 1] >= 0.9 and (layer.rank == 1 or share[layer.rank - 2] < 0.9)
+        assert layer.error <= (1 - 0.9) ** 0.5 + 1e-6
+        ranks.add(layer.rank)
+    assert len(ranks) > 1, "layers of different shapes should get different ranks"
+    weighted = sum((layer.error * layer.norm) ** 2 for layer in report.layers) / sum(layer.norm**2 for layer in report.layers)
+    assert report.error == pytest.approx(weighted**0.5)
+
+
+@pytest.mark.parametrize("shape", [(12, 40), (40, 12)])
+def test_factorize_stops_at_the_numerical_rank(shape):
+    generator = torch.Generator().manual_seed(0)
+    matrix = torch.randn(shape[0], 3, generator=generator, dtype=torch.float64) @ torch.randn(3, shape[1], generator=generator, dtype=torch.float64)
+    low = factorize(matrix, rank=10)
+    assert (low.rank, low.full_rank) == (3, 12)
+    assert rel(low.up @ low.down, matrix) < 1e-12
+    assert low.up.norm(dim=0).allclose(low.down.norm(dim=1)), "singular values split evenly between the factors"
+    assert factorize(torch.zeros(shape), energy=0.99).rank == 0
+
+
+def test_zero_updates_are_reported_not_exported(tmp_path):
+    unet = tiny_unet("sd1")
+    adapter = P.attach(unet, "svfit")
+    first = next(iter(adapter.slots))
+    with torch.no_grad():
+        adapter.slots[first].adapter.ds.add_(0.1)
+    adapter.save(str(tmp_path / "one.safetensors"))
+    report = export_lora(tiny_unet("sd1"), tmp_path / "one.safetensors", "kohya", output=tmp_path / "one-lora.safetensors", rank=2)
+    assert [layer.name for layer in report.layers] == [first]
+    assert len(report.skipped) == len(adapter.slots) - 1 and set(report.skipped.values()) == {"its update is zero"}
+    with torch.no_grad():
+        adapter.slots[first].adapter.ds.zero_()
+    adapter.save(str(tmp_path / "zero.safetensors"))
+    with pytest.raises(P.UserError, match="nothing to export"):
+        export_lora(tiny_unet("sd1"), tmp_path / "zero.safetensors", "kohya", output=tmp_path / "zero-lora.safetensors", rank=2)
+    assert not (tmp_path / "zero-lora.safetensors").exists()
+
+
+def test_layers_without_a_lora_form_are_named_and_counted_as_lost(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Conv2d(4, 4, 3, groups=2))
+    adapter = perturbed(model, "svfit", targets=r"^\d$")
+    deltas = adapter.deltas()
+    report = export_adapter(adapter, "kohya", output=tmp_path / "lora.safetensors", rank=FULL, dtype="float32")
+    assert [layer.name for layer in report.layers] == ["0"]
+    assert report.skipped == {"1": "grouped conv (groups=2) has no LoRA form"}
+    assert "not exported: 1 (grouped conv (groups=2) has no LoRA form)" in report.table()
+    lost = deltas["1"].norm() ** 2 / (deltas["0"].norm() ** 2 + deltas["1"].norm() ** 2)
+    assert report.error == pytest.approx(lost.sqrt().item(), rel=1e-4)
+
+
+def test_cli_exports_with_the_recorded_base_model(adapter_file, tmp_path, capsys):
+    source, deltas = adapter_file
+    output = tmp_path / "lora.safetensors"
+    assert cli.main(["export", "--adapter", str(source), "--format", "kohya", "--rank", "2", "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "on tiny" in printed and "overall relative error" in printed and str(output) in printed
+    assert all(name in printed for name in deltas)
+    tensors = load_file(str(output))
+    assert len([k for k in tensors if k.endswith(".lora_down.weight")]) == len(deltas)
+    assert all(v.dtype == torch.float16 for k, v in tensors.items() if not k.endswith(".alpha")), "float16 by default"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--adapter", "{tmp}/missing.safetensors"], "adapter file '.*missing.safetensors' does not exist"),
+        (["--format", "onnx"], "unknown export format 'onnx'; accepted: diffusers, kohya"),
+        (["--rank", "0"], "rank must be a positive integer.*got 0"),
+        (["--energy", "0"], r"energy must be a number in \(0, 1\].*got 0.0"),
+        (["--energy", "1.5"], r"energy must be a number in \(0, 1\].*got 1.5"),
+        (["--dtype", "int8"], "unknown export dtype 'int8'; accepted: float16, bfloat16, float32"),
+        (["--output", "{tmp}/lora.ckpt"], "must be a .safetensors file"),
+        (["--output", "{adapter}"], "is the adapter file itself"),
+    ],
+)
+def test_cli_errors_are_one_line(args, message, adapter_file, tmp_path, capsys):
+    source, _ = adapter_file
+    options = {"--adapter": str(source), "--output": str(tmp_path / "out.safetensors")}
+    rest = []
+    for flag, value in zip(args[::2], args[1::2]):
+        value = value.format(tmp=tmp_path, adapter=source)
+        if flag in options:
+            options[flag] = value
+        else:
+            rest += [flag, value]
+    argv = ["export", *[x for pair in options.items() for x in pair], *rest]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert re.search(message, err), err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_energy_with_a_rank_cap(adapter_file, tmp_path):
+    source, _ = adapter_file
+    unet = tiny_unet("sd1")
+    free = export_lora(unet, source, "kohya", output=tmp_path / "free.safetensors", energy=0.95)
+    capped = export_lora(unet, source, "kohya", output=tmp_path / "capped.safetensors", energy=0.95, rank=4)
+    assert max(layer.rank for layer in free.layers) > 4
+    assert [layer.rank for layer in capped.layers] == [min(layer.rank, 4) for layer in free.layers]
