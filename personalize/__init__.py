@@ -8,6 +8,7 @@
 
 from .adapters import get_method, method_names
 from .errors import UserError
+from .export import export_adapter, export_lora
 from .inject import Adapter, attach
 from .io import adapter_info, load_adapter, save_adapter
 from .models import load_pipeline, load_unet
@@ -20,6 +21,8 @@ __all__ = [
     "UserError",
     "adapter_info",
     "attach",
+    "export_adapter",
+    "export_lora",
     "get_method",
     "load_adapter",
     "load_pipeline",

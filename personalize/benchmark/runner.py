@@ -1,10 +1,13 @@
 """Run the benchmark: one UNet, every method attached in turn, timings interleaved across methods.
 
-Set-up round, per method: attach (timed: the decomposition), count, save (file size), warm-up
-training steps (the first one measures peak memory), a merged-inference warm-up; then the adapter
-is parked (its layers are unhooked but its tensors kept). Timed rounds: every method in turn
-(rotating the order each round) is re-installed and runs one training step and one merged-inference
-step, so machine drift (thermal, other jobs) hits all methods alike. Only one UNet is ever held.
+Set-up, per method: attach (timed: the decomposition), count, save (file size), warm-up training
+steps (the first one measures peak memory); then the adapter is parked (its layers are unhooked,
+its tensors kept). Training rounds: every method in turn (the order rotating each round) is
+re-installed and runs one timed training step, so machine drift (thermal, other jobs) hits all
+methods alike. Inference rounds, likewise: merge, one untimed and one timed forward, unmerge (kept
+apart from training: a forward timed right after the training step of a method that adapts every
+conv measured ~15% slower on CPU, merged or not).
+Only one UNet is ever held.
 """
 
 from __future__ import annotations
@@ -153,7 +156,7 @@ def _run(config: BenchConfig, progress: Progress | None) -> dict[str, Any]:
     base_memory = PeakMemory(device).current()
 
     candidates = [Candidate(spec, unet) for spec in specs]
-    total = len(candidates) * (1 + config.steps + (config.profile_dir is not None))
+    total = len(candidates) * (1 + 2 * config.steps + (config.profile_dir is not None))
     done = 0
 
     def report(label: str) -> None:
@@ -165,22 +168,26 @@ def _run(config: BenchConfig, progress: Progress | None) -> dict[str, Any]:
             report(f"set up {candidate.spec.label}")
             set_up(candidate, work, device, Path(tmp), config.warmup)
             done += 1
-    for round_index in range(config.steps):
-        shift = round_index % len(candidates)
-        for candidate in candidates[shift:] + candidates[:shift]:
-            report(f"round {round_index + 1}/{config.steps}: {candidate.spec.label}")
-            candidate.activate()
-            result = candidate.result
-            wall, cpu = work.timed(lambda: work.train_step(candidate.optimiser))
-            result.train_s.append(wall)
-            result.train_cpu_s.append(cpu)
-            candidate.merge()
-            wall, cpu = work.timed(work.inference_step)
-            result.inference_s.append(wall)
-            result.inference_cpu_s.append(cpu)
-            candidate.unmerge()
-            candidate.park()
-            done += 1
+    rounds = [(r, c) for r in range(config.steps) for c in _rotated(candidates, r)]
+    for round_index, candidate in rounds:
+        report(f"train round {round_index + 1}/{config.steps}: {candidate.spec.label}")
+        candidate.activate()
+        wall, cpu = work.timed(lambda: work.train_step(candidate.optimiser))
+        candidate.result.train_s.append(wall)
+        candidate.result.train_cpu_s.append(cpu)
+        candidate.park()
+        done += 1
+    for round_index, candidate in rounds:
+        report(f"inference round {round_index + 1}/{config.steps}: {candidate.spec.label}")
+        candidate.activate()
+        candidate.merge()
+        work.inference_step()  # untimed: the merge has just replaced the weights
+        wall, cpu = work.timed(work.inference_step)
+        candidate.result.inference_s.append(wall)
+        candidate.result.inference_cpu_s.append(cpu)
+        candidate.unmerge()
+        candidate.park()
+        done += 1
     if config.profile_dir is not None:
         for candidate in candidates:
             report(f"profile {candidate.spec.label}")
@@ -229,10 +236,13 @@ def set_up(candidate: Candidate, work: Workload, device: torch.device, folder: P
     result.memory_mb = round(peak.bytes / MB, 1)
     for _ in range(warmup - 1):
         work.train_step(candidate.optimiser)
-    candidate.merge()
-    work.inference_step()
-    candidate.unmerge()
     candidate.park()
+
+
+def _rotated(candidates: list[Candidate], round_index: int) -> list[Candidate]:
+    """Each round starts one method later, so no method always follows the same one."""
+    shift = round_index % len(candidates)
+    return candidates[shift:] + candidates[:shift]
 
 
 def _paired(values: list[float], reference: list[float]) -> float:
