@@ -37,11 +37,12 @@ def test_record_has_every_method_with_paired_ratios(record):
     for r in results.values():
         assert len(r["train_s"]) == len(r["inference_s"]) == 2
         assert all(t > 0 for t in r["train_s"] + r["inference_s"])
-        assert r["train_median_s"] > 0 and r["inference_ratio_base"] > 0 and r["memory_mb"] >= 0
+        assert r["train_median_s"] > 0 and r["inference_ratio_base"] > 0
         expected = sorted(t / ref for t, ref in zip(r["train_s"], results["lora"]["train_s"]))
         assert r["train_ratio_lora"] == pytest.approx(sum(expected) / 2)  # median of two paired ratios
     assert results["lora"]["train_ratio_lora"] == 1.0 and results["none"]["train_ratio_floor"] == 1.0
     assert results["none"]["inference_ratio_base"] == 1.0
+    assert all(r["memory_mb"] > 0 for r in results.values()), "a training step's activations must show as peak memory"
     env = record["environment"]
     assert env["device"] == "cpu" and env["compute_dtype"] == "float32" and env["cpu_threads"] == 1
     assert env["torch"] == torch.__version__ and env["diffusers"]

@@ -5,8 +5,7 @@ steps (the first one measures peak memory); then the adapter is parked (its laye
 its tensors kept). Training rounds: every method in turn (the order rotating each round) is
 re-installed and runs one timed training step, so machine drift (thermal, other jobs) hits all
 methods alike. Inference rounds, likewise: merge, one untimed and one timed forward, unmerge (kept
-apart from training: a forward timed right after the training step of a method that adapts every
-conv measured ~15% slower on CPU, merged or not).
+apart from the training rounds, so no forward is timed in the aftermath of a training step).
 Only one UNet is ever held.
 """
 
@@ -246,7 +245,7 @@ def _rotated(candidates: list[Candidate], round_index: int) -> list[Candidate]:
 
 
 def _paired(values: list[float], reference: list[float]) -> float:
-    return statistics.median(v / r for v, r in zip(values, reference))
+    return statistics.median(v / r for v, r in zip(values, reference, strict=True))
 
 
 def summarise(results: list[MethodResult]) -> None:
