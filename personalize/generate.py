@@ -200,6 +200,8 @@ def generate(
                for prompt in prompts for start in range(0, num_images, batch_size)]
     total, done = len(prompts) * num_images * (2 if compare else 1), 0  # images
     results: list[GeneratedImage] = []
+    if progress is not None:
+        progress(0, total)  # start the clock before the first batch, so rate and ETA are real
     with adapters_applied(pipe.unet, specs):
         for prompt, seeds in batches:
             images = _render(pipe, prompt, negative_prompt, seeds, steps, guidance, resolution)
