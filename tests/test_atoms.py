@@ -99,6 +99,30 @@ def test_overcomplete_exact_at_init_and_matches_paper_recomposition():
         torch.testing.assert_close(layer.delta_weight().reshape(8, 6, 9), expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("m1", [0, 3])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_two_stage_forward_equals_the_composed_weight(m1, stride):
+    """The grouped tap mixing + 1x1 conv with W0 (own_forward) gives the conv with W0 + scale*delta,
+    and the same gradients for the atoms."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, 3, stride=stride, padding=1)
+    adapter = P.attach(nn.ModuleDict({"conv": conv}), "filter_atoms", targets=r"^conv$", m1=m1)
+    randomise(adapter)
+    adapter.scale = 0.7
+    layer = adapter.slots["conv"].adapter
+    x = torch.randn(2, 6, 9, 9)
+    two_stage = layer.own_forward(conv, x)  # training: always the two-stage form
+    assert two_stage is not None
+    composed = conv._conv_forward(x, conv.weight + 0.7 * layer.delta_weight(), conv.bias)
+    torch.testing.assert_close(two_stage, composed, atol=1e-5, rtol=1e-5)
+    grads = [torch.autograd.grad(y.square().sum(), list(layer.parameters())) for y in (two_stage, composed)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # inference: composes once where the layer has fewer filters than positions
+        assert layer.own_forward(conv, torch.randn(1, 6, 2, 2)) is not None
+        assert layer.own_forward(conv, torch.randn(1, 6, 16, 16)) is None
+
+
 def test_c3_is_exact_at_init_on_a_unet():
     unet = tiny_unet("sd1")
     inputs = unet_inputs(unet)
@@ -159,6 +183,26 @@ def test_kron_update_is_a_sum_of_kronecker_products():
             expected = sum(torch.kron(coeffs[:, i].reshape(rows, cols), layer.delta_atoms[i].reshape(4, 4)) for i in range(5))
             torch.testing.assert_close(layer.delta_weight().reshape(w2.shape), expected, atol=1e-5, rtol=1e-5)
             assert layer.delta_weight().shape == w.shape
+
+
+def test_kron_activation_form_equals_the_composed_weight(monkeypatch):
+    """Few tokens on a wide layer run through the activations; same output and atom gradients."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    adapter = P.attach(nn.ModuleDict({"linear": linear}), "kron_atoms", targets=r"^linear$", m_c=5, kc=4)
+    randomise(adapter)
+    adapter.scale = 0.6
+    layer = adapter.slots["linear"].adapter
+    x = torch.randn(2, 3, 64)
+    monkeypatch.setattr(kron_module, "ACTIVATION_WIDTH_RATIO", 0)  # always the activation form
+    through_activations = layer.own_forward(linear, x)
+    assert through_activations is not None
+    composed = nn.functional.linear(x, linear.weight + 0.6 * layer.delta_weight(), linear.bias)
+    torch.testing.assert_close(through_activations, composed, atol=1e-5, rtol=1e-5)
+    grads = [torch.autograd.grad(y.square().sum(), [layer.delta_atoms])[0] for y in (through_activations, composed)]
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-4)
+    monkeypatch.setattr(kron_module, "ACTIVATION_WIDTH_RATIO", 10**6)
+    assert layer.own_forward(linear, x) is None  # many tokens per atom: the slot composes
 
 
 def test_kron_size_not_divisible_names_the_layer():

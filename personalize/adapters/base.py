@@ -76,6 +76,13 @@ class LayerAdapter(nn.Module):
         """
         return None
 
+    def own_forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """Optional: the adapted layer's output on `x` (at `self.scale`, bias included), computed the
+        method's own way where that costs less than composing the weight (filter atoms mix each
+        input's kernel taps instead of every filter). None: let the slot compose or use the factors.
+        """
+        return None
+
     def param_group(self, name: str) -> str:
         """Learning-rate group of the trainable tensor `name` (see `Method.group_lr_ratio`)."""
         return "main"
@@ -260,6 +267,9 @@ class DeltaSlot(Slot):
         base, adapter = self.base, self.adapter
         if not self.live or adapter.scale == 0.0:
             return self._run(x, base.weight)
+        own = adapter.own_forward(base, x)
+        if own is not None:
+            return own
         factors = adapter.delta_factors()
         if factors is not None:
             full = adapter.weight_factors(adapter.scale)

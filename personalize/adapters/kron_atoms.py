@@ -8,8 +8,8 @@ first `m_c` atoms, `B_i -> B_i + dB_i`, is
 
     R(delta) = R(W0) @ (V_mc @ dB)        # dB (m_c, kc*kc), zeros at init
 
-so, as for conv filter atoms, the coefficients are never stored: the layer keeps `V_mc` and reads
-W0 from the layer. `out` and `in` must be divisible by `kc`. The basis is saved with the adapter
+so the layer keeps `V_mc` and the coefficients `C = R(W0) @ V_mc` (recomputed from W0, never
+saved; `m_c / kc^2` of W0's size) and never touches W0 again. `out` and `in` must be divisible by `kc`. The basis is saved with the adapter
 for the reason given in filter_atoms.py (SVD vectors are defined only up to sign).
 """
 
@@ -31,6 +31,15 @@ class KronAtomsConfig(AdapterConfig):
     kc: int = 8  # atom size kc x kc; C2 (Table 9); divides every SD 1.x/2.x/XL attention width
 
 
+# The activation form costs about `2 * m_c / kc` times the frozen matmul per token and saves the
+# composition, the weight gradient and half a dozen weight-sized memory passes. Measured per layer
+# (SD 1.5 projections, CPU, one thread, forward + backward) it wins only where a wide layer sees few
+# tokens: 8.6 ms instead of 11.8 for 1280x1280 at 64 tokens, 3.0 instead of 9.9 at 16, but 2.8
+# instead of 2.3 for 640x640 at 64 and 10 instead of 5 for 640x640 at 256 (smaller weights stay in
+# cache, so composing them is cheap). Rule: activations where tokens * m_c / kc < out / 16.
+ACTIVATION_WIDTH_RATIO = 16
+
+
 def rearrange(w: torch.Tensor, kc: int) -> torch.Tensor:
     """Van Loan rearrangement: `w (out, in)` -> `(out/kc * in/kc, kc*kc)`, one row per kc x kc block,
     rows in block-row-major order."""
@@ -44,7 +53,14 @@ def unrearrange(r: torch.Tensor, out: int, cin: int, kc: int) -> torch.Tensor:
 
 
 class KronAtomsLayer(LayerAdapter):
-    """Atom updates `delta_atoms (m_c, kc*kc)` of one linear / 1x1-conv layer, zeros at init."""
+    """Atom updates `delta_atoms (m_c, kc*kc)` of one linear / 1x1-conv layer, zeros at init.
+
+    With the coefficients `C = R(W0) @ V_mc` kept as a buffer (`m_c / kc^2` of W0's size: 9/64 for
+    C2), the update is `R(delta) = C @ dB`, i.e. `delta = sum_j A_j kron dB_j` with `A_j = C[:, :, j]`.
+    The slot runs it either as a composed weight or, where fewer tokens pass than composing costs,
+    through the activations: `delta x = sum_j vec(A_j X dB_j^T)` for `X (in/kc, kc)`, with no
+    weight-sized temporary and no weight gradient.
+    """
 
     saved_buffers = ("basis",)
 
@@ -52,21 +68,39 @@ class KronAtomsLayer(LayerAdapter):
         super().__init__()
         weight = layer.weight  # (out, in) or (out, in, 1, 1)
         self.kc = config.kc
+        w = weight_2d(layer)  # (out, in)
         basis = saved.get("basis")
         if basis is None:
-            basis = right_singular_basis(rearrange(weight_2d(layer), config.kc))[:, : config.m_c]
-        self.register_buffer("basis", basis.to(weight.device, torch.float32).contiguous(), persistent=False)  # (kc*kc, m_c)
-        # W0 itself (see FilterAtomsLayer): no copy, and still W0 while the adapter is merged.
-        self._base_weight = (weight,)
+            basis = right_singular_basis(rearrange(w, config.kc))[:, : config.m_c]
+        basis = basis.to(weight.device, torch.float32).contiguous()  # (kc*kc, m_c)
+        self.register_buffer("basis", basis, persistent=False)
+        out, cin = w.shape
+        coefficients = rearrange(w.float(), config.kc) @ basis  # (out/kc * in/kc, m_c)
+        self.register_buffer("coefficients", coefficients.view(out // config.kc, cin // config.kc, -1), persistent=False)
+        self.weight_shape = tuple(weight.shape)
         self.delta_atoms = nn.Parameter(torch.zeros(config.m_c, config.kc**2, device=weight.device))  # (m_c, kc*kc)
 
     def delta_weight(self) -> torch.Tensor:
-        w0 = self._base_weight[0].detach()
-        out = w0.shape[0]
-        w = w0.reshape(out, -1)  # (out, in), in W0's dtype
-        mix = self.basis @ self.delta_atoms  # (kc*kc, kc*kc)
-        blocks = rearrange(w, self.kc) @ mix.to(w.dtype)  # (out/kc * in/kc, kc*kc) = R(delta)
-        return unrearrange(blocks, out, w.shape[1], self.kc).float().reshape(w0.shape)
+        blocks_out, blocks_in, m_c = self.coefficients.shape
+        blocks = self.coefficients.view(-1, m_c) @ self.delta_atoms  # (out/kc * in/kc, kc*kc) = R(delta)
+        return unrearrange(blocks, blocks_out * self.kc, blocks_in * self.kc, self.kc).reshape(self.weight_shape)
+
+    def own_forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        if isinstance(layer, nn.Conv2d):
+            return None  # a 1x1 conv's channels are not the last axis: compose
+        blocks_out, blocks_in, m_c = self.coefficients.shape
+        kc = self.kc
+        tokens = x.numel() // x.shape[-1]
+        if tokens * m_c * ACTIVATION_WIDTH_RATIO >= blocks_out * kc * kc:
+            return None  # composing the weight is cheaper (see ACTIVATION_WIDTH_RATIO)
+        atoms = (self.delta_atoms * self.scale).view(m_c * kc, kc).to(x.dtype)  # rows (j, r), columns c
+        blocks = x.reshape(tokens, blocks_in, kc)  # X per token: (N, in/kc, kc)
+        mixed = blocks @ atoms.T  # X dB_j^T for every j: (N, in/kc, m_c*kc)
+        mixed = mixed.view(tokens, blocks_in * m_c, kc).transpose(1, 2).reshape(tokens * kc, -1)  # (N*kc, in/kc*m_c)
+        coefficients = self.coefficients.view(blocks_out, -1).to(x.dtype)  # (out/kc, in/kc*m_c)
+        update = (mixed @ coefficients.T).view(tokens, kc, blocks_out).transpose(1, 2)  # (N, out/kc, kc)
+        frozen = nn.functional.linear(x, layer.weight, layer.bias)  # (..., out)
+        return frozen + update.reshape(frozen.shape)
 
 
 def is_matrix_layer(module: nn.Module) -> bool:
