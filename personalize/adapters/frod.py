@@ -11,13 +11,13 @@ seeded index pattern is saved with the adapter:
 
     delta_i = U_i (diag(dsigma_i) + S_i) V^T        # zero at init (dsigma = 0, S = 0)
 
-Memory: storing U_i costs as much as W_i. Since U_i = W_i P diag(1/Sigma_i) with P = V^{-T}, the
-update is computed from the frozen weight itself,
+A layer keeps `B_i = W_i P = U_i diag(Sigma_i)` (P = V^{-T}; as large as W_i, in its dtype) and
 
-    delta_i = W_i @ (P @ K_i @ V^T),   K_i = diag(1/Sigma_i) (diag(dsigma_i) + S_i),
+    delta_i = B_i @ K_i @ V^T,   K_i = diag(1/Sigma_i) (diag(dsigma_i) + S_i),   S_i sparse (CSR),
 
-so a group keeps only P and V^T (n, n) and a layer only its index pattern and 1/Sigma_i
-(docs/frod-memory.md has the measured sizes and the conditioning).
+and runs, per call, the cheapest of composing the weight, `B_i ((I + K_i) V^T x)` alone (where
+`B_i V^T` rebuilds W_i to float32 rounding) or the frozen layer plus `B_i K_i V^T x`
+(`FRoDSlot.choose_form`; docs/frod-memory.md has the measured sizes, costs and conditioning).
 
 How the decomposition is computed (the same result as the literal steps, checked against them in
 tests/test_frod.py, without a QR of the tall stack; for six 1280-wide layers that QR takes 5.1 s on
@@ -34,11 +34,11 @@ copy of the reconstruction added on top of the base layer).
 from __future__ import annotations
 
 import logging
+import warnings
 import math
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -53,7 +53,6 @@ from .base import (
     Slot,
     TrainDefaults,
     register,
-    scaled,
     weight_2d,
 )
 
@@ -121,12 +120,11 @@ def joint_basis(weights: list[torch.Tensor], pi: float) -> torch.Tensor:
     return z.mT @ r  # V^T = Z^T R
 
 
-def inverse_scales(weight: torch.Tensor, p: torch.Tensor, p_norms: torch.Tensor) -> torch.Tensor:
-    """1 / Sigma_i (n,) where Sigma_i = column norms of B_i = W_i P (= Q_i Z), in float32 as the forward
-    computes B_i; 0 for dead directions. `p_norms` = column norms of P."""
-    weight = weight.float()
-    sigma = torch.linalg.vector_norm(weight @ p, dim=0)  # (n,)
-    live = sigma > DEAD * torch.linalg.vector_norm(weight) * p_norms
+def inverse_scales(b: torch.Tensor, weight: torch.Tensor, p_norms: torch.Tensor) -> torch.Tensor:
+    """1 / Sigma_i (n,) where Sigma_i = column norms of `b = B_i = W_i P (= Q_i Z)` (float32); 0 for dead
+    directions. `p_norms` = column norms of P."""
+    sigma = torch.linalg.vector_norm(b, dim=0)  # (n,)
+    live = sigma > DEAD * torch.linalg.vector_norm(weight.float()) * p_norms
     return torch.where(live, 1.0 / sigma, torch.zeros_like(sigma))
 
 
@@ -173,7 +171,7 @@ class FRoDBasis(nn.Module):
 
 
 class FRoDLayer(LayerAdapter):
-    """dsigma_i and the values of S_i for one layer; the update is computed from the layer's own W0."""
+    """dsigma_i and the values of S_i for one layer, plus its frozen `B_i = W_i P = U_i diag(Sigma_i)`."""
 
     saved_buffers = ("s_index",)
 
@@ -181,75 +179,156 @@ class FRoDLayer(LayerAdapter):
         self,
         group: str,
         basis: FRoDBasis,
-        weight_shape: tuple[int, ...],
+        weight: torch.Tensor,  # W_i as the layer holds it: (out, n) or (out, in, k, k)
+        b: torch.Tensor,  # (out, n) float32: W_i P
         inv_sigma: torch.Tensor,  # (n,) 1/Sigma_i, 0 for dead directions
         s_index: torch.Tensor,  # (nnz,) flat off-diagonal positions of S_i's trainable entries
     ) -> None:
         super().__init__()
         n = basis.vt.shape[0]
         self.group, self.basis, self.n = group, basis, n
-        self.weight_shape, self.out = weight_shape, weight_shape[0]
+        self.weight_shape, self.out = tuple(weight.shape), weight.shape[0]
         device = basis.vt.device
-        diag = torch.arange(n, device=device) * (n + 1)
-        k_index = torch.cat([diag, s_index.to(device=device, dtype=torch.long)])  # (n + nnz,) flat positions in K
-        self.register_buffer("k_index", k_index, persistent=False)
-        self.register_buffer("k_scale", inv_sigma.to(device)[k_index // n], persistent=False)  # 1/Sigma of each row
+        s_index = s_index.to(device=device, dtype=torch.long)
+        inv_sigma = inv_sigma.to(device)
+        self.register_buffer("b", b.to(device, weight.dtype), persistent=False)  # (out, n), in W0's dtype
+        self.register_buffer("inv_sigma", inv_sigma, persistent=False)  # (n,)
+        rows, cols = s_index // n, s_index % n  # (nnz,) each, row-major order
+        order = torch.argsort(cols * n + rows)  # S_i^T's entries in its row-major order
+        self.register_buffer("s_rows", rows, persistent=False)
+        self.register_buffer("s_cols", cols, persistent=False)
+        self.register_buffer("s_crow", csr_offsets(rows, n), persistent=False)  # (n + 1,) CSR row offsets of S_i
+        self.register_buffer("s_t_order", order, persistent=False)
+        self.register_buffer("s_t_crow", csr_offsets(cols[order], n), persistent=False)  # (n + 1,) of S_i^T
+        self.register_buffer("s_scale", inv_sigma[rows], persistent=False)  # (nnz,) 1/Sigma of each entry's row
         self.dsigma = nn.Parameter(torch.zeros(n, device=device))  # (n,) on-axis
         self.s_values = nn.Parameter(torch.zeros(s_index.numel(), device=device))  # (nnz,) off-axis
-        self.frozen_weight: Callable[[], torch.Tensor] | None = None  # W0 of the layer, bound by FRoDSlot
+        # B_i V^T is W_i up to rounding; where that rounding is at float32 level the layer may run as
+        # B_i (I + scale K_i) V^T alone (`FRoDSlot.choose_form`), skipping the matmul with W_i.
+        rebuilt = self.b.float() @ basis.vt.to(device)  # (out, n)
+        w = weight.detach().reshape(self.out, n).float()
+        self.rebuilds_w0 = bool((rebuilt - w).norm() <= FULL_FORM_TOLERANCE * w.norm())
+
+    def s_matrix(self, values: torch.Tensor) -> torch.Tensor:
+        """S_i with `values` at its trainable positions, as a sparse CSR (n, n) matrix."""
+        return torch.sparse_csr_tensor(self.s_crow, self.s_cols, values, (self.n, self.n), check_invariants=False)
+
+    def s_matrix_transposed(self, values: torch.Tensor) -> torch.Tensor:
+        return torch.sparse_csr_tensor(self.s_t_crow, self.s_rows[self.s_t_order], values[self.s_t_order], (self.n, self.n), check_invariants=False)
 
     @property
     def s_index(self) -> torch.Tensor:
         """Flat positions of S_i's trainable entries (int32 in the file)."""
-        return self.k_index[self.n :].to(torch.int32)
+        return (self.s_rows * self.n + self.s_cols).to(torch.int32)
 
     def param_group(self, name: str) -> str:
         return ON_AXIS if name == "dsigma" else OFF_AXIS
 
-    def delta_factors(self) -> list[torch.Tensor]:
-        """`[W0 (out, n), P (n, n), K_i (n, n), V^T (n, n)]`, whose product is the update; W0 in its own dtype."""
-        assert self.frozen_weight is not None, "FRoDLayer used outside FRoDSlot"
-        n = self.n
-        values = torch.cat([self.dsigma, self.s_values]).float() * self.k_scale  # (n + nnz,)
-        k = values.new_zeros(n * n).index_put_((self.k_index,), values).view(n, n)  # diag(1/Sigma)(diag(dsigma) + S)
-        w = self.frozen_weight().reshape(self.out, n)  # (out, n)
-        return [w, self.basis.p.float(), k, self.basis.vt.float()]
+    def apply_k(self, h: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """`scale * K_i @ h` for `h (n, cols)`, K_i = diag(1/Sigma_i)(diag(dsigma_i) + S_i): a scaled copy
+        of h plus a sparse matmul with S_i (nnz * cols multiply-adds instead of n^2 * cols)."""
+        diagonal = h * (scale * self.dsigma * self.inv_sigma).to(h.dtype)[:, None]  # (n, cols)
+        values = scale * self.s_values * self.s_scale  # (nnz,) off-axis entries of K_i
+        if h.device.type in SPARSE_DEVICES:
+            return diagonal + _SparseMatmul.apply(values, h, self)
+        moved = h.index_select(0, self.s_cols) * values.to(h.dtype)[:, None]  # (nnz, cols)
+        return diagonal.index_add(0, self.s_rows, moved)
 
     def delta_weight(self) -> torch.Tensor:
-        return compose_update(self.delta_factors()).reshape(self.weight_shape)
+        """`B_i @ K_i @ V^T` (= W_i P K_i V^T) in float32; the backward keeps only frozen tensors."""
+        right = self.apply_k(self.basis.vt.float())  # K V^T: (n, n)
+        return _FrozenLeftMatmul.apply(self.b, right).reshape(self.weight_shape)  # (out, n)
 
 
-def compose_update(factors: list[torch.Tensor]) -> torch.Tensor:
-    """`W0 @ P @ K @ V^T` (out, n) in float32, in an order whose backward needs only the frozen tensors."""
-    w, p, k, vt = factors
-    out, n = w.shape
-    if out >= n:  # 2 n^3 + out n^2 multiply-adds
-        return _FrozenLeftMatmul.apply(w, p @ (k @ vt))
-    return _FrozenLeftMatmul.apply(w, p @ k) @ vt  # n^3 + 2 out n^2
+SPARSE_DEVICES = ("cpu", "cuda")  # sparse CSR matmuls; elsewhere S_i is applied by gather / scatter-add
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+
+def csr_offsets(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """CSR row offsets (n + 1,) of entries whose sorted row indices are `rows`."""
+    return torch.cat([rows.new_zeros(1), torch.bincount(rows, minlength=n).cumsum(0)])
+
+
+class _SparseMatmul(torch.autograd.Function):
+    """`S_i @ h` in float32 for S_i's trainable `values (nnz,)` and `h (n, cols)`, with gradients for both:
+    `S_i^T @ grad` for h and, for the values, `grad @ h^T` sampled at S_i's positions only."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, h: torch.Tensor, layer: "FRoDLayer") -> torch.Tensor:
+        ctx.layer = layer
+        ctx.save_for_backward(values, h)
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            return (layer.s_matrix(values.float()) @ h.float()).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        values, h = ctx.saved_tensors
+        layer: FRoDLayer = ctx.layer
+        grad_values = grad_h = None
+        with torch.autocast(device_type=grad.device.type, enabled=False):
+            grad32 = grad.float()
+            if ctx.needs_input_grad[0]:
+                pattern = layer.s_matrix(torch.zeros_like(values, dtype=torch.float32))
+                sampled = torch.sparse.sampled_addmm(pattern, grad32, h.float().T, beta=0.0)  # (n, n) at S_i's positions
+                grad_values = sampled.values().to(values.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_h = (layer.s_matrix_transposed(values.float()) @ grad32).to(h.dtype)
+        return grad_values, grad_h, None
+
+
+FULL_FORM_TOLERANCE = 1e-6  # relative |B_i V^T - W_i| below which the layer may skip W_i (float32 rounding)
 
 
 class FRoDSlot(DeltaSlot):
-    """DeltaSlot that hands the adapter the layer's W0 (the kept original while merged) and composes
-    the update in `compose_update`'s order; where the layer sees few tokens (wide, low-resolution
-    blocks) it applies the factors to the activations instead (`DeltaSlot.prefers_activations`)."""
-
-    def __init__(self, base: nn.Module, adapter: FRoDLayer) -> None:
-        super().__init__(base, adapter)
-        adapter.frozen_weight = self.frozen_weight
-
-    def frozen_weight(self) -> torch.Tensor:
-        return (self.base.weight if self.original_weight is None else self.original_weight).detach()
+    """Runs one FRoD layer in the cheapest of three exact forms (`choose_form`)."""
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         base, adapter = self.base, self.adapter
         if not self.live or adapter.scale == 0.0:
             return self._run(x, base.weight)
-        factors = adapter.delta_factors()
-        if self.prefers_activations(x, factors):
-            return self._run(x, base.weight) + self._run_factors(x, scaled(factors, adapter.scale))
-        with torch.autocast(device_type=base.weight.device.type, enabled=False):  # compose in float32
-            delta = compose_update(factors).view(base.weight.shape)
-        return self._run(x, torch.add(base.weight, delta.to(base.weight.dtype), alpha=adapter.scale))
+        form = self.choose_form(x)
+        if form == "weight":
+            with torch.autocast(device_type=base.weight.device.type, enabled=False):  # compose in float32
+                delta = adapter.delta_weight()
+            return self._run(x, torch.add(base.weight, delta.to(base.weight.dtype), alpha=adapter.scale))
+        conv = isinstance(base, nn.Conv2d)
+        rows = x.movedim(1, -1) if conv else x  # channels last: (..., n)
+        h = adapter.basis.vt.to(x.dtype) @ rows.reshape(-1, adapter.n).T  # V^T x: (n, N)
+        b = adapter.b.to(x.dtype)
+        if form == "full":  # B (I + scale K) V^T x, W0 = B V^T
+            y = nn.functional.linear((h + adapter.apply_k(h, adapter.scale)).T, b)  # (N, out)
+            return self._add_bias(self._channels_first(y.view(rows.shape[:-1] + (-1,)), conv))
+        update = nn.functional.linear(adapter.apply_k(h, adapter.scale).T, b)  # scale B K V^T x: (N, out)
+        return self._run(x, base.weight) + self._channels_first(update.view(rows.shape[:-1] + (-1,)), conv)
+
+    @staticmethod
+    def _channels_first(y: torch.Tensor, conv: bool) -> torch.Tensor:
+        return y.movedim(-1, 1) if conv else y
+
+    def choose_form(self, x: torch.Tensor) -> str:
+        """The form with the fewest multiply-adds for the `N` tokens of `x`:
+
+        - "weight": compose `W0 + scale B K V^T` (`out n^2`), one matmul (`N out n`); training adds the
+          composition's backward and the weight gradient;
+        - "activations": the frozen layer plus `B (K (V^T x))`: `N (2 out n + n^2)`, twice when training;
+        - "full": `B ((I + scale K) V^T x)` alone, `N (out n + n^2)`, twice when training; only where
+          `B V^T` rebuilds W0 to float32 rounding.
+        K is sparse: its share is small in every form.
+        """
+        base, adapter = self.base, self.adapter
+        if isinstance(base, nn.Conv2d) and (base.kernel_size != (1, 1) or base.stride != (1, 1) or base.groups != 1):
+            return "weight"  # only 1x1 convs are matrices over the channels
+        n, out = adapter.n, adapter.out
+        tokens = x.numel() // n
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in adapter.parameters())
+        passes = 2 if training else 1
+        costs = {
+            "weight": passes * out * n * n + tokens * out * n * (3 if training else 1),
+            "activations": passes * tokens * (2 * out * n + n * n),
+        }
+        if adapter.rebuilds_w0:
+            costs["full"] = passes * tokens * (out * n + n * n)
+        return min(costs, key=costs.__getitem__)
 
 
 def decomposition_device(device: torch.device) -> torch.device:
@@ -311,16 +390,17 @@ class FRoD(Method):
                     )
             basis = FRoDBasis(vt.to(work))
             p_norms = torch.linalg.vector_norm(basis.p, dim=0)  # (n,)
-            inv_sigmas = [inverse_scales(w.to(work), basis.p, p_norms) for w in weights]
+            bs = [w.to(work).float() @ basis.p for w in weights]  # B_i = W_i P: (out, n) each
+            inv_sigmas = [inverse_scales(b, w.to(work), p_norms) for b, w in zip(bs, weights)]
             basis = basis.to(device)
             count = num_off_axis(n, config.density)
             log.debug("frod group %s: %d layer(s), n=%d", group, len(names), n)
-            for name, inv_sigma in zip(names, inv_sigmas):
+            for name, b, inv_sigma in zip(names, bs, inv_sigmas):
                 if shared is None:
                     s_index = sample_off_diagonal(n, count, layer_generator(config.seed, name))
                 else:
                     s_index = check_index(saved.get(name, {}).get("s_index"), n, count, name)
-                adapters[name] = FRoDLayer(group, basis, tuple(layers[name].weight.shape), inv_sigma, s_index)
+                adapters[name] = FRoDLayer(group, basis, layers[name].weight, b, inv_sigma, s_index)
         return adapters
 
     @classmethod
@@ -353,6 +433,8 @@ def check_index(index: torch.Tensor | None, n: int, count: int, name: str) -> to
     if index is None or index.numel() != count:
         raise UserError(f"adapter file has no FRoD index pattern with {count} entries for layer '{name}'")
     index = index.long()
+    if count > 1 and not bool((index[1:] > index[:-1]).all()):
+        raise UserError(f"adapter file's FRoD index pattern for layer '{name}' is not sorted and distinct")
     if count and (index.min() < 0 or index.max() >= n * n or bool((index // n == index % n).any())):
         raise UserError(f"adapter file's FRoD index pattern for layer '{name}' is not off-diagonal in ({n}, {n})")
     return index
