@@ -11,6 +11,7 @@ import importlib
 import logging
 import sys
 
+from .allocator import tune_cpu_allocator
 from .errors import UserError
 
 # subcommand -> (module, one-line help). eval and app live with their packages (metrics, app).
@@ -46,6 +47,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_cpu_allocator()
     parser, modules = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")

@@ -24,6 +24,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from torch import nn
 
+from .allocator import tune_cpu_allocator
 from .atomic import atomic_path, write_text_atomic
 from .errors import UserError
 from .io import adapter_info, load_adapter
@@ -182,6 +183,7 @@ def generate(
     a folder that already has a manifest is extended, not overwritten. `compare=True` also renders
     every seed without adapters (into `base/`) and writes one with/without grid per prompt.
     """
+    tune_cpu_allocator()
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     specs = [AdapterSpec(str(a.path), float(a.scale)) for a in adapters]
     _check_arguments(prompts, specs, num_images, steps, guidance, batch_size, resolution)

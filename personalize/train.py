@@ -17,12 +17,14 @@ from collections.abc import Sequence
 
 from .data import validate_instance_images
 from .training.callbacks import Progress, TrainCallback, TrainResult
+from .allocator import tune_cpu_allocator
 from .training.config import TrainConfig, load_config
 from .training.trainer import Trainer
 
 
 def train(config: TrainConfig, callbacks: Sequence[TrainCallback] = (), cancel: threading.Event | None = None) -> TrainResult:
     """Train the adapter described by `config`; invalid input raises `personalize.errors.UserError`."""
+    tune_cpu_allocator()
     return Trainer(config, callbacks, cancel).run()
 
 

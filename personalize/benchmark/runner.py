@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 
 from ..adapters.base import Slot
+from ..allocator import tune_cpu_allocator
 from ..inject import Adapter, attach
 from .config import FLOOR, REFERENCE, BenchConfig, MethodSpec, resolve_specs
 from .environment import environment, load_average
@@ -121,6 +122,7 @@ def run_benchmark(config: BenchConfig, progress: Progress | None = None) -> dict
     """Measure every method of `config`; returns the record that `bench.json` stores. The caller's
     thread count and random state are left as they were."""
     config.validate()
+    tune_cpu_allocator()  # else each method's times depend on what the process freed before it
     threads = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
