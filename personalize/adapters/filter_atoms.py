@@ -166,8 +166,7 @@ class FilterAtomsLayer(LayerAdapter):
             (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
             for size, pad, dil, k, stride in zip((height, width), layer.padding, layer.dilation, (kh, kw), layer.stride)
         )
-        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        if not training and batch * rows * cols > out:
+        if batch * rows * cols > out:
             return None  # composing the weight once costs less than mixing every position's taps
         patches = nn.functional.unfold(x, (kh, kw), layer.dilation, layer.padding, layer.stride)  # (B, in*k*k, L)
         mixed = self.tap_mixing().to(x.dtype) @ patches.view(batch, cin, kh * kw, -1)  # (B, in, k*k, L)
