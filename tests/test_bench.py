@@ -93,9 +93,13 @@ def test_cli_writes_json_markdown_and_chart(tmp_path, capsys):
         (["--methods", "none:rank=3"], "takes no options"),
         (["--resolution", "30"], "accepted: a multiple of 4"),
         (["--steps", "0"], "steps must be a positive integer"),
+        (["--profile", "__file__"], "is a file; accepted: a folder"),
+        (["--chart", "__folder__"], "is a folder; accepted: a file path"),
     ],
 )
 def test_bad_input_is_one_line_error(argv, message, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    argv = [{"__file__": str(tmp_path / "a-file"), "__folder__": str(tmp_path)}.get(a, a) for a in argv]
     code = main(["bench", "--base-model", "tiny", "--threads", "1", "--output", str(tmp_path / "b.json"), "--markdown", "", *argv])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err

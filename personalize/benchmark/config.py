@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -102,6 +103,8 @@ class BenchConfig:
             raise UserError(f"bench threads must be a positive integer, got {self.threads!r}")
         if self.precision != "auto" and self.precision not in PRECISIONS:
             raise UserError(f"unknown precision '{self.precision}'; accepted: auto, {', '.join(PRECISIONS)}")
+        if self.profile_dir is not None and Path(self.profile_dir).exists() and not Path(self.profile_dir).is_dir():
+            raise UserError(f"bench profile folder '{self.profile_dir}' is a file; accepted: a folder (created if missing)")
         resolve_specs(self.methods)
 
     def torch_device(self) -> torch.device:

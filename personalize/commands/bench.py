@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from ..benchmark import BenchConfig, markdown_table, run_benchmark, write_chart, write_json, write_markdown
 from ..benchmark.config import PRECISIONS
+from ..errors import UserError
 
 QUICK_STEPS, QUICK_WARMUP = 3, 1  # --quick: a few minutes for every method on a 2-core CPU at 256 px
 FULL_STEPS, FULL_WARMUP = BenchConfig.steps, BenchConfig.warmup
@@ -57,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
         profile_dir=args.profile,
     )
     config.validate()  # before the UNet is built
+    for flag, path in (("--output", args.output), ("--markdown", args.markdown), ("--chart", args.chart)):
+        if path and Path(path).is_dir():
+            raise UserError(f"bench {flag} '{path}' is a folder; accepted: a file path")
     bar = tqdm(total=1, unit="step", desc="loading model")
 
     def progress(done: int, total: int, label: str) -> None:
