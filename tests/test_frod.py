@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import personalize as P
+from personalize.adapters import frod as frod_module
 from personalize.adapters.frod import (
     OFF_AXIS,
     ON_AXIS,
@@ -240,6 +241,26 @@ def test_every_form_matches_the_composed_update(style, targets, monkeypatch):
         torch.testing.assert_close(out, out_w, rtol=1e-5, atol=1e-5)
         for g, gw in zip(grads, grads_w):
             torch.testing.assert_close(g, gw, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("plus_identity", [False, True])
+def test_sparse_k_matches_the_gather_scatter_fallback(plus_identity, monkeypatch):
+    """K_i as a CSR matmul (CPU, CUDA) and as gather / scatter-add (other devices): same values and gradients."""
+    adapter = P.attach(tiny_unet(), "frod", density=0.2)
+    perturb(adapter)
+    layer = next(iter(adapter.slots.values())).adapter
+    h = torch.randn(layer.n, 5, generator=torch.Generator().manual_seed(1))
+    results = []
+    for devices in (("cpu",), ()):
+        monkeypatch.setattr(frod_module, "SPARSE_DEVICES", devices)
+        x = h.clone().requires_grad_(True)
+        y = layer.apply_k(x, 0.7, plus_identity)
+        results.append((y.detach(), *torch.autograd.grad(y.pow(2).sum(), [x, layer.dsigma, layer.s_values])))
+    dense_k = torch.diag(layer.dsigma) + torch.zeros(layer.n * layer.n).index_put((layer.s_index.long(),), layer.s_values).view(layer.n, layer.n)
+    expected = 0.7 * layer.inv_sigma[:, None] * dense_k @ h + (h if plus_identity else 0)
+    torch.testing.assert_close(results[0][0], expected.detach(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_fp16_w0_is_not_copied_to_float32_for_backward():

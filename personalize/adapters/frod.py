@@ -193,14 +193,20 @@ class FRoDLayer(LayerAdapter):
         inv_sigma = inv_sigma.to(device)
         self.register_buffer("b", b.to(device, weight.dtype), persistent=False)  # (out, n), in W0's dtype
         self.register_buffer("inv_sigma", inv_sigma, persistent=False)  # (n,)
-        rows, cols = s_index // n, s_index % n  # (nnz,) each, row-major order
-        order = torch.argsort(cols * n + rows)  # S_i^T's entries in its row-major order
-        self.register_buffer("s_rows", rows, persistent=False)
-        self.register_buffer("s_cols", cols, persistent=False)
-        self.register_buffer("s_crow", csr_offsets(rows, n), persistent=False)  # (n + 1,) CSR row offsets of S_i
-        self.register_buffer("s_t_order", order, persistent=False)
-        self.register_buffer("s_t_crow", csr_offsets(cols[order], n), persistent=False)  # (n + 1,) of S_i^T
-        self.register_buffer("s_scale", inv_sigma[rows], persistent=False)  # (nnz,) 1/Sigma of each entry's row
+        # K_i's entries, the diagonal then S_i's, in one row-major CSR pattern (and its transpose).
+        flat = torch.cat([torch.arange(n, device=device) * (n + 1), s_index])  # (n + nnz,)
+        order = torch.argsort(flat)  # entry j of the pattern is flat[order[j]]
+        rows, cols = flat[order] // n, flat[order] % n
+        t_order = torch.argsort(cols * n + rows)  # K_i^T's entries in its row-major order
+        self.register_buffer("s_index_flat", s_index, persistent=False)  # (nnz,)
+        self.register_buffer("k_order", order, persistent=False)
+        self.register_buffer("k_rows", rows, persistent=False)
+        self.register_buffer("k_cols", cols, persistent=False)
+        self.register_buffer("k_crow", csr_offsets(rows, n), persistent=False)  # (n + 1,) CSR row offsets
+        self.register_buffer("k_scale", inv_sigma[rows], persistent=False)  # 1/Sigma of each entry's row
+        self.register_buffer("kt_order", t_order, persistent=False)
+        self.register_buffer("kt_crow", csr_offsets(cols[t_order], n), persistent=False)
+        self.register_buffer("kt_cols", rows[t_order], persistent=False)
         self.dsigma = nn.Parameter(torch.zeros(n, device=device))  # (n,) on-axis
         self.s_values = nn.Parameter(torch.zeros(s_index.numel(), device=device))  # (nnz,) off-axis
         # B_i V^T is W_i up to rounding; where that rounding is at float32 level the layer may run as
@@ -209,30 +215,30 @@ class FRoDLayer(LayerAdapter):
         w = weight.detach().reshape(self.out, n).float()
         self.rebuilds_w0 = bool((rebuilt - w).norm() <= FULL_FORM_TOLERANCE * w.norm())
 
-    def s_matrix(self, values: torch.Tensor) -> torch.Tensor:
-        """S_i with `values` at its trainable positions, as a sparse CSR (n, n) matrix."""
-        return torch.sparse_csr_tensor(self.s_crow, self.s_cols, values, (self.n, self.n), check_invariants=False)
+    def k_matrix(self, values: torch.Tensor) -> torch.Tensor:
+        """K_i with `values` (in the pattern's order) as a sparse CSR (n, n) matrix."""
+        return torch.sparse_csr_tensor(self.k_crow, self.k_cols, values, (self.n, self.n), check_invariants=False)
 
-    def s_matrix_transposed(self, values: torch.Tensor) -> torch.Tensor:
-        return torch.sparse_csr_tensor(self.s_t_crow, self.s_rows[self.s_t_order], values[self.s_t_order], (self.n, self.n), check_invariants=False)
+    def k_matrix_transposed(self, values: torch.Tensor) -> torch.Tensor:
+        return torch.sparse_csr_tensor(self.kt_crow, self.kt_cols, values[self.kt_order], (self.n, self.n), check_invariants=False)
 
     @property
     def s_index(self) -> torch.Tensor:
         """Flat positions of S_i's trainable entries (int32 in the file)."""
-        return (self.s_rows * self.n + self.s_cols).to(torch.int32)
+        return self.s_index_flat.to(torch.int32)
 
     def param_group(self, name: str) -> str:
         return ON_AXIS if name == "dsigma" else OFF_AXIS
 
-    def apply_k(self, h: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        """`scale * K_i @ h` for `h (n, cols)`, K_i = diag(1/Sigma_i)(diag(dsigma_i) + S_i): a scaled copy
-        of h plus a sparse matmul with S_i (nnz * cols multiply-adds instead of n^2 * cols)."""
-        diagonal = h * (scale * self.dsigma * self.inv_sigma).to(h.dtype)[:, None]  # (n, cols)
-        values = scale * self.s_values * self.s_scale  # (nnz,) off-axis entries of K_i
+    def apply_k(self, h: torch.Tensor, scale: float = 1.0, plus_identity: bool = False) -> torch.Tensor:
+        """`scale * K_i @ h` (`(I + scale * K_i) @ h` with `plus_identity`) for `h (n, cols)`, with
+        K_i = diag(1/Sigma_i)(diag(dsigma_i) + S_i) as one sparse CSR matrix of n + nnz entries
+        ((n + nnz) * cols multiply-adds instead of n^2 * cols)."""
+        values = torch.cat([self.dsigma, self.s_values])[self.k_order] * self.k_scale * scale  # (n + nnz,)
         if h.device.type in SPARSE_DEVICES:
-            return diagonal + _SparseMatmul.apply(values, h, self)
-        moved = h.index_select(0, self.s_cols) * values.to(h.dtype)[:, None]  # (nnz, cols)
-        return diagonal.index_add(0, self.s_rows, moved)
+            return _SparseMatmul.apply(values, h, self, plus_identity)
+        moved = h.index_select(0, self.k_cols) * values.to(h.dtype)[:, None]  # (n + nnz, cols)
+        return (h if plus_identity else torch.zeros_like(h)).index_add(0, self.k_rows, moved)
 
     def delta_weight(self) -> torch.Tensor:
         """`B_i @ K_i @ V^T` (= W_i P K_i V^T) in float32; the backward keeps only frozen tensors."""
@@ -250,30 +256,32 @@ def csr_offsets(rows: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class _SparseMatmul(torch.autograd.Function):
-    """`S_i @ h` in float32 for S_i's trainable `values (nnz,)` and `h (n, cols)`, with gradients for both:
-    `S_i^T @ grad` for h and, for the values, `grad @ h^T` sampled at S_i's positions only."""
+    """`K_i @ h` (or `h + K_i @ h`) in float32 for K_i's `values` and `h (n, cols)`, with gradients for
+    both: `K_i^T @ grad` for h and, for the values, `grad @ h^T` sampled at K_i's entries only."""
 
     @staticmethod
-    def forward(ctx, values: torch.Tensor, h: torch.Tensor, layer: "FRoDLayer") -> torch.Tensor:
-        ctx.layer = layer
+    def forward(ctx, values: torch.Tensor, h: torch.Tensor, layer: "FRoDLayer", plus_identity: bool) -> torch.Tensor:
+        ctx.layer, ctx.plus_identity = layer, plus_identity
         ctx.save_for_backward(values, h)
         with torch.autocast(device_type=h.device.type, enabled=False):
-            return (layer.s_matrix(values.float()) @ h.float()).to(h.dtype)
+            k, h32 = layer.k_matrix(values.float()), h.float()
+            return (torch.addmm(h32, k, h32) if plus_identity else k @ h32).to(h.dtype)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         values, h = ctx.saved_tensors
         layer: FRoDLayer = ctx.layer
         grad_values = grad_h = None
         with torch.autocast(device_type=grad.device.type, enabled=False):
             grad32 = grad.float()
             if ctx.needs_input_grad[0]:
-                pattern = layer.s_matrix(torch.zeros_like(values, dtype=torch.float32))
-                sampled = torch.sparse.sampled_addmm(pattern, grad32, h.float().T, beta=0.0)  # (n, n) at S_i's positions
+                pattern = layer.k_matrix(torch.zeros_like(values, dtype=torch.float32))
+                sampled = torch.sparse.sampled_addmm(pattern, grad32, h.float().T, beta=0.0)  # (n, n) at K_i's entries
                 grad_values = sampled.values().to(values.dtype)
             if ctx.needs_input_grad[1]:
-                grad_h = (layer.s_matrix_transposed(values.float()) @ grad32).to(h.dtype)
-        return grad_values, grad_h, None
+                kt = layer.k_matrix_transposed(values.float())
+                grad_h = (torch.addmm(grad32, kt, grad32) if ctx.plus_identity else kt @ grad32).to(h.dtype)
+        return grad_values, grad_h, None, None
 
 
 FULL_FORM_TOLERANCE = 1e-6  # relative |B_i V^T - W_i| below which the layer may skip W_i (float32 rounding)
@@ -296,7 +304,7 @@ class FRoDSlot(DeltaSlot):
         h = adapter.basis.vt.to(x.dtype) @ rows.reshape(-1, adapter.n).T  # V^T x: (n, N)
         b = adapter.b.to(x.dtype)
         if form == "full":  # B (I + scale K) V^T x, W0 = B V^T
-            y = nn.functional.linear((h + adapter.apply_k(h, adapter.scale)).T, b)  # (N, out)
+            y = nn.functional.linear(adapter.apply_k(h, adapter.scale, plus_identity=True).T, b)  # (N, out)
             return self._add_bias(self._channels_first(y.view(rows.shape[:-1] + (-1,)), conv))
         update = nn.functional.linear(adapter.apply_k(h, adapter.scale).T, b)  # scale B K V^T x: (N, out)
         return self._run(x, base.weight) + self._channels_first(update.view(rows.shape[:-1] + (-1,)), conv)
