@@ -4,8 +4,10 @@ Set-up, per method: attach (timed: the decomposition), count, save (file size), 
 steps (the first one measures peak memory); then the adapter is parked (its layers are unhooked,
 its tensors kept). Training rounds: every method in turn (the order rotating each round) is
 re-installed and runs one timed training step, so machine drift (thermal, other jobs) hits all
-methods alike. Inference rounds, likewise: merge, one untimed and one timed forward, unmerge (kept
-apart from the training rounds, so no forward is timed in the aftermath of a training step).
+methods alike. Inference rounds, likewise: one timed forward of the base UNet, then merge, one
+untimed and one timed forward, unmerge; the ratio pairs each merged forward with the base forward
+just before it (kept apart from the training rounds, so no forward is timed in the aftermath of a
+training step).
 Only one UNet is ever held.
 """
 
@@ -51,12 +53,13 @@ class MethodResult:
     inference_s: list[float] = field(default_factory=list)
     train_cpu_s: list[float] = field(default_factory=list)  # process CPU seconds (see Workload.timed)
     inference_cpu_s: list[float] = field(default_factory=list)
+    inference_base_s: list[float] = field(default_factory=list)  # the base UNet, timed just before each merged step
     train_median_s: float = 0.0
     train_ratio_lora: float = 0.0  # median over rounds of (this method / LoRA), paired within a round
     train_ratio_floor: float = 0.0
     train_cpu_ratio_lora: float = 0.0  # the same ratio on CPU seconds
     inference_median_s: float = 0.0
-    inference_ratio_base: float = 0.0  # merged model / base UNet, paired within a round
+    inference_ratio_base: float = 0.0  # median of merged model / base UNet timed just before it
 
 
 class Candidate:
@@ -180,6 +183,8 @@ def _run(config: BenchConfig, progress: Progress | None) -> dict[str, Any]:
         done += 1
     for round_index, candidate in rounds:
         report(f"inference round {round_index + 1}/{config.steps}: {candidate.spec.label}")
+        base_wall, _ = work.timed(work.inference_step)  # every adapter parked: the base UNet, right now
+        candidate.result.inference_base_s.append(base_wall)
         candidate.activate()
         candidate.merge()
         work.inference_step()  # untimed: the merge has just replaced the weights
@@ -260,4 +265,4 @@ def summarise(results: list[MethodResult]) -> None:
         r.train_ratio_lora = _paired(r.train_s, lora.train_s)
         r.train_ratio_floor = _paired(r.train_s, floor.train_s)
         r.train_cpu_ratio_lora = _paired(r.train_cpu_s, lora.train_cpu_s)
-        r.inference_ratio_base = _paired(r.inference_s, floor.inference_s)
+        r.inference_ratio_base = _paired(r.inference_s, r.inference_base_s)
