@@ -121,6 +121,30 @@ def test_two_stage_forward_equals_the_composed_weight(m1, stride):
     assert layer.own_forward(conv, torch.randn(1, 6, 20, 20)) is None  # more positions than filters: compose
 
 
+def test_own_forms_follow_autocast(monkeypatch):
+    """Under autocast the methods' own forms compute in autocast's dtype and agree with the composed
+    weight run the same way (bfloat16 on CPU stands in for fp16 on CUDA)."""
+    torch.manual_seed(0)
+    net = nn.ModuleDict({"conv": nn.Conv2d(6, 64, 3, padding=1), "linear": nn.Linear(64, 32)})
+    filters = P.attach(net, "filter_atoms", targets=r"^conv$")
+    kron = P.attach(net, "kron_atoms", targets=r"^linear$", m_c=5, kc=4)
+    randomise(filters)
+    randomise(kron, seed=2)
+    monkeypatch.setattr(kron_module, "ACTIVATION_WIDTH_RATIO", 0)  # the activation form
+    conv, linear = net["conv"], net["linear"]
+    x_conv, x_linear = torch.randn(1, 6, 5, 5), torch.randn(1, 2, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pairs = [
+            (filters.slots["conv"].adapter.own_forward(conv, x_conv),
+             conv._conv_forward(x_conv, conv.weight + filters.slots["conv"].adapter.delta_weight(), conv.bias)),
+            (kron.slots["linear"].adapter.own_forward(linear, x_linear),
+             nn.functional.linear(x_linear, linear.weight + kron.slots["linear"].adapter.delta_weight(), linear.bias)),
+        ]
+    for own, composed in pairs:
+        assert own.dtype == composed.dtype == torch.bfloat16
+        assert ((own.float() - composed.float()).norm() / composed.float().norm()) < 2e-2
+
+
 def test_c3_is_exact_at_init_on_a_unet():
     unet = tiny_unet("sd1")
     inputs = unet_inputs(unet)

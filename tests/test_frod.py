@@ -263,6 +263,21 @@ def test_sparse_k_matches_the_gather_scatter_fallback(plus_identity, monkeypatch
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("form", ["weight", "activations", "full"])
+def test_forms_follow_autocast(form, monkeypatch):
+    """Under autocast (bfloat16 on CPU, as fp16 on CUDA) every form runs and agrees with the float32 model."""
+    unet = tiny_unet()
+    adapter = P.attach(unet, "frod")
+    perturb(adapter)
+    inputs = unet_inputs(unet)
+    monkeypatch.setattr(FRoDSlot, "choose_form", lambda self, x: form)
+    with torch.no_grad():
+        reference = run_unet(unet, inputs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = run_unet(unet, inputs)
+    assert rel(out.float(), reference) < 5e-2
+
+
 def test_fp16_w0_is_not_copied_to_float32_for_backward():
     w = torch.randn(5, 4).half()
     m = torch.randn(4, 4, requires_grad=True)

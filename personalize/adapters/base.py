@@ -198,6 +198,13 @@ def get_method(name: str) -> type[Method]:
     return METHOD_REGISTRY[name]
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on `x` run in: autocast's where it is on for x's device, else x's own. Casting
+    a method's tensors to it once avoids a float32 copy that autocast would cast back to 16 bits."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def weight_2d(layer: nn.Module) -> torch.Tensor:
     """The layer's weight viewed as a matrix: (out, in) for Linear, (out, in*k*k) for Conv2d."""
     return layer.weight.detach().reshape(layer.weight.shape[0], -1)

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import AdapterConfig, LayerAdapter, Method, TrainDefaults, join_patterns, register
+from .base import AdapterConfig, LayerAdapter, Method, TrainDefaults, compute_dtype, join_patterns, register
 
 # 3x3 convs of the UNet's ResNet blocks and resamplers (every diffusers UNet2DConditionModel).
 CONVS = r"(resnets\.\d+\.conv[12]|(down|up)samplers\.\d+\.conv)$"
@@ -168,9 +168,10 @@ class FilterAtomsLayer(LayerAdapter):
         )
         if batch * rows * cols > out:
             return None  # composing the weight once costs less than mixing every position's taps
-        patches = nn.functional.unfold(x, (kh, kw), layer.dilation, layer.padding, layer.stride)  # (B, in*k*k, L)
-        mixed = self.tap_mixing().to(x.dtype) @ patches.view(batch, cin, kh * kw, -1)  # (B, in, k*k, L)
-        y = w0.view(out, -1).to(x.dtype) @ mixed.view(batch, cin * kh * kw, -1)  # (B, out, L)
+        dtype = compute_dtype(x)
+        patches = nn.functional.unfold(x.to(dtype), (kh, kw), layer.dilation, layer.padding, layer.stride)  # (B, in*k*k, L)
+        mixed = self.tap_mixing().to(dtype) @ patches.view(batch, cin, kh * kw, -1)  # (B, in, k*k, L)
+        y = w0.view(out, -1).to(dtype) @ mixed.view(batch, cin * kh * kw, -1)  # (B, out, L)
         if layer.bias is not None:
             y = y + layer.bias.to(y.dtype)[:, None]
         return y.view(batch, out, rows, cols)

@@ -52,6 +52,7 @@ from .base import (
     Method,
     Slot,
     TrainDefaults,
+    compute_dtype,
     register,
     weight_2d,
 )
@@ -304,8 +305,9 @@ class FRoDSlot(DeltaSlot):
             return self._run(x, torch.add(base.weight, delta.to(base.weight.dtype), alpha=adapter.scale))
         conv = isinstance(base, nn.Conv2d)
         rows = x.movedim(1, -1) if conv else x  # channels last: (..., n)
-        h = adapter.basis.vt.to(x.dtype) @ rows.reshape(-1, adapter.n).T  # V^T x: (n, N)
-        b = adapter.b.to(x.dtype)
+        dtype = compute_dtype(x)
+        h = adapter.basis.vt.to(dtype) @ rows.reshape(-1, adapter.n).T.to(dtype)  # V^T x: (n, N)
+        b = adapter.b.to(dtype)  # no copy where the weights are stored in the compute dtype
         if form == "full":  # B (I + scale K) V^T x, W0 = B V^T
             y = nn.functional.linear(adapter.apply_k(h, adapter.scale, plus_identity=True).T, b)  # (N, out)
             return self._add_bias(self._channels_first(y.view(rows.shape[:-1] + (-1,)), conv))

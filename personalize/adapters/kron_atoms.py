@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import ATTENTION, FEED_FORWARD, PROJECTIONS, AdapterConfig, LayerAdapter, Method, join_patterns, register, weight_2d
+from .base import ATTENTION, FEED_FORWARD, PROJECTIONS, AdapterConfig, LayerAdapter, Method, compute_dtype, join_patterns, register, weight_2d
 from .filter_atoms import TRAIN_DEFAULTS, check_saved_basis, is_spatial_conv, require_int, right_singular_basis
 
 
@@ -93,11 +93,12 @@ class KronAtomsLayer(LayerAdapter):
         tokens = x.numel() // x.shape[-1]
         if tokens * m_c * ACTIVATION_WIDTH_RATIO >= blocks_out * kc * kc:
             return None  # composing the weight is cheaper (see ACTIVATION_WIDTH_RATIO)
-        atoms = (self.delta_atoms * self.scale).view(m_c * kc, kc).to(x.dtype)  # rows (j, r), columns c
-        blocks = x.reshape(tokens, blocks_in, kc)  # X per token: (N, in/kc, kc)
+        dtype = compute_dtype(x)
+        atoms = (self.delta_atoms * self.scale).view(m_c * kc, kc).to(dtype)  # rows (j, r), columns c
+        blocks = x.to(dtype).reshape(tokens, blocks_in, kc)  # X per token: (N, in/kc, kc)
         mixed = blocks @ atoms.T  # X dB_j^T for every j: (N, in/kc, m_c*kc)
         mixed = mixed.view(tokens, blocks_in * m_c, kc).transpose(1, 2).reshape(tokens * kc, -1)  # (N*kc, in/kc*m_c)
-        coefficients = self.coefficients.view(blocks_out, -1).to(x.dtype)  # (out/kc, in/kc*m_c)
+        coefficients = self.coefficients.view(blocks_out, -1).to(dtype)  # (out/kc, in/kc*m_c)
         update = (mixed @ coefficients.T).view(tokens, kc, blocks_out).transpose(1, 2)  # (N, out/kc, kc)
         frozen = nn.functional.linear(x, layer.weight, layer.bias)  # (..., out)
         return frozen + update.reshape(frozen.shape)
