@@ -101,9 +101,11 @@ def test_overcomplete_exact_at_init_and_matches_paper_recomposition():
 
 @pytest.mark.parametrize("m1", [0, 3])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_two_stage_forward_equals_the_composed_weight(m1, stride):
+@pytest.mark.parametrize("unfold_max_positions", [0, 10**6])  # grouped conv, unfold
+def test_two_stage_forward_equals_the_composed_weight(m1, stride, unfold_max_positions, monkeypatch):
     """Where a conv sees no more positions than it has filters, own_forward runs W0 on the mixed
     taps (unfold); it equals the conv with W0 + scale*delta, with the same atom gradients."""
+    monkeypatch.setattr(filter_module, "UNFOLD_MAX_POSITIONS", unfold_max_positions)
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 64, 3, stride=stride, padding=1)
     adapter = P.attach(nn.ModuleDict({"conv": conv}), "filter_atoms", targets=r"^conv$", m1=m1)

@@ -4,10 +4,10 @@ Set-up, per method: attach (timed: the decomposition), count, save (file size), 
 steps (the first one measures peak memory); then the adapter is parked (its layers are unhooked,
 its tensors kept). Training rounds: every method in turn (the order rotating each round) is
 re-installed and runs one timed training step, so machine drift (thermal, other jobs) hits all
-methods alike. Inference rounds, likewise: one timed forward of the base UNet, then merge, one
-untimed and one timed forward, unmerge; the ratio pairs each merged forward with the base forward
-just before it (kept apart from the training rounds, so no forward is timed in the aftermath of a
-training step).
+methods alike. Inference rounds, likewise: an untimed and a timed forward of the base UNet, then
+merge, an untimed and a timed forward, unmerge; the ratio pairs each merged forward with the base
+forward just before it (kept apart from the training rounds, so no forward is timed in the
+aftermath of a training step).
 Only one UNet is ever held.
 """
 
@@ -183,6 +183,7 @@ def _run(config: BenchConfig, progress: Progress | None) -> dict[str, Any]:
         done += 1
     for round_index, candidate in rounds:
         report(f"inference round {round_index + 1}/{config.steps}: {candidate.spec.label}")
+        work.inference_step()  # untimed, as after a merge: the previous method's weights were just swapped out
         base_wall, _ = work.timed(work.inference_step)  # every adapter parked: the base UNet, right now
         candidate.result.inference_base_s.append(base_wall)
         candidate.activate()
