@@ -35,11 +35,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def layer_factors(slot) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U_i, Sigma_i, V^T) as the adapter uses them, float32: U_i = W_i P / Sigma_i."""
+    """(U_i, Sigma_i, V^T) as the adapter uses them, float32: U_i = B_i / Sigma_i with B_i = W_i P."""
     adapter = slot.adapter
     inv_sigma = adapter.inv_sigma
-    weight = slot.base.weight.detach().reshape(adapter.out, adapter.n)
-    return (weight @ adapter.basis.p) * inv_sigma, 1.0 / inv_sigma, adapter.basis.vt
+    return adapter.b.float() * inv_sigma, 1.0 / inv_sigma, adapter.basis.vt
 
 
 def literal_basis(weights: list[torch.Tensor], pi: float) -> tuple[torch.Tensor, list[torch.Tensor]]:

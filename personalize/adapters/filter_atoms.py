@@ -25,13 +25,13 @@ Variants, each in delta form (`delta(theta_init) == 0` exactly, no residual is s
 Running the layer (`own_forward`): the adapted filter is `w (I + M)` with `M = V_m @ dD (k*k, k*k)`,
 so the conv is `W0 (out, in*k*k) @ ((I + M) @ patches(x))`: every input channel's `k*k`
 neighbourhood values (im2col, `F.unfold`; a grouped conv on larger images) are mixed by `I + M`
-(per input channel `M_i` when overcomplete), then W0 multiplies them as one matrix. No composed weight, no weight gradient, and
-the extra work is `k^4` multiply-adds per input value. This is the paper's two-stage convolution;
-it is always cheaper when training (measured on SD 1.5's convs, forward + backward, CPU, two
-threads: 250 ms against 326 ms for the frozen convs alone, whose small-image mkldnn kernels are
-slow; the same mixing as a grouped conv followed by a 1x1 conv took 434 ms), and in inference
-wherever a layer sees fewer positions than it has filters. Elsewhere (and with tuned coefficients)
-the slot composes `W0 + delta` and runs one `F.conv2d`.
+(per input channel `M_i` when overcomplete), then W0 multiplies them as one matrix. This is the
+paper's two-stage convolution: no composed weight, no weight gradient, `k^4` extra multiply-adds
+per input value. It runs wherever a conv has at most as many output positions as filters (the
+low-resolution blocks, where mkldnn's small-image kernels are slow; run on every conv of SD 1.5
+at 256 px, forward + backward, two CPU threads, it took 250 ms against 326 ms for the frozen convs
+alone). Elsewhere,
+and with tuned coefficients, the slot composes `W0 + delta` and runs one `F.conv2d`.
 
 The basis `V_m` is stored in the adapter file: SVD vectors are defined only up to sign (and up to
 rotation for tied singular values), and a sign rule on a 9-entry vector is fragile for
@@ -165,7 +165,7 @@ class FilterAtomsLayer(LayerAdapter):
 
     def own_forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         if self.tune_coefficients or layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-            return None  # dalpha is W0-sized: compose it (and W0) as a weight instead
+            return None  # tuned coefficients (dalpha is W0-sized) or an unusual conv: compose the weight
         w0 = self._base_weight[0].detach()  # (out, in, kh, kw)
         out, cin, kh, kw = w0.shape
         batch, _, height, width = x.shape

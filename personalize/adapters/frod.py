@@ -34,9 +34,9 @@ copy of the reconstruction added on top of the base layer).
 from __future__ import annotations
 
 import logging
-import warnings
 import math
 import re
+import warnings
 import zlib
 from dataclasses import dataclass
 
@@ -161,14 +161,17 @@ class _FrozenLeftMatmul(torch.autograd.Function):
 
 
 class FRoDBasis(nn.Module):
-    """Frozen tensors shared by one group: `V^T` and `P = V^{-T}` (float32), one instance per group."""
+    """The frozen `V^T (n, n)` (float32) shared by one group, one instance per group."""
 
     def __init__(self, vt: torch.Tensor) -> None:
         super().__init__()
-        vt = vt.float()
-        # P is derived from the float32 V^T, the tensor the file stores, so a reload rebuilds it bit for bit.
-        self.register_buffer("vt", vt, persistent=False)  # (n, n)
-        self.register_buffer("p", torch.linalg.inv(vt.double()).float(), persistent=False)  # (n, n)
+        self.register_buffer("vt", vt.float(), persistent=False)  # (n, n)
+
+
+def inverse_transpose(vt: torch.Tensor) -> torch.Tensor:
+    """`P = V^{-T}` (float32), from the float32 V^T the file stores, so a reload rebuilds it bit for bit.
+    Needed only to build each layer's `B_i = W_i P`."""
+    return torch.linalg.inv(vt.double()).float()  # (n, n)
 
 
 class FRoDLayer(LayerAdapter):
@@ -402,8 +405,9 @@ class FRoD(Method):
                         "was it saved for another model?"
                     )
             basis = FRoDBasis(vt.to(work))
-            p_norms = torch.linalg.vector_norm(basis.p, dim=0)  # (n,)
-            bs = [w.to(work).float() @ basis.p for w in weights]  # B_i = W_i P: (out, n) each
+            p = inverse_transpose(basis.vt)  # (n, n)
+            p_norms = torch.linalg.vector_norm(p, dim=0)  # (n,)
+            bs = [w.to(work).float() @ p for w in weights]  # B_i = W_i P: (out, n) each
             inv_sigmas = [inverse_scales(b, w.to(work), p_norms) for b, w in zip(bs, weights)]
             basis = basis.to(device)
             count = num_off_axis(n, config.density)

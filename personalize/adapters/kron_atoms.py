@@ -9,8 +9,9 @@ first `m_c` atoms, `B_i -> B_i + dB_i`, is
     R(delta) = R(W0) @ (V_mc @ dB)        # dB (m_c, kc*kc), zeros at init
 
 so the layer keeps `V_mc` and the coefficients `C = R(W0) @ V_mc` (recomputed from W0, never
-saved; `m_c / kc^2` of W0's size) and never touches W0 again. `out` and `in` must be divisible by `kc`. The basis is saved with the adapter
-for the reason given in filter_atoms.py (SVD vectors are defined only up to sign).
+saved; `m_c / kc^2` of W0's size) and never touches W0 again. `out` and `in` must be divisible by
+`kc`. The basis is saved with the adapter for the reason given in filter_atoms.py (SVD vectors are
+defined only up to sign).
 """
 
 from __future__ import annotations
