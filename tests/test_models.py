@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -13,30 +12,25 @@ import personalize as P
 from personalize.models import clip_tokenizer, load_unet
 
 
-def test_tiny_pipeline_builds_fast_and_generates():
-    P.load_pipeline("tiny")  # first build pays the imports
-    start = time.perf_counter()
+def test_tiny_pipeline_builds_and_generates():
     pipe = P.load_pipeline("tiny", device="cpu")
-    assert time.perf_counter() - start < 2.0
     assert pipe.unet.dtype == torch.float32
     image = pipe("a photo of sks dog", num_inference_steps=2, output_type="pil").images[0]
     assert image.size == (64, 64)
 
 
-def test_tiny_unet_step_is_fast():
+def test_tiny_unet_stays_tiny():
+    """The unit tests' speed rests on the tiny UNet's size: bound its work, not one machine's clock
+    (speed itself is measured by `personalize bench`, as ratios)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     unet = load_unet("tiny", device="cpu")
-    x, enc = torch.randn(1, 4, 32, 32), torch.randn(1, 77, 32)
-    times = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: a busy machine slows it less than oversubscribed OpenMP spinning
-    with torch.no_grad():
-        unet(x, 10, enc)
-        for _ in range(5):
-            start = time.perf_counter()
-            unet(x, 10, enc)
-            times.append(time.perf_counter() - start)
-    torch.set_num_threads(threads)
-    assert min(times) < 0.1  # best of 5: robust to a busy machine
+    x, enc = torch.randn(1, 4, 32, 32), torch.randn(1, 77, 32)  # (b, c, h, w) latents, (b, tokens, dim) text
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        out = unet(x, 10, enc).sample
+    assert out.shape == x.shape
+    assert sum(p.numel() for p in unet.parameters()) < 2_000_000  # 1.06M today
+    assert counter.get_total_flops() < 1.5e9  # 0.78 GFLOP per forward today
 
 
 def test_tokenizer_matches_open_clip():
