@@ -24,6 +24,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import UserError
+from ..options import coerce_options
 from .base import ATTENTION, AdapterConfig, Method, join_patterns, register
 from .filter_atoms import CONVS, TRAIN_DEFAULTS, FilterAtoms, FilterAtomsConfig, is_spatial_conv
 from .kron_atoms import KronAtoms, KronAtomsConfig
@@ -64,6 +65,7 @@ class Atoms(Method):
     @classmethod
     def make_config(cls, options: dict[str, Any]) -> AtomsConfig:
         """Fill every option left at None from the named configuration, then validate."""
+        options = coerce_options(cls.config_cls, options, cls.name)  # typed first: 'none' from the CLI is None
         preset = options.get("preset") or cls.default_preset
         if preset not in CONFIGURATIONS:
             raise UserError(f"unknown preset '{preset}' for method 'atoms'; accepted: {', '.join(CONFIGURATIONS)}")

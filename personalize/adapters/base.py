@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..options import coerce_options
 
 # Attention projections of every diffusers transformer block: self (attn1) and cross (attn2) attention.
 ATTENTION = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
@@ -120,7 +121,7 @@ class Method:
                 f"unknown option(s) {', '.join(unknown)} for method '{cls.name}'; "
                 f"accepted: {', '.join(sorted(known))}"
             )
-        config = cls.config_cls(**options)
+        config = cls.config_cls(**coerce_options(cls.config_cls, options, cls.name))  # typed, or UserError
         if not config.preset:
             config.preset = cls.default_preset
         if config.targets is None and config.preset not in cls.presets:
