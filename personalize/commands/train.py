@@ -11,7 +11,6 @@ import dataclasses
 import signal
 import sys
 import threading
-import tomllib
 import typing
 
 from tqdm import tqdm
@@ -51,20 +50,18 @@ def _help(field: dataclasses.Field) -> str:
     return text.replace("%", "%%")
 
 
-def parse_options(items: list[str]) -> dict[str, typing.Any]:
-    """NAME=VALUE pairs; values are read as TOML literals (8, 0.5, true, "x") or else kept as text."""
-    options: dict[str, typing.Any] = {}
+def parse_options(items: list[str]) -> dict[str, str]:
+    """NAME=VALUE pairs as text (one layer of matching quotes removed); the method's config types
+    them (`personalize.options`), as it does for TOML values, the app's table and `attach()`."""
+    options: dict[str, str] = {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
             raise UserError(f"--option expects NAME=VALUE, got '{item}'")
-        if value.strip().lower() in ("none", "null"):
-            options[name.strip()] = None
-            continue
-        try:
-            options[name.strip()] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            options[name.strip()] = value
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        options[name.strip()] = value
     return options
 
 

@@ -34,9 +34,11 @@ def test_optional_fields_accept_empty():
 
 
 def test_bad_values_name_the_option():
-    with pytest.raises(UserError, match="option rank: 'abc'"):
+    with pytest.raises(UserError, match="option 'rank' of method 'lora' must be an integer.*got 'abc'"):
         parse_options("lora", [["rank", "abc"]])
-    with pytest.raises(UserError, match="option rank needs a value"):
+    with pytest.raises(UserError, match="option 'rank' of method 'lora' must be an integer.*got ''"):
         parse_options("lora", [["rank", ""]])
-    with pytest.raises(UserError, match="unknown option 'depth'"):
+    with pytest.raises(UserError, match="option 'alpha' of method 'lora' must be a finite number.*got 'inf'"):
+        parse_options("lora", [["alpha", "inf"]])
+    with pytest.raises(UserError, match="unknown option.*depth.*'lora'"):
         parse_options("lora", [["depth", "2"]])
