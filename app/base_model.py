@@ -1,7 +1,7 @@
 """The base model the app generates with: loaded once, shared under a lock, with an offline fallback.
 
-When the requested model cannot be loaded (no network, no local copy: `load_pipeline` raises
-UserError), the app falls back to the built-in `tiny` model and keeps the reason for a banner.
+When the requested model cannot be loaded (no network, no local copy: `load_pipeline` raises one
+of `personalize.errors.USER_ERRORS`), the app falls back to the built-in `tiny` model and keeps the reason for a banner.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from personalize import attach, load_pipeline
-from personalize.errors import UserError
+from personalize.errors import USER_ERRORS, user_message
 from personalize.models import BUILTIN_MODELS
 
 FALLBACK_MODEL = "tiny"
@@ -32,10 +32,10 @@ class BaseModel:
     def load(self) -> "BaseModel":
         try:
             self.pipe = load_pipeline(self.requested)
-        except UserError as exc:
+        except USER_ERRORS as exc:
             if self.requested == FALLBACK_MODEL:
                 raise
-            self.fallback_reason = str(exc)
+            self.fallback_reason = user_message(exc)
             self.name = FALLBACK_MODEL
             self.pipe = load_pipeline(FALLBACK_MODEL)
         return self

@@ -1,7 +1,7 @@
 """How callbacks report problems and numbers: user errors become visible messages, never tracebacks.
 
-`guarded` wraps a Gradio callback: UserError (and the other input errors the CLI treats as user
-errors) turn into a `gr.Error` with the library's message; anything unexpected is logged with its
+`guarded` wraps a Gradio callback: the user errors of `personalize.errors.USER_ERRORS` (the list the
+CLI uses too) turn into a `gr.Error` with the library's message; anything unexpected is logged with its
 traceback and shown as one line. The formatting helpers keep numbers readable in every tab.
 """
 
@@ -13,7 +13,7 @@ from typing import Any, Callable, TypeVar
 
 import gradio as gr
 
-from personalize.cli import USER_ERRORS
+from personalize.errors import USER_ERRORS, user_message
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def message_of(exc: BaseException) -> str:
     """One line for the UI: the library's message for user errors, the type and message otherwise."""
     if isinstance(exc, USER_ERRORS):
-        return str(exc)
+        return user_message(exc)
     return f"unexpected error: {type(exc).__name__}: {exc} (details in the app's log)"
 
 

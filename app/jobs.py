@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from personalize.errors import UserError
+from personalize.errors import USER_ERRORS, UserError, user_message
 from personalize.io import adapter_info
 from personalize.train import Progress, TrainCallback, TrainConfig, TrainResult, train
 
@@ -133,8 +133,8 @@ class TrainingJobs:
     def _run(self, concept: Concept, config: TrainConfig, cancel: threading.Event) -> None:
         try:
             result = self.train_fn(config, callbacks=[_Recorder(self)], cancel=cancel)
-        except UserError as exc:
-            self._finish(concept.id, FAILED, str(exc))
+        except USER_ERRORS as exc:
+            self._finish(concept.id, FAILED, user_message(exc))
         except Exception as exc:  # the UI shows one line; the log keeps the traceback
             log.exception("training concept %s failed", concept.id)
             self._finish(concept.id, FAILED, f"{type(exc).__name__}: {exc}")

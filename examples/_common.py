@@ -18,12 +18,10 @@ import metrics
 from metrics.evaluate import DEFAULT_METRICS
 from personalize import METHODS
 from personalize.commands.train import TqdmProgress, parse_options
-from personalize.errors import UserError
+from personalize.errors import USER_ERRORS, UserError, user_message
 from personalize.generate import AdapterSpec, GeneratedImage, generate
 from personalize.models import DEFAULT_BASE_MODEL
 from personalize.train import TrainConfig, TrainResult, load_config, train
-
-USER_ERRORS = (UserError, ValueError, OSError)  # printed as one line, exit status 2 (as the `personalize` command)
 
 INFO_LOGGERS = ("personalize", "metrics", "examples")  # their progress notes are shown; other libraries' only from WARNING
 
@@ -98,8 +96,8 @@ def run_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace]
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except USER_ERRORS as exc:  # one line, exit status 2 (as the `personalize` command)
+        print(f"error: {user_message(exc)}", file=sys.stderr)
         return 2
 
 

@@ -1,7 +1,7 @@
 """The `personalize` command: parses arguments and hands them to one library call per subcommand.
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`.
-User errors print as one line (no traceback) and exit with status 2; `--debug` shows tracebacks.
+User errors (`personalize.errors.USER_ERRORS`) print as one line (no traceback) and exit with status 2; `--debug` shows tracebacks.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 import sys
 
 from .allocator import tune_cpu_allocator
-from .errors import UserError
+from .errors import USER_ERRORS, user_message
 
 # subcommand -> (module, one-line help). eval and app live with their packages (metrics, app).
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -24,8 +24,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "app": ("app.command", "launch the browser app"),
     "methods": ("personalize.commands.methods", "list the adapter methods and their options"),
 }
-
-USER_ERRORS = (UserError, ValueError, OSError)  # OSError: unreadable files, unreachable hub, missing weights
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
@@ -62,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {user_message(exc)}", file=sys.stderr)
         return 2
     except Exception as exc:  # anything unexpected still gets one line; --debug shows where
         if args.debug:

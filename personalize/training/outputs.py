@@ -43,7 +43,7 @@ def check_output_dir(folder: Path, effective: dict[str, Any], resume: bool, over
     if not resume:
         raise UserError(
             f"output folder '{folder}' already holds a training run ({', '.join(p.name for p in existing)}); "
-            "pass --resume to continue it, --overwrite to replace it, or choose another --output-dir"
+            "set resume to continue it (--resume), overwrite to replace it (--overwrite), or choose another output_dir"
         )
     saved_path = folder / CONFIG_FILE
     if not saved_path.is_file():
@@ -57,7 +57,7 @@ def check_output_dir(folder: Path, effective: dict[str, Any], resume: bool, over
         details = "; ".join(f"{name}: saved {saved.get(name)!r}, now {effective.get(name)!r}" for name in differ)
         raise UserError(
             f"cannot resume the run in '{folder}': it was trained with different settings ({details}); "
-            "use the same settings, --overwrite, or another --output-dir"
+            "use the same settings, set overwrite (--overwrite), or choose another output_dir"
         )
 
 

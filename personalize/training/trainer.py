@@ -346,8 +346,8 @@ class Trainer:
                 self.save_checkpoint(step, state())
         except torch.OutOfMemoryError as exc:
             raise UserError(
-                "the GPU ran out of memory; try --gradient-checkpointing, --mixed-precision fp16, --optimizer adamw8bit, "
-                "a smaller --resolution or --batch-size (docs/training.md lists settings for 8 GB)"
+                "the GPU ran out of memory; try gradient_checkpointing, mixed_precision fp16, optimizer adamw8bit, "
+                "a smaller resolution or batch_size (docs/training.md lists settings for 8 GB)"
             ) from exc
         train_time = train_time_before + time.perf_counter() - loop_start
         return self.finish(step, cancelled, eval_start, train_time, resumed_from, list(recent))

@@ -63,7 +63,7 @@ def test_output_folder_of_another_run(fast, tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     train(TrainConfig(**{**fast, "method": "svfit", "steps": 2}))
-    with pytest.raises(UserError, match=r"already holds a training run .*--resume .*--overwrite"):
+    with pytest.raises(UserError, match=r"already holds a training run .*set resume .*overwrite .*output_dir"):
         train(TrainConfig(**{**fast, "method": "svfit", "steps": 2}))
     with pytest.raises(UserError, match=r"cannot resume .*method: saved 'svfit', now 'loldu'"):
         train(TrainConfig(**{**fast, "method": "loldu", "resume": True}))
