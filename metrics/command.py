@@ -20,8 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="report path; the .md table and the .png plot are written next to it")
     parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS), metavar="LIST",
                         help=f"comma-separated, from: {','.join(METRICS)} (default: %(default)s)")
-    parser.add_argument("--embedders", default="default", choices=("default", "tiny"),
-                        help="'default': the backbones of METRICS.md; 'tiny': random offline stand-ins for smoke tests")
+    parser.add_argument("--embedders", default="default", choices=("default", "tiny", "shapes"),
+                        help="'default': the backbones of METRICS.md; 'tiny': random offline stand-ins for smoke tests; "
+                        "'shapes': the shapes-world judge, for images of the built-in `shapes` model")
     parser.add_argument("--placeholder-token", dest="placeholder_tokens", action="append", metavar="TOKEN",
                         help="token removed from prompts before CLIP-T (repeatable); the manifest's tokens are "
                         "removed anyway")

@@ -9,7 +9,8 @@ from typing import Iterable, Mapping, Sequence, Union
 
 import torch
 
-from metrics.embedders import ImageEmbedder, default_embedders, tiny_embedders
+from metrics.embedders import ImageEmbedder, default_embedders, shapes_embedders, tiny_embedders
+from metrics.similarity import rowwise_cosine
 from metrics.frechet import check_frechet_sizes
 from metrics.images import open_image
 from metrics.inputs import GeneratedImage, PathLike, RealSource, group_by_subject, read_generated, read_real
@@ -37,11 +38,11 @@ def parse_metrics(metrics: Union[str, Iterable[str]]) -> list[str]:
 
 
 def resolve_embedders(embedders: Embedders, roles: set[str]) -> dict[str, ImageEmbedder]:
-    """The embedder for each needed role from "default", "tiny", or a role -> embedder mapping."""
+    """The embedder for each needed role from "default", "tiny", "shapes", or a role -> embedder mapping."""
     if isinstance(embedders, str):
-        sets = {"default": default_embedders, "tiny": tiny_embedders}
+        sets = {"default": default_embedders, "tiny": tiny_embedders, "shapes": shapes_embedders}
         if embedders not in sets:
-            raise ValueError(f"unknown embedder set {embedders!r}; accepted: default, tiny, or a dict role -> embedder")
+            raise ValueError(f"unknown embedder set {embedders!r}; accepted: {', '.join(sets)}, or a dict role -> embedder")
         embedders = sets[embedders]()
     missing = sorted(roles - set(embedders))
     if missing:
@@ -92,7 +93,7 @@ def _score(
         spec = METRICS[name]
         emb = {subject: by_role[spec.role] for subject, by_role in embeddings.items()}
         if name == "clip_t":
-            values = score_clip_t(emb, texts)
+            values = score_clip_t(emb, texts, getattr(used["clip"], "agreement", rowwise_cosine))
         elif name == "vendi":
             values = score_vendi(emb)
         elif name == "kid":

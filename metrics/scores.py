@@ -67,9 +67,10 @@ def score_pair_cosine(emb: SubjectEmbeddings) -> dict:
     return _per_subject(per_subject, flat)
 
 
-def score_clip_t(emb: SubjectEmbeddings, texts: Mapping[str, torch.Tensor]) -> dict:
-    """CLIP-T: mean cosine of each generated image with its own prompt (texts[s]: (n_generated, d))."""
-    cosines = {s: rowwise_cosine(e["generated"], texts[s]) for s, e in emb.items()}  # (n_generated,) each
+def score_clip_t(emb: SubjectEmbeddings, texts: Mapping[str, torch.Tensor], agreement=rowwise_cosine) -> dict:
+    """CLIP-T: mean agreement of each generated image with its own prompt (texts[s]: (n_generated, d));
+    the agreement is the cosine unless the embedder defines its own (the shapes judge: a share)."""
+    cosines = {s: agreement(e["generated"], texts[s]) for s, e in emb.items()}  # (n_generated,) each
     per_subject = {s: float(c.mean()) for s, c in cosines.items()}
     return _per_subject(per_subject, np.concatenate(list(cosines.values())).mean())
 
