@@ -19,7 +19,7 @@ from personalize.errors import USER_ERRORS, UserError, user_message
 from personalize.io import adapter_info
 from personalize.train import Progress, TrainCallback, TrainConfig, TrainResult, train
 
-from .workspace import DONE, FAILED, STOPPED, TRAINING, Concept, Workspace
+from .workspace import DONE, FAILED, STOPPED, TRAINING, UNTRAINED, Concept, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class TrainingJobs:
             self._record(concept.id, result)
 
     def _record(self, concept_id: str, result: TrainResult) -> None:
-        status = STOPPED if result.cancelled else DONE
+        status = (UNTRAINED if result.steps_done == 0 else STOPPED) if result.cancelled else DONE
         try:
             concept = self.workspace.get(concept_id)
         except UserError:  # deleted meanwhile: nothing to record
@@ -152,8 +152,11 @@ class TrainingJobs:
             concept.num_trainable, concept.wall_time = result.num_trainable, result.wall_time
             if os.path.isfile(result.adapter_path):
                 concept.file_size = adapter_info(result.adapter_path)["file_size"]
-            concept.message = ""
+            concept.message = "stopped before the first training step; train it again to use it" if status == UNTRAINED else ""
             self.workspace.save(concept)
+        if status == UNTRAINED:
+            self._set_final(status, "Training stopped before the first step: the concept is untrained (train it again to use it).")
+            return
         verb = "stopped" if result.cancelled else "finished"
         self._set_final(status, f"Training {verb} after {result.steps_done} steps in {result.wall_time:.1f} s; adapter saved.")
 

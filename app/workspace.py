@@ -39,6 +39,7 @@ MAX_NAME_LENGTH = 80
 
 # Status of a concept: the app shows it, and only finished ones (with an adapter) can generate.
 TRAINING, DONE, STOPPED, FAILED, INTERRUPTED = "training", "done", "stopped", "failed", "interrupted"
+UNTRAINED = "untrained"  # stopped before the first step (e.g. while the model loaded): nothing was learned
 USABLE = (DONE, STOPPED)
 
 

@@ -1,4 +1,8 @@
-"""Atomic file writes: a crash or a cancel never leaves a half-written file behind."""
+"""Atomic file writes: a crash or a cancel never leaves a half-written file behind.
+
+The finished file gets the permissions a plain `open(path, "w")` would give it (0666 less the
+umask), not the 0600 of the private temporary file it was written to.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,16 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+
+def _umask() -> int:
+    """The process umask; reading it means setting it, so it is read once, at import (no thread races)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open(path, "w") creates
 
 
 @contextmanager
@@ -20,6 +34,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, target)
     finally:
         if tmp.exists():

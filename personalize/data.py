@@ -68,11 +68,20 @@ def _images_in_folder(folder: Path, what: str) -> list[Path]:
 def validate_instance_images(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     """Check that every image can be used for training; returns the image files as strings.
 
-    Raises UserError naming the bad file (missing, unreadable, not an image, corrupt, too small, too large).
+    Raises one UserError naming every bad file and why (missing, unreadable, not an image, corrupt,
+    too small, too large), so one attempt shows all that needs fixing.
     """
     files = list_image_files(paths)
+    problems = []
     for file in files:
-        load_image(file)
+        try:
+            load_image(file)
+        except UserError as exc:
+            problems.append(str(exc))
+    if len(problems) == 1:
+        raise UserError(problems[0])
+    if problems:
+        raise UserError(f"{len(problems)} of {len(files)} instance images cannot be used: " + "; ".join(problems))
     return [str(f) for f in files]
 
 

@@ -167,3 +167,12 @@ def test_fit_square_and_tensor_range():
     assert tensor.shape == (3, 64, 64) and tensor.dtype == torch.float32
     assert tensor.min() >= -1 and tensor.max() <= 1
     assert tensor[0, 32, 5] > 0.9 and tensor[2, 32, 58] > 0.9  # centre crop keeps both halves: red left, blue right
+
+
+def test_every_rejected_image_is_named_at_once(tmp_path):
+    save(two_colour(), tmp_path / "good.png")
+    save(Image.new("RGB", (MIN_SIDE - 1, 200)), tmp_path / "small.png")
+    (tmp_path / "fake.jpg").write_bytes(b"not a jpeg at all")
+    with pytest.raises(UserError, match=r"2 of 3 instance images cannot be used: .*fake\.jpg.*; .*small\.png") as caught:
+        validate_instance_images(tmp_path)
+    assert "\n" not in str(caught.value)

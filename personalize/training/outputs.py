@@ -78,9 +78,10 @@ class TrainLog:
         self.path = folder / LOG_FILE
         self.tracker = tracker
         if resume_step is not None and self.path.is_file():
-            # a crash after the last checkpoint leaves records of steps that will be redone: drop them
-            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            # a crash after the last checkpoint leaves records of steps that will be redone (and maybe a
+            # torn last line): drop them
+            kept = [line for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+                    if (record := _record(line)) is not None and record.get("step", 0) <= resume_step]
             write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
@@ -101,3 +102,14 @@ class TrainLog:
 
     def close(self) -> None:
         self.handle.close()
+
+
+def _record(line: str) -> dict[str, Any] | None:
+    """One log record, or None for an empty or torn line (a crash mid-write)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        if line.strip():
+            log.warning("log.jsonl: dropping an incomplete line left by an interrupted run")
+        return None
+    return record if isinstance(record, dict) else None

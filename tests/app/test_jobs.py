@@ -99,3 +99,22 @@ def test_failures_are_recorded_without_traceback(tmp_path, error, shown):
     state = jobs.snapshot()
     assert state.status == FAILED and shown in state.message and "Traceback" not in state.message
     assert space.get(concept.id).status == FAILED and shown in space.get(concept.id).message
+
+
+def test_stop_before_the_first_step_leaves_the_concept_untrained(tmp_path):
+    from app.workspace import UNTRAINED
+
+    trainer = ScriptedTrainer(steps=3)
+    space, concept, config, jobs = setup(tmp_path, trainer)
+    jobs.cancel.set()  # the user pressed Stop while the base model was loading
+
+    def stopped_early(config, callbacks=(), cancel=None):
+        path = f"{config.output_dir}/adapter.safetensors"
+        attach(tiny_unet(), "lora").save(path)
+        return TrainResult(path, config.output_dir, 0, True, 1.0, 1.0, 21504, 0.5)
+
+    jobs.train_fn = stopped_early
+    jobs.start(concept, config)
+    jobs.wait(30)
+    stored = space.get(concept.id)
+    assert stored.status == UNTRAINED and not stored.usable and "untrained" in jobs.snapshot().message
