@@ -50,6 +50,7 @@ def test_adapter_matrix(method, style, base_outputs, tmp_path):
 
     assert adapter.num_trainable == adapter.expected_num_trainable(), "trainable count != formula"
     assert adapter.num_trainable > 0
+    count = adapter.num_trainable
 
     before = {n: p.detach().clone() for n, p, _ in adapter.named_trainables()}
     train_one_step(unet, adapter, inputs)
@@ -90,4 +91,4 @@ def test_adapter_matrix(method, style, base_outputs, tmp_path):
         assert rel(run_unet(fresh, inputs), live) < 1e-5, "save/load round trip changed outputs"
         loaded.scale = 0.5
         assert rel(run_unet(fresh, inputs), half) < 1e-5, "scale does not behave the same after reload"
-    assert loaded.num_trainable == adapter.expected_num_trainable(), "reloaded trainable count != formula"
+    assert loaded.num_trainable == loaded.expected_num_trainable() == count, "reloaded trainable count != formula"
