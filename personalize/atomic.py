@@ -1,17 +1,21 @@
 """Atomic file writes: a crash or a cancel never leaves a half-written file behind.
 
 The finished file gets the permissions a plain `open(path, "w")` would give it (0666 less the
-umask), not the 0600 of the private temporary file it was written to.
+umask), not the 0600 of the private temporary file it was written to. `make_writable_dir` checks an
+output folder before slow work starts, and `remove_empty_dirs` takes back what a failed run created.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from .errors import user_error_from_os
 
 
 def _umask() -> int:
@@ -48,3 +52,30 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike, data: object) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def make_writable_dir(path: str | os.PathLike, what: str) -> list[Path]:
+    """Create the folder `path` (and missing parents) and check that files can be written in it, before
+    any slow work starts. Returns the folders this call created, outermost first, for `remove_empty_dirs`.
+    Failures are one-line UserErrors naming `what` (a config field such as output_dir) and the path."""
+    folder = Path(path).expanduser().absolute()
+    missing = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise FileExistsError(errno.EEXIST, "File exists", str(folder))
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        remove_empty_dirs(missing)
+        raise user_error_from_os(exc, what) from exc
+    return missing
+
+
+def remove_empty_dirs(created: list[Path]) -> None:
+    """Remove the folders in `created` (outermost first) that are still empty: a failed run leaves no trace."""
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty (or gone): the folders above it are not empty either

@@ -26,6 +26,7 @@ from torch import nn
 
 from .allocator import tune_cpu_allocator
 from .atomic import atomic_path, write_text_atomic
+from .prompts import check_generation
 from .errors import UserError
 from .io import adapter_info, load_adapter
 
@@ -187,6 +188,7 @@ def generate(
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     specs = [AdapterSpec(str(a.path), float(a.scale)) for a in adapters]
     _check_arguments(prompts, specs, num_images, steps, guidance, batch_size, resolution)
+    check_generation(prompts, seed, num_images)  # unknown {placeholders}, seeds outside 0..MAX_SEED
     infos = [adapter_info(spec.path) for spec in specs]  # fails fast on a missing or foreign file
     records = [adapter_record(spec, info) for spec, info in zip(specs, infos)]
     prompts = [_fill_placeholders(p, records) for p in prompts]

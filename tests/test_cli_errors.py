@@ -32,3 +32,95 @@ def test_front_ends_share_the_one_list():
     assert examples._common.USER_ERRORS is USER_ERRORS
     assert app.feedback.USER_ERRORS is USER_ERRORS
     assert app.feedback.message_of(PermissionError(errno.EACCES, "Permission denied", "/srv/out")).startswith("'/srv/out'")
+
+
+# --- OS errors and inputs: checked before any model loads, one line, no empty folder left behind ---------
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if a base model is loaded: these errors must come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr("personalize.training.trainer.load_pipeline", refuse)
+    monkeypatch.setattr("personalize.commands.generate.load_pipeline", refuse)
+
+
+def cli_error(capsys, argv: list[str]) -> str:
+    from personalize.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Errno" not in err[0], err
+    return err[0]
+
+
+def train_argv(photos, output) -> list[str]:
+    return ["train", "--instance-images", str(photos), "--output-dir", str(output), "--base-model", "tiny",
+            "--no-prior-preservation", "--steps", "2"]
+
+
+@pytest.fixture
+def photos(tmp_path):
+    from tests.test_training.conftest import make_photos
+
+    make_photos(tmp_path / "photos", count=2)
+    return tmp_path / "photos"
+
+
+def test_train_output_below_a_file(tmp_path, photos, capsys, no_model):
+    (tmp_path / "file.txt").write_text("x")
+    line = cli_error(capsys, train_argv(photos, tmp_path / "file.txt" / "out"))
+    assert "output_dir" in line and "file.txt" in line and "not a folder" in line
+
+
+def test_train_read_only_output_fails_before_loading_and_leaves_nothing(tmp_path, photos, capsys, monkeypatch, no_model):
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", kwargs.get("dir"))
+
+    monkeypatch.setattr("personalize.atomic.tempfile.TemporaryFile", read_only)
+    line = cli_error(capsys, train_argv(photos, tmp_path / "new" / "out"))
+    assert "output_dir" in line and "read-only" in line and "writable disk" in line
+    assert not (tmp_path / "new").exists()
+
+
+def test_train_failing_after_creating_its_folder_removes_it(tmp_path, photos, capsys, monkeypatch):
+    def unreachable(*args, **kwargs):
+        raise OSError("base model 'nowhere' cannot be reached")
+
+    monkeypatch.setattr("personalize.training.trainer.load_pipeline", unreachable)
+    assert "cannot be reached" in cli_error(capsys, train_argv(photos, tmp_path / "a" / "out"))
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("seed, count", [(2**64, 1), (-1, 1), (2**32 - 2, 4)])
+def test_generate_refuses_seeds_out_of_range(tmp_path, capsys, no_model, seed, count):
+    line = cli_error(capsys, ["generate", "--base-model", "tiny", "--prompt", "a dog", "--seed", str(seed),
+                              "--num-images", str(count), "--output", str(tmp_path / "out")])
+    assert "seed must be an integer from 0 to" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_refuses_unknown_placeholders(tmp_path, capsys, no_model):
+    line = cli_error(capsys, ["generate", "--base-model", "tiny", "--prompt", "a photo of {tokn} dog",
+                              "--output", str(tmp_path / "out")])
+    assert "unknown placeholder {tokn}" in line and "{token}" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_failing_after_creating_its_folder_removes_it(tmp_path, capsys, monkeypatch):
+    def unreachable(*args, **kwargs):
+        raise OSError("base model 'nowhere' cannot be reached")
+
+    monkeypatch.setattr("personalize.commands.generate.load_pipeline", unreachable)
+    cli_error(capsys, ["generate", "--base-model", "tiny", "--prompt", "a dog", "--output", str(tmp_path / "x" / "out")])
+    assert not (tmp_path / "x").exists()
+
+
+def test_generate_api_checks_prompts_and_seeds_before_rendering():
+    from personalize.generate import generate
+
+    with pytest.raises(UserError, match=r"unknown placeholder \{subject\}"):
+        generate("tiny", "a photo of {subject}")
+    with pytest.raises(UserError, match="seed must be an integer from 0 to"):
+        generate("tiny", "a photo", seed=2**64)

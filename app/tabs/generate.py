@@ -11,6 +11,7 @@ from typing import Any
 
 import gradio as gr
 
+from personalize.atomic import remove_empty_dirs
 from personalize.generate import AdapterSpec, generate
 
 from ..feedback import guarded
@@ -63,12 +64,16 @@ def build(state: AppState) -> dict[str, Any]:
         out = state.workspace.new_generation_dir(concept_id or None)
         progress(0, desc="waiting for the base model" if state.base.lock.locked() else "generating")
         with state.base.lock:
-            images = generate(
-                state.base.pipe, [text], adapters=adapters, negative_prompt=negative_text or "",
-                num_images=int(n_images), seed=int(seed_value), steps=int(n_steps), guidance=float(guidance_value),
-                output_dir=str(out), compare=bool(with_baseline and adapters), subject=subject,
-                progress=lambda done, total: progress((done, total), desc="generating", unit="images"),
-            )
+            try:
+                images = generate(
+                    state.base.pipe, [text], adapters=adapters, negative_prompt=negative_text or "",
+                    num_images=int(n_images), seed=int(seed_value), steps=int(n_steps), guidance=float(guidance_value),
+                    output_dir=str(out), compare=bool(with_baseline and adapters), subject=subject,
+                    progress=lambda done, total: progress((done, total), desc="generating", unit="images"),
+                )
+            except BaseException:
+                remove_empty_dirs([out])  # a failed click leaves no empty run folder
+                raise
         made = [(im.path, f"seed {im.seed}") for im in images]
         base = [(im.baseline_path, f"seed {im.seed}, no adapter") for im in images if im.baseline_path]
         where = out.relative_to(state.workspace.root)

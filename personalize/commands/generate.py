@@ -1,4 +1,8 @@
-"""`personalize generate`: prompts x seeds with zero or more adapters (FILE[:SCALE]) -> PNGs + manifest.jsonl."""
+"""`personalize generate`: prompts x seeds with zero or more adapters (FILE[:SCALE]) -> PNGs + manifest.jsonl.
+
+Prompts, seeds and the output folder are checked before the model loads; a run that fails before
+writing an image removes the folders it created.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,11 @@ import argparse
 
 from tqdm import tqdm
 
+from ..atomic import make_writable_dir, remove_empty_dirs
 from ..generate import AdapterSpec, generate
 from ..io import adapter_info
 from ..models import DEFAULT_BASE_MODEL, load_pipeline
+from ..prompts import MAX_SEED, check_generation
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt (repeatable); {token} and {class_noun} are filled from the adapter")
     parser.add_argument("--negative-prompt", default="", help="negative prompt")
     parser.add_argument("--num-images", type=int, default=4, help="images per prompt (seeds S, S+1, ...)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first image of each prompt")
+    parser.add_argument("--seed", type=int, default=0, help=f"seed of the first image of each prompt (0 to {MAX_SEED})")
     parser.add_argument("--steps", type=int, default=30, help="denoising steps")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     parser.add_argument("--resolution", type=int, help="image size in px (default: the model's native size)")
@@ -31,9 +37,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_generation(args.prompt, args.seed, args.num_images)
     specs = [AdapterSpec.parse(text) for text in args.adapter]
     infos = [adapter_info(spec.path) for spec in specs]  # fails fast on a missing or foreign file
     base_model = args.base_model or (infos[0]["base_model"] if infos else "") or DEFAULT_BASE_MODEL
+    created = make_writable_dir(args.output, "--output")  # before the model loads
+    try:
+        count = _generate(args, specs, base_model)
+    except BaseException:
+        remove_empty_dirs(created)
+        raise
+    print(f"{count} images -> {args.output} (manifest.jsonl)")
+    return 0
+
+
+def _generate(args: argparse.Namespace, specs: list[AdapterSpec], base_model: str) -> int:
     pipe = load_pipeline(base_model)
     bar: tqdm | None = None
 
@@ -50,5 +68,4 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    print(f"{len(images)} images -> {args.output} (manifest.jsonl)")
-    return 0
+    return len(images)

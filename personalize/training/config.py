@@ -20,6 +20,7 @@ from typing import Any
 from ..adapters import get_method
 from ..errors import UserError
 from ..models import DEFAULT_BASE_MODEL
+from ..prompts import check_seed, check_template
 
 VALIDATION_PROMPTS = [
     "a photo of {token} {class_noun}",
@@ -31,7 +32,6 @@ MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 SCHEDULES = ("constant", "cosine", "linear")
 REPORT_TO = ("none", "tensorboard")
-PLACEHOLDERS = ("token", "class_noun")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -202,6 +202,7 @@ def _check_values(c: TrainConfig) -> None:
         value = getattr(c, name)
         need(math.isfinite(value) and value >= 0, f"{name} must be a non-negative number, got {value}")
     need(0 <= c.adam_beta1 < 1 and 0 <= c.adam_beta2 < 1, f"adam betas must lie in [0, 1), got {c.adam_beta1}, {c.adam_beta2}")
+    check_seed(c.seed)
     need(c.snr_gamma is None or c.snr_gamma > 0, f"snr_gamma must be a positive number (or unset), got {c.snr_gamma}")
     for name, accepted in (("mixed_precision", MIXED_PRECISION), ("optimizer", OPTIMIZERS),
                            ("lr_scheduler", SCHEDULES), ("report_to", REPORT_TO)):
@@ -210,16 +211,7 @@ def _check_values(c: TrainConfig) -> None:
     need(bool(c.class_noun.strip()), "class_noun must not be empty (e.g. dog, backpack, person)")
     need(not (c.resume and c.overwrite), "choose either resume (continue the run in output_dir) or overwrite (replace it), not both")
     for name in ("instance_prompt", "class_prompt"):
-        _check_template(name, getattr(c, name))
+        check_template(name, getattr(c, name))
     need("{token}" in c.instance_prompt, f"instance_prompt must contain {{token}}, got '{c.instance_prompt}'")
     for template in c.validation_prompts:
-        _check_template("validation_prompts", template)
-
-
-def _check_template(name: str, template: str) -> None:
-    try:
-        template.format(**{key: "" for key in PLACEHOLDERS})
-    except (KeyError, IndexError, ValueError) as exc:
-        raise UserError(
-            f"{name} '{template}' has an unknown placeholder ({exc}); accepted: {', '.join('{' + p + '}' for p in PLACEHOLDERS)}"
-        ) from exc
+        check_template("validation_prompts", template)

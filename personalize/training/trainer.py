@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..atomic import write_json_atomic
+from ..atomic import make_writable_dir, remove_empty_dirs, write_json_atomic
 from ..data import validate_instance_images
 from ..errors import UserError
 from ..inject import attach
@@ -70,6 +70,7 @@ class Trainer:
         self.hooks = CallbackList(callbacks, enabled=self.main)
         self.generator = torch.Generator().manual_seed(self.config.seed * NOISE_SEED_STRIDE + self.rank)
         self.samples: list[str] = []
+        self.created_dirs: list[Path] = []  # folders this run created: removed again if it fails before writing
 
     # --- preparation ----------------------------------------------------------------------------
     def _accelerator(self):
@@ -112,7 +113,7 @@ class Trainer:
         if self.main:
             if c.overwrite:
                 clear_run(self.output_dir)
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.created_dirs = make_writable_dir(self.output_dir, "output_dir")  # before any model is loaded
         self.accelerator.wait_for_everyone()
         if not c.resume:
             return None
@@ -286,6 +287,14 @@ class Trainer:
 
     # --- the run ---------------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        try:
+            return self._run()
+        except BaseException:
+            if self.main:
+                remove_empty_dirs(self.created_dirs)  # a run that fails before writing leaves no empty folder
+            raise
+
+    def _run(self) -> TrainResult:
         self.prepare()
         c, acc = self.config, self.accelerator
         step, train_time_before = 0, 0.0

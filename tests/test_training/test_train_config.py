@@ -68,7 +68,7 @@ def test_method_defaults_fill_steps_and_lr():
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"method": "dora"}, r"unknown method 'dora'; accepted: .*lora"),
+        ({"method": "nope"}, r"unknown method 'nope'; accepted: .*lora"),
         ({"method": "lora", "method_options": {"rnak": 4}}, r"unknown option\(s\) rnak for method 'lora'; accepted: .*rank"),
         ({"steps": 0}, "steps must be a positive integer, got 0"),
         ({"lr": -1.0}, "lr must be a positive number, got -1.0"),
@@ -78,7 +78,9 @@ def test_method_defaults_fill_steps_and_lr():
         ({"report_to": "wandb"}, r"report_to 'wandb' is not supported; accepted: none, tensorboard"),
         ({"instance_prompt": "a photo of {subject}"}, r"instance_prompt 'a photo of \{subject\}' has an unknown placeholder"),
         ({"instance_prompt": "a photo of a {class_noun}"}, r"instance_prompt must contain \{token\}"),
-        ({"validation_prompts": ["{token} {"]}, r"validation_prompts '\{token\} \{' has an unknown placeholder"),
+        ({"validation_prompts": ["{token} {"]}, r"validation_prompts '\{token\} \{' has an unmatched brace"),
+        ({"seed": 2**32}, "seed must be an integer from 0 to 4294967295, got 4294967296"),
+        ({"seed": -1}, "seed must be an integer from 0 to 4294967295, got -1"),
         ({"resume": True, "overwrite": True}, "either resume .* or overwrite"),
         ({"class_images": 0}, "class_images must be at least 1 with prior preservation, got 0"),
         ({"snr_gamma": 0.0}, "snr_gamma must be a positive number"),
