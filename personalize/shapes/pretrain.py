@@ -35,7 +35,7 @@ class PretrainConfig:
     out: str = str(M.DATA_DIR)  # where shapes.safetensors / shapes.json are written
     seed: int = 0
     images: int = 24000  # distinct pretraining scenes (captions are re-drawn every step)
-    vae_steps: int = 300
+    vae_steps: int = 700
     vae_batch: int = 32
     vae_lr: float = 1e-3
     kl_weight: float = 1e-4  # small: the latents stay close to a Gaussian without blurring stripes

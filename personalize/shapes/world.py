@@ -92,6 +92,11 @@ CONCEPTS = (
 )
 
 
+# Instance photos of a concept show it on these backgrounds; it is then prompted on the others.
+INSTANCE_BACKGROUNDS = ("black", "gray", "brown", "beige")
+UNSEEN_BACKGROUNDS = ("teal", "navy", "checkered")
+
+
 def concept_by_name(name: str) -> Concept:
     for concept in CONCEPTS:
         if concept.name == name:
@@ -141,6 +146,24 @@ def pretraining_scene(rng: np.random.Generator) -> Scene:
 
 def concept_scene(concept: Concept, rng: np.random.Generator, backgrounds: tuple[str, ...] = BACKGROUND_NAMES) -> Scene:
     return Scene(concept.shape, concept.colour, concept.pattern, backgrounds[rng.integers(len(backgrounds))], **jitter(rng))
+
+
+def write_instance_images(concept: Concept, folder, count: int = 4, seed: int = 0, resolution: int = 128) -> list:
+    """`count` PNGs of `concept` at varied positions and sizes, one per instance background in turn,
+    drawn at `resolution` px (training resizes them); returns their paths."""
+    from pathlib import Path
+
+    rng = np.random.default_rng([seed, CONCEPTS.index(concept)])
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        bg = INSTANCE_BACKGROUNDS[i % len(INSTANCE_BACKGROUNDS)]
+        scene = Scene(concept.shape, concept.colour, concept.pattern, bg, **jitter(rng))
+        path = folder / f"{concept.name}-{i + 1}.png"
+        render(scene, resolution).save(path)
+        paths.append(path)
+    return paths
 
 
 # --- captions ---------------------------------------------------------------------------------
