@@ -9,8 +9,8 @@
 from .adapters import get_method, method_names
 from .errors import UserError
 from .export import export_adapter, export_lora
-from .inject import Adapter, attach
-from .io import adapter_info, load_adapter, save_adapter
+from .inject import Adapter, attach, load_adapter, save_adapter
+from .io import adapter_info
 from .models import load_pipeline, load_unet
 
 METHODS: tuple[str, ...] = method_names()

@@ -33,8 +33,7 @@ from torch import nn
 
 from .atomic import atomic_path
 from .errors import UserError
-from .inject import Adapter
-from .io import base_model_id, load_adapter
+from .inject import Adapter, base_model_id, load_adapter
 from .lowrank import factorize, validate_rank_energy
 
 log = logging.getLogger(__name__)
@@ -195,6 +194,8 @@ def export_adapter(
     for done, (name, slot) in enumerate(adapter.slots.items(), 1):
         module = slot.base
         delta = slot.delta()  # (out, in) or (out, in, k, k), float32
+        if not bool(torch.isfinite(delta).all()):
+            raise UserError(f"the update of layer '{name}' holds NaN or infinite values (a diverged training run?); nothing exported")
         reason = unsupported_reason(module)
         if reason is not None:
             report.skipped[name] = reason

@@ -1,8 +1,10 @@
 """Generate images with zero, one or several adapters, each at its own strength.
 
-Adapters are applied by summing their scaled deltas into the UNet weights (`W0 + sum_i s_i * delta_i`)
-with the original tensors kept aside and put back afterwards, so the base model is bit-identical
-after every call and two adapters never need to share a layer slot. Every PNG carries its
+Adapters are applied by summing their scaled deltas into the UNet weights (`W0 + sum_i s_i * delta_i`,
+the core's `merged_deltas`) with the original tensors kept aside and put back afterwards, so the
+base model is bit-identical after every call and two adapters never need to share a layer slot.
+Non-finite strengths are refused, and a render that turns non-finite (latents or images) stops with
+a message instead of writing black images. Every PNG carries its
 generation parameters as PNG text, and `manifest.jsonl` lists them (format: docs/training.md).
 """
 
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -28,7 +31,8 @@ from .allocator import tune_cpu_allocator
 from .atomic import atomic_path, write_text_atomic
 from .prompts import check_generation
 from .errors import UserError
-from .io import adapter_info, load_adapter
+from .inject import check_scale, load_adapter, merged_deltas
+from .io import adapter_info
 
 log = logging.getLogger(__name__)
 
@@ -113,24 +117,9 @@ def adapter_record(spec: AdapterSpec, info: dict[str, Any]) -> dict[str, Any]:
 @contextmanager
 def adapters_applied(unet: nn.Module, specs: Sequence[AdapterSpec]) -> Iterator[None]:
     """Within the block the UNet's weights are `W0 + sum_i scale_i * delta_i`; W0 is restored after."""
-    total: dict[str, torch.Tensor] = {}
-    for spec in specs:
-        if spec.scale == 0.0:
-            continue  # exactly the base model for this adapter
-        for name, delta in unscaled_deltas(unet, spec.path).items():
-            scaled = delta.to(unet.get_submodule(name).weight.device) * spec.scale
-            total[name] = total[name] + scaled if name in total else scaled
-    originals: dict[str, nn.Parameter] = {}
-    try:
-        with torch.no_grad():
-            for name, delta in total.items():
-                layer = unet.get_submodule(name)
-                originals[name] = layer.weight
-                layer.weight = nn.Parameter((layer.weight.float() + delta).to(layer.weight.dtype), requires_grad=False)
+    updates = [(unscaled_deltas(unet, spec.path), spec.scale) for spec in specs if spec.scale != 0.0]
+    with merged_deltas(unet, updates):
         yield
-    finally:
-        for name, weight in originals.items():
-            unet.get_submodule(name).weight = weight
 
 
 DELTA_CACHE_SIZE = 2  # adapters whose updates stay in (CPU) memory: a strength slider or a batch of prompts reuses them
@@ -186,8 +175,8 @@ def generate(
     """
     tune_cpu_allocator()
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    specs = [AdapterSpec(str(a.path), float(a.scale)) for a in adapters]
-    _check_arguments(prompts, specs, num_images, steps, guidance, batch_size, resolution)
+    specs = [AdapterSpec(str(a.path), check_scale(a.scale, f"the scale of adapter '{a.path}'")) for a in adapters]
+    _check_arguments(prompts, num_images, steps, guidance, batch_size, resolution)
     check_generation(prompts, seed, num_images)  # unknown {placeholders}, seeds outside 0..MAX_SEED
     infos = [adapter_info(spec.path) for spec in specs]  # fails fast on a missing or foreign file
     records = [adapter_record(spec, info) for spec, info in zip(specs, infos)]
@@ -208,7 +197,7 @@ def generate(
         progress(0, total)  # start the clock before the first batch, so rate and ETA are real
     with adapters_applied(pipe.unet, specs):
         for prompt, seeds in batches:
-            images = _render(pipe, prompt, negative_prompt, seeds, steps, guidance, resolution)
+            images = _render(pipe, prompt, negative_prompt, seeds, steps, guidance, resolution, failure_cause(specs))
             items = [GeneratedImage(image, None, prompt, negative_prompt, image_seed, steps, guidance, base_model, records, subject)
                      for image, image_seed in zip(images, seeds)]
             if writer is not None:
@@ -222,7 +211,7 @@ def generate(
         for prompt, seeds in batches:
             items = results[position : position + len(seeds)]
             position += len(seeds)
-            for item, baseline in zip(items, _render(pipe, prompt, negative_prompt, seeds, steps, guidance, resolution)):
+            for item, baseline in zip(items, _render(pipe, prompt, negative_prompt, seeds, steps, guidance, resolution, failure_cause([]))):
                 item.baseline = baseline
             if writer is not None:
                 writer.write_baselines(items)
@@ -235,7 +224,7 @@ def generate(
     return results
 
 
-def _check_arguments(prompts, specs, num_images, steps, guidance, batch_size, resolution) -> None:
+def _check_arguments(prompts, num_images, steps, guidance, batch_size, resolution) -> None:
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise UserError(f"give at least one non-empty prompt, got {prompts!r}")
     for name, value in (("num_images", num_images), ("steps", steps), ("batch_size", batch_size)):
@@ -245,9 +234,6 @@ def _check_arguments(prompts, specs, num_images, steps, guidance, batch_size, re
         raise UserError(f"guidance must be a non-negative number, got {guidance}")
     if resolution is not None and (resolution < 64 or resolution % 8):
         raise UserError(f"resolution must be a multiple of 8 of at least 64 px, got {resolution}")
-    for spec in specs:
-        if not math.isfinite(spec.scale):
-            raise UserError(f"adapter scale must be a finite number, got {spec.scale} for '{spec.path}'")
 
 
 def _fill_placeholders(prompt: str, records: list[dict[str, Any]]) -> str:
@@ -268,16 +254,38 @@ def _pipeline(pipe_or_base_model):
 
 
 @torch.no_grad()
-def _render(pipe, prompt, negative_prompt, seeds, steps, guidance, resolution) -> list[Image.Image]:
+def _render(pipe, prompt, negative_prompt, seeds, steps, guidance, resolution, cause: str) -> list[Image.Image]:
+    """The pipeline's images for `seeds`; a UserError naming `cause` (the likely reason) as soon as the
+    latents, or the decoded images, hold NaN or infinite values (they would come out black)."""
+
+    def check_latents(pipe, step: int, timestep, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not bool(torch.isfinite(tensors["latents"]).all()):
+            raise UserError(f"generation stopped at step {step + 1} of {steps}: the latents became NaN or infinite; {cause}")
+        return tensors
+
     size = {"height": resolution, "width": resolution} if resolution else {}
-    return pipe(
+    images = pipe(
         prompt=[prompt] * len(seeds),
         negative_prompt=[negative_prompt] * len(seeds) if negative_prompt else None,
         num_inference_steps=steps,
         guidance_scale=guidance,
         generator=[torch.Generator().manual_seed(s) for s in seeds],  # CPU noise: same images on any device
+        output_type="np",
+        callback_on_step_end=check_latents,
+        callback_on_step_end_tensor_inputs=["latents"],
         **size,
-    ).images
+    ).images  # (batch, height, width, 3) floats in [0, 1]
+    if not np.isfinite(images).all():
+        raise UserError(f"generation produced NaN or infinite pixels when decoding the latents; {cause}")
+    return pipe.numpy_to_pil(images)
+
+
+def failure_cause(specs: Sequence[AdapterSpec]) -> str:
+    """The likely reason a render turns non-finite, for the error message."""
+    active = [f"'{s.path}' at {s.scale:g}" for s in specs if s.scale != 0.0]
+    if active:
+        return f"the adapter strengths are the likely cause ({', '.join(active)}): try a strength nearer 1, or check the adapter"
+    return "the base model itself produced them (a 16-bit VAE or UNet overflowing? try float32)"
 
 
 class _Writer:

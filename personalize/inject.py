@@ -1,20 +1,33 @@
-"""Attach adapters to a model: find target layers, then merge, unmerge, scale and detach them.
+"""Adapters on a model: find target layers, attach, merge, unmerge, scale, detach, save and load.
 
 `attach(unet, "svfit")` returns an `Adapter` handle over one slot per target layer. Every method
-shares this plumbing: merge swaps in `W0 + scale * delta` and keeps W0 aside, so unmerge and
-detach restore W0 bit-exactly.
+shares this plumbing. Merging has one home, `add_deltas` / `merged_deltas`: a layer's weight is
+swapped for `W0 + sum_i scale_i * delta_i` (summed in float32, cast once) and W0 is kept aside,
+so putting it back restores the base model bit-exactly (`Adapter.merge` and `generate` both use it).
+
+`load_adapter` is transactional: the file (read and checked by `io`) is checked against the model
+before anything is attached, the tensors against the built adapter before anything is loaded, and on
+any error the model is left exactly as it was.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Any, Iterator
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from .adapters.base import ADAPTER_ATTR, AdapterConfig, Method, Slot, get_method
+from .adapters.base import SHARED_KEY, AdapterConfig, Method, get_method
+from .adapters.slots import ADAPTER_ATTR, Slot
 from .errors import UserError
+from .io import AdapterFile, read_adapter_file, write_adapter_file
+
+Deltas = Mapping[str, torch.Tensor]  # float32 update per layer name (of the root module), shaped like W0
 
 
 def find_targets(root: nn.Module, pattern: str, method: type[Method]) -> dict[str, nn.Module]:
@@ -27,8 +40,7 @@ def find_targets(root: nn.Module, pattern: str, method: type[Method]) -> dict[st
     for name, module in root.named_modules():
         if not name or not regex.search(name):
             continue
-        if hasattr(module, ADAPTER_ATTR) or hasattr(module, "base_layer"):
-            raise UserError(f"layer '{name}' already has an adapter attached; detach it first")
+        check_free(name, module)
         if method.accepts(module):
             found[name] = module
     if not found:
@@ -37,6 +49,71 @@ def find_targets(root: nn.Module, pattern: str, method: type[Method]) -> dict[st
             f"layer of this model (method '{method.name}')"
         )
     return found
+
+
+def check_free(name: str, module: nn.Module) -> None:
+    if hasattr(module, ADAPTER_ATTR) or hasattr(module, "base_layer"):
+        raise UserError(f"layer '{name}' already has an adapter attached; detach it first")
+
+
+def check_scale(value: object, what: str = "adapter scale") -> float:
+    """`value` as a float if it is a finite number; UserError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{what} must be a finite number (1 = as trained, 0 = off), got {value!r}")
+    return float(value)
+
+
+def weight_owner(root: nn.Module, name: str) -> nn.Module:
+    """The module holding layer `name`'s weight (peft wraps the original layer as `base_layer`)."""
+    module = root.get_submodule(name)
+    return getattr(module, "base_layer", module)
+
+
+@torch.no_grad()
+def add_deltas(root: nn.Module, updates: Sequence[tuple[Deltas, float]]) -> dict[str, nn.Parameter]:
+    """Swap each touched layer's weight for `W0 + sum_i scale_i * delta_i`; returns the W0 parameters
+    set aside, for `restore_weights`. A non-finite scale or merged weight is refused, weights untouched."""
+    total: dict[str, torch.Tensor] = {}  # float32, on each layer's device
+    for deltas, scale in updates:
+        scale = check_scale(scale)
+        if scale == 0.0:
+            continue  # exactly the base model for this update
+        for name, delta in deltas.items():
+            part = delta.to(weight_owner(root, name).weight.device, torch.float32) * scale
+            total[name] = total[name] + part if name in total else part
+    originals: dict[str, nn.Parameter] = {}
+    try:
+        for name, delta in total.items():
+            layer = weight_owner(root, name)
+            weight = layer.weight
+            merged = (weight.float() + delta).to(weight.dtype)
+            if not bool(torch.isfinite(merged).all()):
+                raise UserError(
+                    f"merging the adapters makes layer '{name}' non-finite in {weight.dtype}; "
+                    "an adapter scale is too large (or the adapter holds huge values): use a smaller strength"
+                )
+            originals[name] = weight
+            layer.weight = nn.Parameter(merged, requires_grad=False)
+    except BaseException:
+        restore_weights(root, originals)
+        raise
+    return originals
+
+
+def restore_weights(root: nn.Module, originals: Mapping[str, nn.Parameter]) -> None:
+    """Put the W0 parameters `add_deltas` set aside back (the same tensors: bit-exact)."""
+    for name, weight in originals.items():
+        weight_owner(root, name).weight = weight
+
+
+@contextmanager
+def merged_deltas(root: nn.Module, updates: Sequence[tuple[Deltas, float]]) -> Iterator[None]:
+    """Within the block the weights are `W0 + sum_i scale_i * delta_i`; W0 is restored after."""
+    originals = add_deltas(root, updates)
+    try:
+        yield
+    finally:
+        restore_weights(root, originals)
 
 
 class Adapter:
@@ -93,7 +170,7 @@ class Adapter:
     def scale(self, value: float) -> None:
         if self.merged:
             raise UserError("unmerge the adapter before changing its scale")
-        self._scale = float(value)
+        self._scale = check_scale(value)
         for slot in self.slots.values():
             slot.set_scale(self._scale)
 
@@ -102,16 +179,13 @@ class Adapter:
         """scale * delta (float32, shaped like each target's weight), per target layer name."""
         return {name: slot.delta() for name, slot in self.slots.items()}
 
-    @torch.no_grad()
     def merge(self) -> None:
-        """Fold `scale * delta` into the weights; the live branch is switched off."""
+        """Fold `scale * delta` into the weights (`add_deltas`); the live branch is switched off."""
         if self.merged:
             return
-        for slot in self.slots.values():
-            weight = slot.base.weight
-            merged = (weight.float() + slot.delta()).to(weight.dtype)
-            slot.original_weight = weight
-            slot.base.weight = nn.Parameter(merged, requires_grad=False)
+        originals = add_deltas(self.root, [(self.deltas(), 1.0)])
+        for name, slot in self.slots.items():
+            slot.original_weight = originals[name]
             slot.set_live(False)
         self.merged = True
 
@@ -119,8 +193,8 @@ class Adapter:
         """Put the original W0 tensors back (bit-exact) and switch the live branch on."""
         if not self.merged:
             return
+        restore_weights(self.root, {name: slot.original_weight for name, slot in self.slots.items()})
         for slot in self.slots.values():
-            slot.base.weight = slot.original_weight
             slot.original_weight = None
             slot.set_live(True)
         self.merged = False
@@ -132,19 +206,11 @@ class Adapter:
             slot.remove()
         self.slots = {}
 
-    def save(self, path: str, metadata: dict[str, Any] | None = None) -> None:
-        from .io import save_adapter
-
-        save_adapter(self, path, metadata)
+    def save(self, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+        return save_adapter(self, path, metadata)
 
 
-def attach(
-    root: nn.Module,
-    method: str,
-    _saved: dict[str, dict[str, torch.Tensor]] | None = None,
-    _targets: list[str] | None = None,
-    **options: Any,
-) -> Adapter:
+def attach(root: nn.Module, method: str, **options: Any) -> Adapter:
     """Attach `method` (a name from METHODS) to the layers of `root` chosen by its preset/targets.
 
     Options are the method's config fields (e.g. `rank=32`, `preset="attention"`). All parameters of
@@ -152,14 +218,103 @@ def attach(
     """
     method_cls = get_method(method)
     config = method_cls.make_config(options)
-    if _targets is None:
-        layers = find_targets(root, method_cls.target_pattern(config), method_cls)
-    else:
-        layers = {name: root.get_submodule(name) for name in _targets}
-    for param in root.parameters():
+    layers = find_targets(root, method_cls.target_pattern(config), method_cls)
+    return _trainable(Adapter(root, method_cls, config, method_cls.attach_layers(layers, config, None, root=root)))
+
+
+def _trainable(adapter: Adapter) -> Adapter:
+    for param in adapter.root.parameters():
         param.requires_grad_(False)
-    slots = method_cls.attach_layers(layers, config, _saved, root=root)
-    adapter = Adapter(root, method_cls, config, slots)
     for param in adapter.parameters():
         param.requires_grad_(True)
     return adapter
+
+
+def base_model_id(root: nn.Module) -> str:
+    config = getattr(root, "config", None)
+    return str(getattr(config, "_name_or_path", "") or "") if config is not None else ""
+
+
+def save_adapter(adapter: Adapter, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write the adapter atomically; `metadata` (JSON-serialisable) is stored alongside."""
+    tensors = {name: slot.saved_tensors() for name, slot in adapter.slots.items()}
+    tensors[SHARED_KEY] = adapter.method.shared_tensors(adapter.slots)
+    extra = {**adapter.metadata, **(metadata or {})}
+    return write_adapter_file(
+        AdapterFile(
+            path=Path(path),
+            method=adapter.name,
+            config=adapter.config.to_dict(),
+            layers={name: list(slot.base.weight.shape) for name, slot in adapter.slots.items()},
+            tensors=tensors,
+            base_model=str(extra.pop("base_model", None) or base_model_id(adapter.root)),
+            num_trainable=adapter.num_trainable,
+            metadata=extra,
+        )
+    )
+
+
+def load_adapter(root: nn.Module, path: str | Path) -> Adapter:
+    """Attach the adapter stored in `path` to `root`. Transactional: every problem with the file is a
+    UserError naming it, and leaves `root` exactly as it was."""
+    file = read_adapter_file(path)
+    try:
+        method = get_method(file.method)
+        config = method.make_config(file.config)
+        layers = _file_targets(root, file, method)
+        trainable = [(param, param.requires_grad) for param in root.parameters()]  # peft freezes the model
+        slots: dict[str, Slot] = {}
+        try:
+            slots = method.attach_layers(layers, config, file.tensors, root=root)
+            _check_tensors(file, method, slots)
+            for name, slot in slots.items():
+                slot.load_tensors({k: v.to(slot.base.weight.device) for k, v in file.tensors[name].items()})
+        except BaseException:
+            for slot in slots.values():
+                slot.remove()
+            for param, flag in trainable:
+                param.requires_grad_(flag)
+            raise
+    except UserError as exc:
+        raise UserError(f"adapter file '{file.path}': {exc}") from None
+    adapter = Adapter(root, method, config, slots)
+    adapter.metadata = file.metadata
+    return _trainable(adapter)
+
+
+def _file_targets(root: nn.Module, file: AdapterFile, method: type[Method]) -> dict[str, nn.Module]:
+    """The model's layers the file lists, each checked to exist, match its shape and be free."""
+    modules = dict(root.named_modules())
+    found = {}
+    for name, shape in file.layers.items():
+        module = modules.get(name)
+        if module is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
+            raise UserError(f"it targets layer '{name}', which this model does not have; it was saved for another architecture ({file.base_model or 'unknown base'})")
+        if list(module.weight.shape) != shape:
+            raise UserError(f"it expects layer '{name}' with weight shape {tuple(shape)}, this model has {tuple(module.weight.shape)}; it was saved for another architecture")
+        if not method.accepts(module):
+            raise UserError(f"layer '{name}' is a {type(module).__name__}, which method '{method.name}' does not adapt")
+        check_free(name, module)
+        found[name] = module
+    if not found:
+        raise UserError("it lists no target layer")
+    return found
+
+
+def _check_tensors(file: AdapterFile, method: type[Method], slots: dict[str, Slot]) -> None:
+    """The file's tensors against those the attached method stores: same names, shapes and kinds."""
+    expected = {name: slot.saved_tensors() for name, slot in slots.items()}
+    expected[SHARED_KEY] = method.shared_tensors(slots)
+    for layer, wanted in expected.items():
+        where = "the shared tensors" if layer == SHARED_KEY else f"layer '{layer}'"
+        found = file.tensors.get(layer, {})
+        missing, unknown = sorted(set(wanted) - set(found)), sorted(set(found) - set(wanted))
+        if missing or unknown:
+            problem = f"has no tensor '{missing[0]}'" if missing else f"has unknown tensor '{unknown[0]}'"
+            raise UserError(f"{where} {problem}; method '{method.name}' expects {', '.join(sorted(wanted)) or 'none'}")
+        for name, reference in wanted.items():
+            tensor = found[name]
+            if tuple(tensor.shape) != tuple(reference.shape):
+                raise UserError(f"tensor '{name}' of {where} has shape {tuple(tensor.shape)}; expected {tuple(reference.shape)}")
+            if tensor.is_floating_point() != reference.is_floating_point() or (tensor.dtype == torch.bool) != (reference.dtype == torch.bool):
+                raise UserError(f"tensor '{name}' of {where} has dtype {tensor.dtype}; expected {reference.dtype}")

@@ -1,115 +1,147 @@
-"""Adapter files: safetensors with the trainable tensors (plus what cannot be recomputed, such as
-LoLDU pivots or FRoD bases) and JSON metadata (method, config, target layers, base model, version).
+"""Adapter files, the format only: safetensors holding each target layer's tensors (the trainable ones
+plus what cannot be recomputed, such as LoLDU pivots or FRoD bases) and JSON metadata (method,
+config, target layers with their weight shapes, base model, version). No model knowledge: attaching
+a file to a model is `inject.load_adapter`.
+
+Tensor keys are `<layer>.<tensor>` (tensor names have no dots) and `__shared__.<name>` for tensors
+several layers share. Reading checks everything the file alone can show: the header entries parse,
+every tensor belongs to a listed layer, and every floating tensor is finite.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from .adapters.base import SHARED_KEY
 from .atomic import atomic_path
 from .errors import UserError
-from .inject import Adapter, attach
 
 FORMAT = "personalize.adapter"
 FORMAT_VERSION = 1
 
 
-def base_model_id(root: nn.Module) -> str:
-    config = getattr(root, "config", None)
-    return str(getattr(config, "_name_or_path", "") or "") if config is not None else ""
+@dataclass
+class AdapterFile:
+    """The contents of an adapter file, parsed and checked."""
+
+    path: Path
+    method: str
+    config: dict[str, Any]  # the method's options
+    layers: dict[str, list[int]]  # target layer name -> its weight shape
+    tensors: dict[str, dict[str, torch.Tensor]]  # layer name (or SHARED_KEY) -> tensor name -> tensor
+    base_model: str = ""
+    num_trainable: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)  # token, class noun, training config, ...
 
 
-def save_adapter(adapter: Adapter, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-    """Write the adapter atomically; `metadata` (JSON-serialisable) is stored alongside."""
-    tensors: dict[str, torch.Tensor] = {}
-    layers: dict[str, list[int]] = {}
-    for name, slot in adapter.slots.items():
-        layers[name] = list(slot.base.weight.shape) if slot.original_weight is None else list(slot.original_weight.shape)
-        for tensor_name, tensor in slot.saved_tensors().items():
-            tensors[f"{name}.{tensor_name}"] = tensor.detach().to("cpu").contiguous()
-    for name, tensor in adapter.method.shared_tensors(adapter.slots).items():
-        tensors[f"{SHARED_KEY}.{name}"] = tensor.detach().to("cpu").contiguous()
-    extra = {**adapter.metadata, **(metadata or {})}
+def write_adapter_file(file: AdapterFile) -> Path:
+    """Write `file` atomically (to `file.path`)."""
+    flat = {
+        f"{layer}.{name}": tensor.detach().to("cpu").contiguous()
+        for layer, tensors in file.tensors.items()
+        for name, tensor in tensors.items()
+    }
     header = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
-        "method": adapter.name,
-        "config": json.dumps(adapter.config.to_dict()),
-        "layers": json.dumps(layers),
-        "base_model": str(extra.pop("base_model", None) or base_model_id(adapter.root)),
-        "num_trainable": str(adapter.num_trainable),
-        "metadata": json.dumps(extra, default=str),
+        "method": file.method,
+        "config": json.dumps(file.config),
+        "layers": json.dumps(file.layers),
+        "base_model": file.base_model,
+        "num_trainable": str(file.num_trainable),
+        "metadata": json.dumps(file.metadata, default=str),
     }
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
-    return path
+    with atomic_path(file.path) as tmp:
+        save_file(flat, str(tmp), metadata=header)
+    return file.path
 
 
-def read_adapter_file(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """(header, tensors) of an adapter file, with clear errors for a missing or foreign file."""
+def read_adapter_file(path: str | Path) -> AdapterFile:
+    """Parse and check an adapter file; any problem is a UserError naming the file and the bad entry."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"adapter file '{path}' does not exist (expected a .safetensors file saved by personalize)")
     try:
-        tensors = load_file(str(path))
-        from safetensors import safe_open
-
+        flat = load_file(str(path))
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"'{path}' is not a readable safetensors file: {exc}") from exc
     if header.get("format") != FORMAT:
         raise UserError(f"'{path}' is not a personalize adapter file (no '{FORMAT}' header)")
-    if int(header.get("format_version", "0")) > FORMAT_VERSION:
-        raise UserError(f"'{path}' was written by a newer version (format {header['format_version']}); upgrade personalize")
-    return header, tensors
+    version = header.get("format_version", "0")
+    if not version.isdigit():
+        raise UserError(f"adapter file '{path}' has format_version '{version}' in its header; expected an integer")
+    if int(version) > FORMAT_VERSION:
+        raise UserError(f"'{path}' was written by a newer version (format {version}); upgrade personalize")
+    method = _entry(path, header, "method", str)
+    layers = _entry(path, header, "layers", dict)
+    for name, shape in layers.items():
+        if not (isinstance(shape, list) and shape and all(isinstance(d, int) and d > 0 for d in shape)):
+            raise UserError(f"adapter file '{path}' lists layer '{name}' with weight shape {shape!r}; expected a list of positive integers")
+    file = AdapterFile(
+        path=path,
+        method=method,
+        config=_entry(path, header, "config", dict),
+        layers=layers,
+        tensors=_split_keys(path, flat, layers),
+        base_model=header.get("base_model", ""),
+        num_trainable=int(header["num_trainable"]) if header.get("num_trainable", "").isdigit() else 0,
+        metadata=_entry(path, header, "metadata", dict, default="{}"),
+    )
+    return file
+
+
+def _entry(path: Path, header: dict[str, str], key: str, kind: type, default: str | None = None) -> Any:
+    """Header entry `key`: the text itself for `str`, else its JSON value, which must be a `kind`."""
+    text = header.get(key, default)
+    if text is None:
+        raise UserError(f"adapter file '{path}' has no '{key}' entry in its header (a damaged or hand-edited file)")
+    if kind is str:
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"adapter file '{path}': header entry '{key}' is not valid JSON ({exc.msg} at position {exc.pos})") from None
+    if not isinstance(value, kind):
+        raise UserError(f"adapter file '{path}': header entry '{key}' is {type(value).__name__}; expected a JSON object")
+    return value
+
+
+def _split_keys(path: Path, flat: dict[str, torch.Tensor], layers: dict[str, list[int]]) -> dict[str, dict[str, torch.Tensor]]:
+    """`<layer>.<tensor>` keys grouped per layer (shared tensors under SHARED_KEY), each one finite."""
+    tensors: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layers}
+    tensors[SHARED_KEY] = {}
+    for key, tensor in flat.items():
+        layer, _, name = key.rpartition(".")
+        if key.startswith(SHARED_KEY + "."):
+            layer, name = SHARED_KEY, key[len(SHARED_KEY) + 1 :]
+        elif layer not in layers:
+            raise UserError(f"adapter file '{path}' holds tensor '{key}' of no layer listed in its header; expected '<layer>.<tensor>' for a listed layer")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            where = "the shared tensors" if layer == SHARED_KEY else f"layer '{layer}'"
+            raise UserError(f"adapter file '{path}': tensor '{name}' of {where} holds NaN or infinite values; the adapter is unusable (retrain it or use an earlier checkpoint)")
+        tensors[layer][name] = tensor
+    return tensors
 
 
 def adapter_info(path: str | Path) -> dict[str, Any]:
     """Method, config, base model and metadata of an adapter file, without loading a model."""
-    header, tensors = read_adapter_file(path)
+    file = read_adapter_file(path)
     return {
-        "method": header["method"],
-        "config": json.loads(header["config"]),
-        "layers": json.loads(header["layers"]),
-        "base_model": header.get("base_model", ""),
-        "num_trainable": int(header.get("num_trainable", "0")),
-        "metadata": json.loads(header.get("metadata", "{}")),
-        "file_size": Path(path).stat().st_size,
+        "method": file.method,
+        "config": file.config,
+        "layers": file.layers,
+        "base_model": file.base_model,
+        "num_trainable": file.num_trainable,
+        "metadata": file.metadata,
+        "file_size": file.path.stat().st_size,
     }
 
-
-def load_adapter(root: nn.Module, path: str | Path) -> Adapter:
-    """Attach the adapter stored in `path` to `root`, checking that every target layer matches."""
-    header, tensors = read_adapter_file(path)
-    layers: dict[str, list[int]] = json.loads(header["layers"])
-    modules = dict(root.named_modules())
-    for name, shape in layers.items():
-        module = modules.get(name)
-        if module is None or not hasattr(module, "weight"):
-            raise UserError(f"adapter '{path}' targets layer '{name}', which this model does not have; it was saved for another architecture ({header.get('base_model') or 'unknown base'})")
-        if list(module.weight.shape) != shape:
-            raise UserError(f"adapter '{path}' expects layer '{name}' with weight shape {tuple(shape)}, this model has {tuple(module.weight.shape)}; it was saved for another architecture")
-    per_layer: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layers}
-    per_layer[SHARED_KEY] = {}
-    for key, tensor in tensors.items():
-        if key.startswith(SHARED_KEY + "."):
-            per_layer[SHARED_KEY][key[len(SHARED_KEY) + 1 :]] = tensor
-            continue
-        layer, _, tensor_name = key.rpartition(".")
-        per_layer[layer][tensor_name] = tensor
-    config = json.loads(header["config"])
-    adapter = attach(root, header["method"], _saved=per_layer, _targets=list(layers), **config)
-    for name, slot in adapter.slots.items():
-        slot.load_tensors({k: v.to(slot.base.weight.device) for k, v in per_layer[name].items()})
-    adapter.metadata = json.loads(header.get("metadata", "{}"))
-    return adapter

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import personalize as P
-from personalize.adapters.base import DeltaSlot
+from personalize.adapters.slots import DeltaSlot
 from personalize.benchmark import BenchConfig, parse_method_spec, resolve_specs, run_benchmark, write_markdown
 from personalize.cli import main
 

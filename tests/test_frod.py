@@ -145,7 +145,8 @@ def test_density_option(density):
 )
 def test_bad_options_are_user_errors(bad):
     (key, value), = bad.items()
-    with pytest.raises(P.UserError, match=f"frod {key} .*{value!r}"):
+    # a wrong type is the option parser's message, a wrong value the method's: both name option and value
+    with pytest.raises(P.UserError, match=rf"(frod {key} |option '{key}' of method 'frod' ).*{value!r}"):
         P.attach(tiny_unet(), "frod", **bad)
 
 
@@ -190,7 +191,7 @@ def test_single_layer_group(style, target, rank, tmp_path):
     (name, slot), = adapter.slots.items()
     assert int(torch.count_nonzero(adapter.deltas()[name])) == 0, "delta not exactly zero at init"
     with torch.no_grad():  # exact up to float32 rounding: the full form runs B (I + K) V^T with B V^T = W0
-        assert rel(run_unet(unet, inputs), base) < 1e-6
+        assert rel(run_unet(unet, inputs), base) < 1e-5  # ADAPTERS.md: unchanged at init, 1e-5 relative in float32
     live = int((slot.adapter.inv_sigma > 0).sum())
     assert live == rank, "directions outside the row space of a rank-deficient stack must be dead"
     u, sigma, vt = layer_factors(slot)
@@ -306,11 +307,14 @@ def test_too_wide_layers_are_refused():
 
 
 def test_missing_basis_in_file_is_a_user_error(tmp_path):
-    from safetensors.torch import save_file
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     path = tmp_path / "a.safetensors"
     P.attach(tiny_unet(), "frod").save(str(path))
-    header, tensors = read_adapter_file(path)
+    with safe_open(str(path), framework="pt") as handle:
+        header = handle.metadata()
+    tensors = load_file(str(path))
     save_file({k: v for k, v in tensors.items() if not k.startswith(SHARED_KEY)}, str(path), metadata=header)
     with pytest.raises(P.UserError, match="no FRoD basis"):
         P.load_adapter(tiny_unet(), str(path))
@@ -345,11 +349,11 @@ def test_reload_in_a_fresh_process_is_exact(tmp_path):
     info = P.adapter_info(str(path))
     assert info["config"]["density"] == 0.02 and info["config"]["seed"] == 7
     assert info["layers"] == {n: list(s.base.weight.shape) for n, s in adapter.slots.items()}
-    _, stored = read_adapter_file(path)
+    stored = read_adapter_file(path).tensors
     for name, slot in adapter.slots.items():
-        assert stored[f"{name}.s_index"].dtype == torch.int32
-        assert torch.equal(stored[f"{name}.s_index"], slot.adapter.s_index)
-        assert torch.equal(stored[f"{SHARED_KEY}.{slot.adapter.group}.vt"], slot.adapter.basis.vt)
+        assert stored[name]["s_index"].dtype == torch.int32
+        assert torch.equal(stored[name]["s_index"], slot.adapter.s_index)
+        assert torch.equal(stored[SHARED_KEY][f"{slot.adapter.group}.vt"], slot.adapter.basis.vt)
     subprocess.run(
         [sys.executable, "-c", FRESH_PROCESS, str(path), style, str(torch.get_num_threads())],
         check=True,

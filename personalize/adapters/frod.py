@@ -44,18 +44,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import (
-    SHARED_KEY,
-    AdapterConfig,
-    DeltaSlot,
-    LayerAdapter,
-    Method,
-    Slot,
-    TrainDefaults,
-    compute_dtype,
-    register,
-    weight_2d,
-)
+from .base import SHARED_KEY, AdapterConfig, LayerAdapter, Method, TrainDefaults, compute_dtype, register, weight_2d
+from .slots import DeltaSlot, Slot, cheapest
 
 log = logging.getLogger(__name__)
 
@@ -297,15 +287,13 @@ FULL_FORM_TOLERANCE = 1e-6  # relative |B_i V^T - W_i| below which the layer may
 class FRoDSlot(DeltaSlot):
     """Runs one FRoD layer in the cheapest of three exact forms (`choose_form`)."""
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _adapted(self, x: torch.Tensor) -> torch.Tensor:
         base, adapter = self.base, self.adapter
-        if not self.live or adapter.scale == 0.0:
-            return self._run(x, base.weight)
         form = self.choose_form(x)
         if form == "weight":
             with torch.autocast(device_type=base.weight.device.type, enabled=False):  # compose in float32
                 delta = adapter.delta_weight()
-            return self._run(x, torch.add(base.weight, delta.to(base.weight.dtype), alpha=adapter.scale))
+            return self._composed(x, delta)
         conv = isinstance(base, nn.Conv2d)
         rows = x.movedim(1, -1) if conv else x  # channels last: (..., n)
         dtype = compute_dtype(x)
@@ -322,7 +310,7 @@ class FRoDSlot(DeltaSlot):
         return y.movedim(-1, 1) if conv else y
 
     def choose_form(self, x: torch.Tensor) -> str:
-        """The form with the fewest multiply-adds for the `N` tokens of `x`:
+        """The form `cheapest` picks from FRoD's per-form multiply-adds for the `N` tokens of `x`:
 
         - "weight": compose `W0 + scale B K V^T` (`out n^2`), one matmul (`N out n`); training adds the
           composition's backward and the weight gradient;
@@ -344,7 +332,7 @@ class FRoDSlot(DeltaSlot):
         }
         if adapter.rebuilds_w0:
             costs["full"] = passes * tokens * (out * n + n * n)
-        return min(costs, key=costs.__getitem__)
+        return cheapest(costs)
 
 
 def decomposition_device(device: torch.device) -> torch.device:
@@ -357,6 +345,7 @@ class FRoD(Method):
     description = "FRoD: full-rank updates in a basis shared by same-role layers, diagonal + sparse rotations"
     config_cls = FRoDConfig
     layer_cls = FRoDLayer
+    slot_cls = FRoDSlot
     train_defaults = TrainDefaults(
         lr=5e-4,
         steps=1000,
@@ -419,17 +408,6 @@ class FRoD(Method):
                     s_index = check_index(saved.get(name, {}).get("s_index"), n, count, name)
                 adapters[name] = FRoDLayer(group, basis, layers[name].weight, b, inv_sigma, s_index)
         return adapters
-
-    @classmethod
-    def attach_layers(
-        cls,
-        layers: dict[str, nn.Module],
-        config: FRoDConfig,
-        saved: dict[str, dict[str, torch.Tensor]] | None = None,
-        root: nn.Module | None = None,
-    ) -> dict[str, Slot]:
-        adapters = cls.build_layers(layers, config, saved)
-        return {name: FRoDSlot(layers[name], adapters[name]) for name in layers}
 
     @classmethod
     def shared_tensors(cls, slots: dict[str, Slot]) -> dict[str, torch.Tensor]:

@@ -11,23 +11,32 @@ LU pivot choice can differ across devices; on load the factorisation is redone w
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import AdapterConfig, LayerAdapter, Method, TrainDefaults, compose, register, weight_2d
+from .base import AdapterConfig, LayerAdapter, Method, TrainDefaults, register, weight_2d
+from .factors import compose
+
+log = logging.getLogger(__name__)
 
 INITS = ("ldu", "uniform")
+UNIFORM_NOTE = (
+    "init='uniform' starts away from W0 by design (loldu.txt Table V): the untrained adapter already "
+    "changes the model's output; init='ldu' (default) starts exactly at W0"
+)
 
 
 @dataclass
 class LoLDUConfig(AdapterConfig):
     rank: int = 32  # paper SD setting (Table X): rank 32
     alpha: float = 32.0  # paper SD setting: alpha 32, so sigma0 = alpha / rank = 1
-    # "ldu" (default): z0 = diag(D), exact start. "uniform": z ~ U(-1, 1) re-drawn after the residual
-    # was built (paper Table V's best); the model then does NOT start at W0.
+    # "ldu" (default): z0 = diag(D), exact start at W0. "uniform": z ~ U(-1, 1) re-drawn after the
+    # residual was built (paper Table V's best): by design the model does NOT start at W0 (the untrained
+    # adapter already changes the output); `personalize methods loldu` says so and attach warns.
     init: str = "ldu"
 
 
@@ -104,6 +113,26 @@ class LoLDU(Method):
     config_cls = LoLDUConfig
     layer_cls = LoLDULayer
     train_defaults = TrainDefaults(lr=5e-4, steps=1000, source="loldu.txt Table X: rank 32, alpha 32, lr 5e-4, constant, 1000 steps")
+
+    notes = (UNIFORM_NOTE,)
+
+    @classmethod
+    def build_layers(
+        cls,
+        layers: dict[str, nn.Module],
+        config: LoLDUConfig,
+        saved: dict[str, dict[str, torch.Tensor]] | None = None,
+    ) -> dict[str, LayerAdapter]:
+        if saved is None and config.init == "uniform":  # a loaded adapter brings its trained z instead
+            log.warning("loldu: %s", UNIFORM_NOTE)
+        for name, layer in layers.items():
+            perm = (saved or {}).get(name, {}).get("perm")
+            rows = layer.weight.shape[0]
+            if perm is not None and not (
+                perm.dim() == 1 and not perm.is_floating_point() and torch.equal(perm.sort().values.long(), torch.arange(rows))
+            ):
+                raise UserError(f"LoLDU pivot order 'perm' of layer '{name}' must be a permutation of its {rows} rows")
+        return super().build_layers(layers, config, saved)
 
     @classmethod
     def validate(cls, config: LoLDUConfig) -> None:

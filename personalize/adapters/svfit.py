@@ -2,7 +2,8 @@
 
 `W0 = U diag(s) V^T`; the update is `delta = U_r diag(ds) V_r^T` with `ds (r,)` zero at init.
 Saving only `ds` is safe: `u_i v_i^T` is invariant to the joint sign flip of an SVD pair, so the
-basis is recomputed from W0 on load.
+basis is recomputed from W0 on load. At full rank with float32 weights the layer may run through
+`U diag(s + scale * ds) V^T` alone (`weight_factors`); 16-bit weights always keep W0 in the forward.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import AdapterConfig, LayerAdapter, Method, TrainDefaults, compose, register, weight_2d
+from .base import AdapterConfig, LayerAdapter, Method, TrainDefaults, register, weight_2d
+from .factors import compose
 
 
 @dataclass
@@ -29,8 +31,11 @@ class SVFitLayer(LayerAdapter):
         u, s, vh = torch.linalg.svd(w, full_matrices=False)  # (out, k), (k,), (k, in)
         self.register_buffer("u", u[:, :rank].contiguous(), persistent=False)  # (out, r)
         self.register_buffer("vh", vh[:rank].contiguous(), persistent=False)  # (r, in)
-        # Full rank: U diag(s) V^T is W0 (up to rounding), so the layer can run as U diag(s + ds) V^T alone.
-        self.register_buffer("s", s.contiguous() if rank == min(w.shape) else None, persistent=False)  # (r,)
+        # Full rank: U diag(s) V^T is W0 up to float32 rounding, so the layer may run as U diag(s + ds) V^T
+        # alone. Not for 16-bit weights: that form computes in 16 bits, rounding U, s and V^T, and at init
+        # would no longer give the base layer's output bit for bit (the W0 forms add an exact zero).
+        exact_basis = rank == min(w.shape) and layer.weight.dtype.itemsize >= 4
+        self.register_buffer("s", s.contiguous() if exact_basis else None, persistent=False)  # (r,)
         self.ds = nn.Parameter(torch.zeros(rank, device=w.device))  # (r,)
         self.weight_shape = tuple(layer.weight.shape)
 
@@ -38,7 +43,7 @@ class SVFitLayer(LayerAdapter):
         return [self.u, self.ds, self.vh]  # (out, r), (r,), (r, in)
 
     def weight_factors(self, scale: float) -> list[torch.Tensor] | None:
-        if self.s is None:  # a truncated basis does not reproduce W0
+        if self.s is None:  # a truncated basis does not reproduce W0; 16-bit weights keep the exact path
             return None
         return [self.u, self.s + scale * self.ds, self.vh]  # (out, r), (r,), (r, in)
 

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..adapters.base import Slot
+from ..adapters.slots import Slot
 from ..allocator import tune_cpu_allocator
 from ..inject import Adapter, attach
 from .config import FLOOR, REFERENCE, BenchConfig, MethodSpec, resolve_specs

@@ -21,5 +21,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  presets: {', '.join(method.presets)} (default {method.default_preset})")
             for field in dataclasses.fields(method.config_cls):
                 print(f"  --option {field.name}={field.default!r}")
+            for note in method.notes:
+                print(f"  note: {note}")
             print(f"  training defaults: lr {defaults.lr:g}, {defaults.steps} steps ({defaults.source})")
     return 0

@@ -25,7 +25,7 @@ from ..atomic import make_writable_dir, remove_empty_dirs, write_json_atomic
 from ..data import validate_instance_images
 from ..errors import UserError
 from ..inject import attach
-from ..io import load_adapter
+from ..inject import load_adapter
 from ..models import load_pipeline
 from . import checkpoint as ckpt
 from .callbacks import CallbackList, Progress, TrainCallback, TrainResult

@@ -6,7 +6,7 @@ import torch
 
 from app.base_model import BaseModel
 from personalize import METHODS, attach
-from personalize.adapters.base import ADAPTER_ATTR
+from personalize.adapters.slots import ADAPTER_ATTR
 from personalize.models import tiny_unet
 
 
