@@ -4,7 +4,6 @@ pretraining never sees, and the judge reading clean renders."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from personalize.shapes import judge as J
 from personalize.shapes import world as W
@@ -64,7 +63,6 @@ def test_prompt_attributes():
     assert J.prompt_attributes("a photo of sks shape") == {}
 
 
-@pytest.mark.skipif(not J.WEIGHTS.is_file(), reason="judge weights not built")
 def test_judge_reads_clean_renders():
     rng = np.random.default_rng(11)
     scenes = [W.random_scene(rng, shapes=W.ALL_SHAPES, patterns=W.ALL_PATTERNS) for _ in range(200)]
