@@ -58,7 +58,7 @@ class _Recorder(TrainCallback):
 
     def on_prepare(self, stage: str, done: int, total: int) -> None:
         with self.jobs.lock:
-            self.jobs.state.phase = f"preparing {stage} ({done}/{total})"
+            self.jobs.state.phase = f"{stage} ({done}/{total})"
 
     def on_start(self, config: TrainConfig, total_steps: int, num_trainable: int) -> None:
         with self.jobs.lock:

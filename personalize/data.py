@@ -27,6 +27,9 @@ IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".we
 ACCEPTED = ", ".join(IMAGE_SUFFIXES)
 MIN_SIDE = 64  # px: below this an image carries too little of the subject to learn from (and below one SD latent tile)
 MAX_PIXELS = 150_000_000  # above the largest camera sensors (150 MP); guards against decompression bombs (~450 MB decoded)
+# DreamBooth learns a subject from 3-5 photos (Ruiz et al. 2023, §4.1). Far beyond that (more than 20)
+# the paper-default steps see each photo only a few times and preparation takes longer: warn, train anyway.
+MANY_IMAGES = 20
 BACKGROUND = (255, 255, 255)  # transparent pixels become white: cut-out product/subject photos are meant on white
 
 
@@ -83,6 +86,15 @@ def validate_instance_images(paths: str | os.PathLike | Sequence[str | os.PathLi
     if problems:
         raise UserError(f"{len(problems)} of {len(files)} instance images cannot be used: " + "; ".join(problems))
     return [str(f) for f in files]
+
+
+def many_images_note(count: int) -> str | None:
+    """A one-line warning when `count` instance images are far more than DreamBooth expects, else None."""
+    if count <= MANY_IMAGES:
+        return None
+    return (f"{count} instance images: DreamBooth expects 3-5 photos of one subject (more than {MANY_IMAGES} is unusual); "
+            "training goes on, but each photo is seen only about steps/images times, so consider more steps "
+            "or fewer, more varied photos")
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
@@ -170,15 +182,20 @@ def _to_srgb(image: Image.Image, icc: bytes) -> Image.Image:
     return converted
 
 
+def square_crop(width: int, height: int, resolution: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Where `fit_square` cuts: the resized (width, height) and the crop's (left, top) in it, px."""
+    factor = resolution / min(width, height)
+    size = (max(resolution, round(width * factor)), max(resolution, round(height * factor)))
+    return size, ((size[0] - resolution) // 2, (size[1] - resolution) // 2)
+
+
 def fit_square(image: Image.Image, resolution: int) -> Image.Image:
     """Resize so the shorter side is `resolution`, then crop the centre square."""
     width, height = image.size
     if min(width, height) < resolution:
         log.info("upscaling a %dx%d image to %d px; photos at least as large as the training size work better", width, height, resolution)
-    factor = resolution / min(width, height)
-    size = (max(resolution, round(width * factor)), max(resolution, round(height * factor)))
+    size, (left, top) = square_crop(width, height, resolution)
     resized = image.resize(size, Image.Resampling.LANCZOS)
-    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
     return resized.crop((left, top, left + resolution, top + resolution))
 
 
@@ -188,6 +205,14 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
 
 
-def load_training_images(files: Sequence[str | os.PathLike], resolution: int) -> torch.Tensor:
-    """(n, 3, resolution, resolution) tensors of the images, ready for the VAE."""
-    return torch.stack([image_to_tensor(fit_square(load_image(f), resolution)) for f in files])
+def load_training_images(files: Sequence[str | os.PathLike], resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 3, resolution, resolution) tensors of the images, ready for the VAE, and (n, 4) the geometry
+    of each crop: original height and width, crop top and left in the resized image (SDXL conditions
+    on them: `original_size` and `crops_coords_top_left`, as its training scripts pass them)."""
+    images, geometry = [], []
+    for file in files:
+        image = load_image(file)
+        (_, _), (left, top) = square_crop(image.width, image.height, resolution)
+        images.append(image_to_tensor(fit_square(image, resolution)))
+        geometry.append([image.height, image.width, top, left])
+    return torch.stack(images), torch.tensor(geometry, dtype=torch.float32)

@@ -16,7 +16,7 @@ import gradio as gr
 import pandas as pd
 
 from personalize import METHODS, get_method
-from personalize.data import validate_instance_images
+from personalize.data import many_images_note, validate_instance_images
 from personalize.errors import UserError
 from personalize.train import TrainConfig, load_config
 from personalize.training.config import MIXED_PRECISION, resolve
@@ -62,6 +62,8 @@ def check_uploads(files: list[str] | None) -> tuple[list[str], list[str]]:
 
 def upload_message(accepted: list[str], rejected: list[str]) -> str:
     lines = [f"{len(accepted)} image(s) accepted." if accepted else "No usable image yet."]
+    if note := many_images_note(len(accepted)):
+        lines.append(f"**Note:** {html.escape(note)}")
     if rejected:
         lines.append(f"**{len(rejected)} file(s) rejected:**")
         lines += [f"- {html.escape(line)}" for line in rejected]

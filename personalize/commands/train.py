@@ -66,7 +66,7 @@ def parse_options(items: list[str]) -> dict[str, str]:
 
 
 class TqdmProgress(TrainCallback):
-    """A progress bar for preparation stages and for the training steps."""
+    """A progress bar for each preparation stage (class images, encoding, evaluation) and the training steps."""
 
     def __init__(self) -> None:
         self.bar: tqdm | None = None
@@ -75,7 +75,7 @@ class TqdmProgress(TrainCallback):
     def on_prepare(self, stage: str, done: int, total: int) -> None:
         if self.stage != stage:
             self._close()
-            self.bar, self.stage = tqdm(total=total, desc=stage, unit="img"), stage
+            self.bar, self.stage = tqdm(total=total, desc=stage), stage
         self.bar.n = done
         self.bar.refresh()
 

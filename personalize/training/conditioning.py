@@ -1,7 +1,7 @@
 """Text conditioning for the UNet, computed once with the frozen text encoder(s) and cached.
 
 SD 1.x / 2.x condition on the text encoder's hidden states; SDXL also on the pooled embedding of
-its second encoder and on six size/crop "time ids". Both come from the pipeline's own
+its second encoder and on six size/crop "time ids" (per training image: its original size and crop). Both come from the pipeline's own
 `encode_prompt`, so whatever the pipeline does at inference (clip skip, zeroed empty prompts)
 is what training sees.
 """
@@ -32,6 +32,12 @@ class Conditioning:
         join = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
         return Conditioning(torch.cat([self.embeds, other.embeds]), join(self.pooled, other.pooled), join(self.time_ids, other.time_ids))
 
+    def with_time_ids(self, time_ids: torch.Tensor) -> Conditioning:
+        """This conditioning with SDXL's (n, 6) size/crop ids replaced (unchanged for SD 1.x/2.x, which have none)."""
+        if self.time_ids is None:
+            return self
+        return Conditioning(self.embeds, self.pooled, time_ids.to(self.time_ids.device, self.time_ids.dtype))
+
     def unet_kwargs(self) -> dict:
         kwargs: dict = {"encoder_hidden_states": self.embeds}
         if self.pooled is not None:
@@ -58,7 +64,8 @@ def encode_prompts(pipe, prompts: list[str], device: torch.device, resolution: i
         positive, negative = out
         return Conditioning(positive), Conditioning(negative)
     positive, negative, pooled, negative_pooled = out
-    # SDXL micro-conditioning (original size, crop top-left, target size): the images are resized and
-    # centre-cropped to a square, and inference defaults to (res, res, 0, 0, res, res), so train with that.
+    # SDXL micro-conditioning (original size, crop top-left, target size): (res, res, 0, 0, res, res) is
+    # what inference uses; training replaces it per image with the photo's own size and crop
+    # (`Conditioning.with_time_ids`), as diffusers' and kohya's SDXL trainers do.
     time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * len(prompts), device=device, dtype=positive.dtype)
     return Conditioning(positive, pooled, time_ids), Conditioning(negative, negative_pooled, time_ids.clone())

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from ..data import load_training_images
+from ..data import load_training_images, square_crop
 
 EPOCH_SEED_STRIDE = 1_000_003  # separates the per-epoch permutation seeds of different runs
 
@@ -25,6 +25,16 @@ class LatentSet:
     std: torch.Tensor  # (n, c, h, w)
     scale: float
     shift: float
+    geometry: torch.Tensor | None = None  # (n, 4): original height, width, crop top, left (px); None = square, uncropped
+
+    def time_ids(self, index: torch.Tensor, resolution: int) -> torch.Tensor:
+        """(b, 6) SDXL micro-conditioning of rows `index`: original size, crop top-left, target size."""
+        if self.geometry is None:
+            geometry = torch.tensor([[resolution, resolution, 0, 0]], dtype=torch.float32).expand(len(index), 4)
+        else:
+            geometry = self.geometry[index.cpu()]
+        target = torch.tensor([[resolution, resolution]], dtype=torch.float32).expand(len(index), 2)
+        return torch.cat([geometry, target], dim=1)
 
     def __len__(self) -> int:
         return self.mean.shape[0]
@@ -62,16 +72,28 @@ def encode_images(vae, images: torch.Tensor, batch_size: int, device: torch.devi
     return LatentSet(torch.cat(means), torch.cat(stds), float(config.scaling_factor), float(shift))
 
 
-def encode_files(vae, files: Sequence, resolution: int, batch_size: int, device: torch.device, flip: bool = False) -> LatentSet:
+def encode_files(vae, files: Sequence, resolution: int, batch_size: int, device: torch.device, flip: bool = False,
+                 progress: Callable[[int, int], None] | None = None) -> LatentSet:
     """Load, crop and encode image files in chunks (never all decoded images in memory at once).
-    With `flip`, the mirrored images follow the originals (rows n..2n-1)."""
-    parts = []
+    With `flip`, the mirrored images follow the originals (rows n..2n-1), their crop mirrored too.
+    `progress(done, total)` is called after each chunk (images encoded, mirrored ones included)."""
+    parts, geometry = [], []
+    total = len(files) * (2 if flip else 1)
     for mirrored in (False, True) if flip else (False,):
         for start in range(0, len(files), batch_size):
-            images = load_training_images(files[start : start + batch_size], resolution)  # (b, 3, res, res)
-            parts.append(encode_images(vae, torch.flip(images, dims=[3]) if mirrored else images, batch_size, device))
+            images, crops = load_training_images(files[start : start + batch_size], resolution)  # (b, 3, res, res), (b, 4)
+            if mirrored:
+                images = torch.flip(images, dims=[3])
+                # the crop's left edge measured from the right: resized width - left - res
+                resized_width = torch.tensor([square_crop(int(w), int(h), resolution)[0][0] for h, w in crops[:, :2].tolist()])
+                crops[:, 3] = resized_width - crops[:, 3] - resolution
+            parts.append(encode_images(vae, images, batch_size, device))
+            geometry.append(crops)
+            if progress is not None:
+                progress(sum(len(p) for p in parts), total)
     first = parts[0]
-    return LatentSet(torch.cat([p.mean for p in parts]), torch.cat([p.std for p in parts]), first.scale, first.shift)
+    return LatentSet(torch.cat([p.mean for p in parts]), torch.cat([p.std for p in parts]), first.scale, first.shift,
+                     torch.cat(geometry))
 
 
 def epoch_indices(count: int, position: int, size: int, seed: int) -> torch.Tensor:

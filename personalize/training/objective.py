@@ -7,6 +7,7 @@ The target follows the scheduler config of the base model: the noise for epsilon
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,28 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
     return clipped / ratio
 
 
+def dreambooth_loss(errors: torch.Tensor, weights: torch.Tensor | None, instances: int, prior_loss_weight: float) -> torch.Tensor:
+    """DreamBooth's loss from (b,) per-sample errors, instance rows first, class rows after them:
+    mean(weights * instance errors) + prior_loss_weight * mean(class errors).
+
+    Min-SNR `weights` apply to the instance rows only, as in diffusers' DreamBooth scripts: the prior
+    loss keeps the class where it was at every noise level, and reweighting it would move that anchor.
+    """
+    instance, prior = errors[:instances], errors[instances:]
+    if weights is not None:
+        instance = instance * weights[:instances]
+    if len(prior) == 0:
+        return instance.mean()
+    return instance.mean() + prior_loss_weight * prior.mean()
+
+
+def evaluation_images(count: int, limit: int) -> torch.Tensor:
+    """Indices of at most `limit` of `count` instance images, evenly spaced (all of them when count <= limit)."""
+    if count <= limit:
+        return torch.arange(count)
+    return torch.linspace(0, count - 1, limit).round().long()
+
+
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(b,) mean squared error of each sample, in float32."""
     return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=tuple(range(1, prediction.ndim)))
@@ -79,7 +102,8 @@ class EvalSet:
         return cls(latents[index.to(latents.device)], noise, timesteps.to(latents.device), conditioning.take(index))
 
     @torch.no_grad()
-    def loss(self, unet, scheduler, batch_size: int, autocast) -> float:
+    def loss(self, unet, scheduler, batch_size: int, autocast, progress: Callable[[int, int], None] | None = None) -> float:
+        """Mean error over the set; `progress(done, total)` after each batch (rows = images x timesteps)."""
         total, count = 0.0, 0
         for start in range(0, len(self.timesteps), batch_size):
             part = slice(start, start + batch_size)
@@ -91,4 +115,6 @@ class EvalSet:
             errors = per_sample_mse(prediction, target_for(scheduler, latents, noise, timesteps))
             total += errors.sum().item()
             count += len(errors)
+            if progress is not None:
+                progress(count, len(self.timesteps))
         return total / count

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import shutil
 import threading
 import time
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from ..atomic import make_writable_dir, remove_empty_dirs, write_json_atomic
-from ..data import validate_instance_images
+from ..data import many_images_note, validate_instance_images
 from ..errors import UserError
 from ..inject import attach
 from ..inject import load_adapter
@@ -32,7 +33,8 @@ from .callbacks import CallbackList, Progress, TrainCallback, TrainResult
 from .conditioning import Conditioning, encode_prompts
 from .config import TrainConfig, resolve
 from .latents import encode_files, epoch_indices
-from .objective import EvalSet, min_snr_weights, per_sample_mse, target_for, training_scheduler
+from .objective import (EvalSet, dreambooth_loss, evaluation_images, min_snr_weights, per_sample_mse, target_for,
+                        training_scheduler)
 from .outputs import (ADAPTER_FILE, CHECKPOINTS_DIR, CONFIG_FILE, RESULT_FILE, SAMPLES_DIR, TENSORBOARD_DIR, TrainLog,
                       check_output_dir, clear_run)
 from .prior import default_class_dir, ensure_class_images, existing_class_images
@@ -61,6 +63,8 @@ class Trainer:
         self.config = resolve(config)
         self.cancel = cancel or threading.Event()
         self.instance_files = [str(Path(f).absolute()) for f in validate_instance_images(self.config.instance_images)]
+        if note := many_images_note(len(self.instance_files)):
+            log.warning(note)
         self.output_dir = Path(self.config.output_dir).expanduser().resolve()
         self.mixed_precision = resolve_mixed_precision(self.config.mixed_precision, self.config.cpu)
         self.optimizer_cls = self.optimizer_class()
@@ -142,13 +146,15 @@ class Trainer:
         self.instance_cond, _ = encode_prompts(pipe, [c.prompt(c.instance_prompt)], device, self.resolution)
         if c.validation_every and c.validation_prompts:
             self.validation_cond = encode_prompts(pipe, [c.prompt(p) for p in c.validation_prompts], device, self.resolution)
-        self.instance = encode_files(pipe.vae, self.instance_files, self.resolution, c.eval_batch_size, device, c.random_flip)
+        self.instance = encode_files(pipe.vae, self.instance_files, self.resolution, c.eval_batch_size, device, c.random_flip,
+                                     progress=lambda done, total: self.hooks.on_prepare("encoding images", done, total))
         self.classes = None
         if c.prior_preservation:
             self.class_cond, _ = encode_prompts(pipe, [c.prompt(c.class_prompt)], device, self.resolution)
             class_files = self.class_images()
             if class_files:
-                self.classes = encode_files(pipe.vae, class_files, self.resolution, c.eval_batch_size, device)
+                self.classes = encode_files(pipe.vae, class_files, self.resolution, c.eval_batch_size, device,
+                                            progress=lambda done, total: self.hooks.on_prepare("encoding class images", done, total))
 
         set_seed(c.seed)  # adapter initialisation (LoRA's gaussian A) and anything else drawing from global RNGs
         if self.resume_from is not None:
@@ -172,9 +178,11 @@ class Trainer:
         self.lr_scheduler = get_scheduler(name, optimizer, num_warmup_steps=c.lr_warmup_steps, num_training_steps=c.steps)
         self.model, self.optimizer = acc.prepare(pipe.unet, optimizer)
 
-        count = len(self.instance_files)
-        self.eval_set = EvalSet.build(self.scheduler, self.instance.means()[:count],
-                                      self.instance_cond.take(torch.zeros(count, dtype=torch.long)), c.eval_timesteps)
+        # at most eval_images photos, evenly spaced (unflipped rows), each with its own SDXL size/crop ids
+        chosen = evaluation_images(len(self.instance_files), c.eval_images)
+        conditioning = self.instance_cond.take(torch.zeros(len(chosen), dtype=torch.long))
+        self.eval_set = EvalSet.build(self.scheduler, self.instance.means()[chosen.to(self.instance.mean.device)],
+                                      conditioning.with_time_ids(self.instance.time_ids(chosen, self.resolution)), c.eval_timesteps)
 
     def class_images(self) -> list[Path]:
         c, acc = self.config, self.accelerator
@@ -183,7 +191,7 @@ class Trainer:
         if self.main:
             ensure_class_images(self.pipe, folder, c.prompt(c.class_prompt), c.class_images, self.resolution,
                                 c.sample_steps, c.class_batch_size,
-                                progress=lambda done, total: self.hooks.on_prepare("class images", done, total),
+                                progress=lambda done, total: self.hooks.on_prepare("generating class images", done, total),
                                 stop=self.cancel.is_set)
         acc.wait_for_everyone()
         return existing_class_images(folder)[: c.class_images]
@@ -205,10 +213,12 @@ class Trainer:
         index = epoch_indices(len(self.instance), slot * c.batch_size, c.batch_size, c.seed)
         latents = self.instance.sample(index, self.generator)  # (b, c, h, w)
         conditioning = self.instance_cond.take(torch.zeros(c.batch_size, dtype=torch.long))
+        conditioning = conditioning.with_time_ids(self.instance.time_ids(index, self.resolution))  # SDXL: each photo's size/crop
         if self.classes is not None:
             class_index = epoch_indices(len(self.classes), slot * c.batch_size, c.batch_size, c.seed + 1)
             latents = torch.cat([latents, self.classes.sample(class_index, self.generator)])  # (2b, c, h, w)
-            conditioning = conditioning.cat(self.class_cond.take(torch.zeros(c.batch_size, dtype=torch.long)))
+            class_cond = self.class_cond.take(torch.zeros(c.batch_size, dtype=torch.long))
+            conditioning = conditioning.cat(class_cond.with_time_ids(self.classes.time_ids(class_index, self.resolution)))
         return latents, conditioning
 
     def loss(self, latents: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
@@ -219,12 +229,9 @@ class Trainer:
         timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),), generator=self.generator).to(device)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         prediction = self.model(noisy.to(self.weight_dtype), timesteps, **conditioning.unet_kwargs()).sample
-        errors = per_sample_mse(prediction, target_for(self.scheduler, latents, noise, timesteps))  # (b,)
-        if c.snr_gamma is not None:
-            errors = errors * min_snr_weights(self.scheduler, timesteps, c.snr_gamma)
-        if self.classes is None:
-            return errors.mean()
-        return errors[: c.batch_size].mean() + c.prior_loss_weight * errors[c.batch_size :].mean()
+        errors = per_sample_mse(prediction, target_for(self.scheduler, latents, noise, timesteps))  # (b,) or (2b,)
+        weights = min_snr_weights(self.scheduler, timesteps, c.snr_gamma) if c.snr_gamma is not None else None
+        return dreambooth_loss(errors, weights, c.batch_size, c.prior_loss_weight)
 
     def optimiser_step(self, step: int) -> float:
         c, acc = self.config, self.accelerator
@@ -243,12 +250,13 @@ class Trainer:
         return acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
 
     # --- evaluation, samples, checkpoints --------------------------------------------------------
-    def evaluate(self) -> float:
+    def evaluate(self, stage: str) -> float:
         unet = self.accelerator.unwrap_model(self.model)
         was_training = unet.training
         unet.eval()
         try:
-            return self.eval_set.loss(unet, self.scheduler, self.config.eval_batch_size, self.accelerator.autocast)
+            return self.eval_set.loss(unet, self.scheduler, self.config.eval_batch_size, self.accelerator.autocast,
+                                      progress=lambda done, total: self.hooks.on_prepare(stage, done, total))
         finally:
             unet.train(was_training)
 
@@ -285,6 +293,14 @@ class Trainer:
             self.log.write({"step": step, "event": "checkpoint", "path": str(path)})
         acc.wait_for_everyone()
 
+    def non_finite_message(self, step: int, loss: float) -> str:
+        """Why the run stopped; nothing is saved after a non-finite step, so earlier files stay good."""
+        c = self.config
+        found = ckpt.latest_checkpoint(self.output_dir / CHECKPOINTS_DIR)
+        kept = f"the last good checkpoint is {found} (continue with resume)" if found else "no checkpoint was saved yet"
+        return (f"training stopped at step {step}: the loss is {loss} (not a finite number), so no adapter was saved; "
+                f"{kept}; try a lower lr (now {c.lr:g}) or mixed_precision 'no' or 'bf16'")
+
     # --- the run ---------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         try:
@@ -305,7 +321,7 @@ class Trainer:
                 log.warning("checkpoint %s has no random state for process %d; its noise will differ", self.resume_from, self.rank)
             log.info("resuming from %s (step %d of %d)", self.resume_from, step, c.steps)
         else:
-            eval_start = self.evaluate()
+            eval_start = self.evaluate("evaluation before training")
         resumed_from = step if self.resume_from is not None else None
         tracker = None
         if self.main:
@@ -335,6 +351,8 @@ class Trainer:
                     cancelled = True
                     break
                 loss = self.optimiser_step(step)
+                if not math.isfinite(loss):
+                    raise UserError(self.non_finite_message(step + 1, loss))
                 step += 1
                 recent.append(loss)
                 now = time.perf_counter()
@@ -369,7 +387,7 @@ class Trainer:
             self.adapter.save(adapter_path, metadata=self.adapter_metadata(step))
             if not cancelled:
                 self.validate(step)
-        eval_end = self.evaluate()
+        eval_end = self.evaluate("evaluation after training")
         result = TrainResult(
             adapter_path=str(adapter_path), output_dir=str(self.output_dir), steps_done=step, cancelled=cancelled,
             eval_loss_start=eval_start, eval_loss_end=eval_end, num_trainable=self.adapter.num_trainable,
