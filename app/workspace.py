@@ -30,6 +30,7 @@ from typing import Any
 
 from personalize.atomic import atomic_path, write_json_atomic
 from personalize.errors import UserError
+from personalize.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,13 @@ class Concept:
     file_size: int | None = None
     wall_time: float | None = None
     message: str = ""  # why training failed, for the Concepts tab
+
+    @classmethod
+    def from_config(cls, concept_id: str, name: str, config: TrainConfig) -> Concept:
+        """The record of a concept about to train with `config` (an effective config: steps and lr filled in)."""
+        return cls(id=concept_id, name=name, method=config.method, base_model=config.base_model, token=config.token,
+                   class_noun=config.class_noun, steps=config.steps, lr=config.lr, method_options=dict(config.method_options),
+                   prior_preservation=config.prior_preservation)
 
     @property
     def prompt(self) -> str:
@@ -202,11 +210,12 @@ class Workspace:
         write_json_atomic(self.folder(concept.id) / CONCEPT_FILE, dataclasses.asdict(concept))
 
     def create(self, concept: Concept, images: list[str]) -> Concept:
-        """Store a new concept: a fresh folder, copies of `images`, concept.json; sets id and created."""
+        """Store a new concept: a fresh folder, copies of `images`, concept.json; sets created, and the id
+        unless one was reserved with `new_id`."""
         concept.name = check_name(concept.name)
         if self.find_by_name(concept.name):
             raise UserError(f"a concept named '{concept.name}' already exists; choose another name or delete it first")
-        concept.id = self._new_id(concept.name)
+        concept.id = concept.id or self.new_id(concept.name)
         concept.created = concept.created or now_iso()
         target = self.images_dir(concept.id)
         target.mkdir(parents=True)
@@ -221,7 +230,8 @@ class Workspace:
         self.save(concept)
         return concept
 
-    def _new_id(self, name: str) -> str:
+    def new_id(self, name: str) -> str:
+        """A free folder name for a concept called `name` (its paths are known before it is created)."""
         base = slug(name)
         concept_id = base
         while self.folder(concept_id).exists():

@@ -8,18 +8,29 @@ The output folder holds adapter.safetensors, config.json (the effective config),
 log.jsonl, samples/ (validation grids) and checkpoints/. Progress goes to `TrainCallback`s;
 `cancel.set()` stops after the current step and still saves the adapter. Run under
 `accelerate launch` for multi-GPU (DDP). The pieces live in `personalize.training`.
+
+Front ends (the CLI, the app, the examples) build configs with `effective_config`: file and
+settings merged, the method's paper defaults filled in, every value checked, before any model loads.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from .data import validate_instance_images
 from .training.callbacks import Progress, TrainCallback, TrainResult
 from .allocator import tune_cpu_allocator
-from .training.config import TrainConfig, load_config
+from .training.config import MIXED_PRECISION, TrainConfig, load_config, resolve
 from .training.trainer import Trainer
+
+
+def effective_config(path: str | Path | None = None, **settings: Any) -> TrainConfig:
+    """The config `train` will run: `load_config(path, **settings)` with the method's paper defaults
+    (steps, lr) filled in and every value checked; invalid settings raise `UserError`."""
+    return resolve(load_config(path, **settings))
 
 
 def train(config: TrainConfig, callbacks: Sequence[TrainCallback] = (), cancel: threading.Event | None = None) -> TrainResult:
@@ -28,4 +39,5 @@ def train(config: TrainConfig, callbacks: Sequence[TrainCallback] = (), cancel: 
     return Trainer(config, callbacks, cancel).run()
 
 
-__all__ = ["Progress", "TrainCallback", "TrainConfig", "TrainResult", "load_config", "train", "validate_instance_images"]
+__all__ = ["MIXED_PRECISION", "Progress", "TrainCallback", "TrainConfig", "TrainResult", "effective_config", "load_config", "train",
+           "validate_instance_images"]

@@ -18,8 +18,7 @@ import pandas as pd
 from personalize import METHODS, get_method
 from personalize.data import many_images_note, validate_instance_images
 from personalize.errors import UserError
-from personalize.train import TrainConfig, load_config
-from personalize.training.config import MIXED_PRECISION, resolve
+from personalize.train import MIXED_PRECISION, TrainConfig, effective_config
 
 from ..feedback import guarded, human_count, human_duration, human_size, message_of
 from ..jobs import JobState
@@ -189,24 +188,19 @@ def build(state: AppState) -> dict[str, Any]:
         if not images:
             raise UserError("no usable concept images: upload 3-5 photos of the subject first")
         concept_name = check_name(concept_name)
-        method_options = parse_options(chosen, rows)
-        concept = Concept(
-            id="", name=concept_name, method=chosen, base_model=state.base.name, token=str(token_text).strip(),
-            class_noun=str(noun).strip(), steps=0, lr=0.0, method_options=method_options, prior_preservation=bool(use_prior),
+        concept_id = state.workspace.new_id(concept_name)
+        # the library's front door (as the CLI): empty steps / learning rate mean the method's paper defaults,
+        # and every value is checked here, before anything is stored or the job starts
+        config = effective_config(
+            instance_images=str(state.workspace.images_dir(concept_id)),
+            output_dir=str(state.workspace.train_dir(concept_id)),
+            base_model=state.base.name, method=chosen, method_options=parse_options(chosen, rows),
+            token=str(token_text).strip(), class_noun=str(noun).strip(), steps=n_steps, lr=rate,
+            prior_preservation=bool(use_prior), class_images=n_class, validation_every=every,
+            sample_steps=n_sample, resolution=size or None, mixed_precision=precision, seed=seed_value,
         )
-        concept = state.workspace.create(concept, images)
-        try:  # empty steps / learning rate mean the method's paper defaults
-            config = load_config(
-                instance_images=str(state.workspace.images_dir(concept.id)),
-                output_dir=str(state.workspace.train_dir(concept.id)),
-                base_model=state.base.name, method=chosen, method_options=method_options,
-                token=concept.token, class_noun=concept.class_noun, steps=n_steps, lr=rate,
-                prior_preservation=concept.prior_preservation, class_images=n_class, validation_every=every,
-                sample_steps=n_sample, resolution=size or None, mixed_precision=precision, seed=seed_value,
-            )
-            effective = resolve(config)  # every value checked now, before the job starts
-            concept.steps, concept.lr = effective.steps, effective.lr
-            state.workspace.save(concept)
+        concept = state.workspace.create(Concept.from_config(concept_id, concept_name, config), images)
+        try:
             state.jobs.start(concept, config)
         except Exception:
             state.workspace.delete(concept.id)

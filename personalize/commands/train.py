@@ -16,7 +16,7 @@ import typing
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..train import Progress, TrainCallback, TrainConfig, TrainResult, load_config, train
+from ..train import Progress, TrainCallback, TrainConfig, TrainResult, effective_config, train
 from ..training.config import FIELDS
 
 SHORT = {"output_dir": ["--output"]}  # extra spellings of some flags
@@ -110,7 +110,7 @@ class TqdmProgress(TrainCallback):
 def run(args: argparse.Namespace) -> int:
     overrides = {name: value for name, value in vars(args).items() if name in FIELDS}
     overrides["method_options"] = parse_options(args.option)
-    config = load_config(args.config, **overrides)
+    config = effective_config(args.config, **overrides)
     cancel = threading.Event()
 
     def stop(signum, frame) -> None:  # first Ctrl-C: finish this step and save; second: abort

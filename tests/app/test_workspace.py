@@ -104,3 +104,18 @@ def test_bad_ids_and_default_location(tmp_path, monkeypatch):
         space.folder("../outside")
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     assert default_workspace() == tmp_path / "data" / "personalize"
+
+
+def test_concept_record_comes_from_the_effective_config(tmp_path):
+    from personalize import get_method
+    from personalize.train import effective_config
+
+    space = Workspace(tmp_path / "ws")
+    concept_id = space.new_id("My Cat")
+    config = effective_config(instance_images=str(space.images_dir(concept_id)), output_dir=str(space.train_dir(concept_id)),
+                              base_model="tiny", method="svfit", class_noun="cat", method_options={"rank": "4"})
+    concept = space.create(Concept.from_config(concept_id, "My Cat", config), make_images(tmp_path, 1))
+    stored = space.get(concept_id)
+    defaults = get_method("svfit").train_defaults
+    assert concept.id == concept_id and (stored.steps, stored.lr) == (defaults.steps, defaults.lr)  # no 0 placeholders
+    assert stored.method_options["rank"] == 4 and stored.class_noun == "cat" and stored.base_model == "tiny"
