@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import _common as common
+
 import personalize
 from metrics import markdown_table, write_comparison
 from personalize.atomic import write_text_atomic

@@ -23,12 +23,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import _common as common
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
-import _common as common
 from metrics import load_dreambench, markdown_table, write_comparison
 from personalize.atomic import atomic_path, write_text_atomic
 from personalize.data import list_image_files

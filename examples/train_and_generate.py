@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 import _common as common
+
 import personalize
 from metrics import markdown_table
 from personalize.models import load_pipeline

@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .allocator import tune_cpu_allocator
 from .data import validate_instance_images
 from .training.callbacks import Progress, TrainCallback, TrainResult
-from .allocator import tune_cpu_allocator
 from .training.config import MIXED_PRECISION, TrainConfig, load_config, resolve
 from .training.trainer import Trainer
 

@@ -13,8 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from personalize.data import (MAX_PIXELS, MIN_SIDE, fit_square, image_to_tensor, list_image_files, load_image,
-                              validate_instance_images)
+from personalize.data import MAX_PIXELS, MIN_SIDE, fit_square, image_to_tensor, list_image_files, load_image, validate_instance_images
 from personalize.errors import UserError
 
 

@@ -32,7 +32,8 @@ def build(state: AppState) -> dict[str, Any]:
         concept = gr.Dropdown(label="Concept", elem_id="eval-concept")
         run = gr.Dropdown(label="Generated images (one Generate click each)", elem_id="eval-run")
     with gr.Row():
-        embedders = gr.Dropdown(EMBEDDER_CHOICES, value="tiny" if state.base.is_builtin else "default", label="Embedders", elem_id="eval-embedders")
+        embedders = gr.Dropdown(EMBEDDER_CHOICES, value="tiny" if state.base.is_builtin else "default",
+                                label="Embedders", elem_id="eval-embedders")
         metric_names = gr.CheckboxGroup(list(METRICS), value=list(DEFAULT_METRICS), label="Metrics", elem_id="eval-metrics")
     button = gr.Button("Evaluate", variant="primary", elem_id="eval-button")
     status = gr.Markdown(elem_id="eval-status")

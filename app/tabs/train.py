@@ -122,12 +122,16 @@ def build(state: AppState) -> dict[str, Any]:
         with gr.Column(scale=6):
             name = gr.Textbox(label="Concept name", placeholder="e.g. my dog", elem_id="train-name")
             with gr.Row():
-                token = gr.Textbox(label="Token", value=train_default("token"), info="rare word that stands for the subject", elem_id="train-token")
-                class_noun = gr.Textbox(label="Class noun", value=train_default("class_noun"), info="what the subject is: dog, person, mug", elem_id="train-class")
+                token = gr.Textbox(label="Token", value=train_default("token"),
+                                   info="rare word that stands for the subject", elem_id="train-token")
+                class_noun = gr.Textbox(label="Class noun", value=train_default("class_noun"),
+                                        info="what the subject is: dog, person, mug", elem_id="train-class")
             method = gr.Dropdown(method_choices(), value=default_method, label="Method", elem_id="train-method")
             with gr.Row():
-                steps = gr.Number(label="Steps", value=defaults.steps, precision=0, minimum=1, info="empty = the method's paper default", elem_id="train-steps")
-                lr = gr.Number(label="Learning rate", value=defaults.lr, minimum=0, step=1e-5, info="empty = the method's paper default", elem_id="train-lr")
+                steps = gr.Number(label="Steps", value=defaults.steps, precision=0, minimum=1,
+                                  info="empty = the method's paper default", elem_id="train-steps")
+                lr = gr.Number(label="Learning rate", value=defaults.lr, minimum=0, step=1e-5,
+                               info="empty = the method's paper default", elem_id="train-lr")
             defaults_note = gr.Markdown(f"Paper defaults: {html.escape(defaults.source)}")
             options = gr.Dataframe(
                 value=option_rows(default_method), headers=COLUMNS, datatype="str", interactive=True,

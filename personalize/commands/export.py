@@ -23,19 +23,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--format",
         default=DEFAULT_FORMAT,
         metavar="|".join(FORMATS),
-        help=f"diffusers: PEFT keys for pipe.load_lora_weights; kohya: lora_unet_* keys for A1111, ComfyUI and diffusers (default {DEFAULT_FORMAT})",
+        help="diffusers: PEFT keys for pipe.load_lora_weights; kohya: lora_unet_* keys for A1111, ComfyUI and diffusers "
+        f"(default {DEFAULT_FORMAT})",
     )
     parser.add_argument("--rank", type=int, metavar="R", help="largest LoRA rank per layer (alone: every layer gets min(R, its rank))")
     parser.add_argument(
         "--energy",
         type=float,
         metavar="E",
-        help=f"per layer, the smallest rank keeping this share of the update's squared norm, at most --rank (default {DEFAULT_ENERGY} when --rank is not given)",
+        help="per layer, the smallest rank keeping this share of the update's squared norm, at most --rank "
+        f"(default {DEFAULT_ENERGY} when --rank is not given)",
     )
     parser.add_argument("--output", required=True, metavar="OUT", help="the LoRA file to write (.safetensors)")
-    parser.add_argument("--base-model", default=None, help="base model the adapter was trained on (default: the one recorded in the adapter file)")
+    parser.add_argument("--base-model", default=None,
+                        help="base model the adapter was trained on (default: the one recorded in the adapter file)")
     parser.add_argument("--device", default=None, help="where to compute the updates and SVDs (default: cuda, then mps, then cpu)")
-    parser.add_argument("--dtype", default=DEFAULT_DTYPE, metavar="|".join(DTYPES), help=f"dtype of the stored factors (default {DEFAULT_DTYPE})")
+    parser.add_argument("--dtype", default=DEFAULT_DTYPE, metavar="|".join(DTYPES),
+                        help=f"dtype of the stored factors (default {DEFAULT_DTYPE})")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,7 +23,8 @@ SHORT = {"output_dir": ["--output"]}  # extra spellings of some flags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="TOML file (or config.json of an earlier run) with training settings; flags override it")
+    parser.add_argument("--config", metavar="FILE",
+                        help="TOML file (or config.json of an earlier run) with training settings; flags override it")
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                         help="a method option, e.g. --option rank=8 (repeatable; see `personalize methods NAME`)")
     hints = typing.get_type_hints(TrainConfig)

@@ -6,9 +6,9 @@ The trainer knows nothing about its UI: it calls these hooks on the main process
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from collections.abc import Sequence
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -51,10 +51,12 @@ class TrainConfig:
     token: str = field(default="sks", metadata=_help("rare identifier token bound to the subject (DreamBooth §3.2)"))
     class_noun: str = field(default="person", metadata=_help("the subject's class, e.g. dog, backpack, person"))
     instance_prompt: str = field(default="a photo of {token} {class_noun}", metadata=_help("training prompt template (DreamBooth §3.2)"))
-    class_prompt: str = field(default="a photo of {class_noun}", metadata=_help("prompt of the prior-preservation class images (DreamBooth §3.3)"))
+    class_prompt: str = field(default="a photo of {class_noun}",
+                              metadata=_help("prompt of the prior-preservation class images (DreamBooth §3.3)"))
     steps: int | None = field(default=None, metadata=_help("optimiser steps; default: the method's paper value (docs/training.md)"))
     lr: float | None = field(default=None, metadata=_help("learning rate of the main parameter group; default: the method's paper value"))
-    resolution: int | None = field(default=None, metadata=_help("training size in px; default: the base model's native size (512 for SD 1.5)"))
+    resolution: int | None = field(default=None,
+                                   metadata=_help("training size in px; default: the base model's native size (512 for SD 1.5)"))
     # Batch 1: the DreamBooth-LoRA examples of diffusers and kohya train 3-5 images at batch size 1.
     batch_size: int = field(default=1, metadata=_help("instance images per step and process (plus as many class images)"))
     gradient_accumulation_steps: int = field(default=1, metadata=_help("micro-batches per optimiser step"))
@@ -62,11 +64,13 @@ class TrainConfig:
     prior_preservation: bool = field(default=True, metadata=_help("add the class-prior loss on generated class images (DreamBooth §3.3)"))
     class_images: int = field(default=100, metadata=_help("class images to generate or reuse (diffusers' default 100)"))
     prior_loss_weight: float = field(default=1.0, metadata=_help("weight of the prior loss (DreamBooth: lambda = 1)"))
-    class_data_dir: str | None = field(default=None, metadata=_help("folder of class images; default: a cache shared by runs with the same model, prompt, size"))
+    class_data_dir: str | None = field(
+        default=None, metadata=_help("folder of class images; default: a cache shared by runs with the same model, prompt, size"))
     class_batch_size: int = field(default=4, metadata=_help("images per batch when generating class images (diffusers' default 4)"))
     # DPM-Solver++ (Lu et al. 2022) converges in 20-25 steps; used for class images and validation samples.
     sample_steps: int = field(default=25, metadata=_help("denoising steps for class images and validation samples (DPM-Solver++)"))
-    validation_prompts: list[str] = field(default_factory=lambda: list(VALIDATION_PROMPTS), metadata=_help("fixed prompts rendered at each validation"))
+    validation_prompts: list[str] = field(default_factory=lambda: list(VALIDATION_PROMPTS),
+                                          metadata=_help("fixed prompts rendered at each validation"))
     validation_every: int = field(default=100, metadata=_help("render validation samples every N steps and at the end; 0 = off"))
     validation_guidance: float = field(default=7.5, metadata=_help("classifier-free guidance of validation samples (SD's usual 7.5)"))
     checkpoint_every: int = field(default=100, metadata=_help("save a resumable checkpoint every N steps; 0 = only at the end"))
@@ -81,9 +85,11 @@ class TrainConfig:
     adam_epsilon: float = field(default=1e-8, metadata=_help("AdamW epsilon (default)"))
     weight_decay: float = field(default=1e-4, metadata=_help("AdamW weight decay (diffusers' DreamBooth-LoRA value)"))
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm (diffusers and kohya default); 0 = off"))
-    lr_scheduler: str = field(default="constant", metadata=_help("constant | cosine | linear (LoLDU and DreamBooth-LoRA train at constant lr)"))
+    lr_scheduler: str = field(default="constant",
+                              metadata=_help("constant | cosine | linear (LoLDU and DreamBooth-LoRA train at constant lr)"))
     lr_warmup_steps: int = field(default=0, metadata=_help("linear warm-up steps before the schedule"))
-    snr_gamma: float | None = field(default=None, metadata=_help("Min-SNR loss weighting gamma (Hang et al. 2023 suggest 5); off by default"))
+    snr_gamma: float | None = field(default=None,
+                                    metadata=_help("Min-SNR loss weighting gamma (Hang et al. 2023 suggest 5); off by default"))
     noise_offset: float = field(default=0.0, metadata=_help("offset noise strength (Guttenberg 2023; 0.05-0.1 typical); off by default"))
     random_flip: bool = field(default=False, metadata=_help("also train on mirrored images (off: subjects are often asymmetric)"))
     eval_timesteps: int = field(default=8, metadata=_help("timesteps per instance image in the fixed evaluation set"))

@@ -6,9 +6,8 @@ as diffusers' DreamBooth script does with `--cache_latents`: no VAE pass per ste
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 

@@ -13,8 +13,8 @@ import json
 import logging
 import os
 import re
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from PIL.PngImagePlugin import PngInfo

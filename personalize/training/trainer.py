@@ -16,27 +16,34 @@ import shutil
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from collections.abc import Sequence
 
 import torch
 
 from ..atomic import make_writable_dir, remove_empty_dirs, write_json_atomic
 from ..data import many_images_note, validate_instance_images
 from ..errors import UserError
-from ..inject import attach
-from ..inject import load_adapter
+from ..inject import attach, load_adapter
 from ..models import load_pipeline
 from . import checkpoint as ckpt
 from .callbacks import CallbackList, Progress, TrainCallback, TrainResult
 from .conditioning import Conditioning, encode_prompts
 from .config import TrainConfig, resolve
 from .latents import encode_files, epoch_indices
-from .objective import (EvalSet, dreambooth_loss, evaluation_images, min_snr_weights, per_sample_mse, target_for,
-                        training_scheduler)
-from .outputs import (ADAPTER_FILE, CHECKPOINTS_DIR, CONFIG_FILE, RESULT_FILE, SAMPLES_DIR, TENSORBOARD_DIR, TrainLog,
-                      check_output_dir, clear_run)
+from .objective import EvalSet, dreambooth_loss, evaluation_images, min_snr_weights, per_sample_mse, target_for, training_scheduler
+from .outputs import (
+    ADAPTER_FILE,
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    RESULT_FILE,
+    SAMPLES_DIR,
+    TENSORBOARD_DIR,
+    TrainLog,
+    check_output_dir,
+    clear_run,
+)
 from .prior import default_class_dir, ensure_class_images, existing_class_images
 from .samples import render_samples, save_grid
 

@@ -40,7 +40,8 @@ def test_cli_train_thirty_steps(photos, class_dir, tmp_path, capsys):
     print(f"30-step CLI run: {elapsed:.1f}s, eval loss {result['eval_loss_start']:.4f} -> {result['eval_loss_end']:.4f}")
     assert result["steps_done"] == 30 and not result["cancelled"]
     assert result["eval_loss_end"] < result["eval_loss_start"]
-    assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "checkpoints", "config.json", "log.jsonl", "result.json", "samples"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter.safetensors", "checkpoints", "config.json", "log.jsonl", "result.json", "samples"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000020", "step_000030"]  # last 2 kept
     assert sorted(p.name for p in (out / "checkpoints" / "step_000030").iterdir()) == [
         "adapter.safetensors", "optimizer.pt", "rng_0.pt", "scheduler.pt", "state.json"]
