@@ -81,11 +81,16 @@ def base_output():
         return inputs, run_unet(unet, inputs)
 
 
+# LoHa's update is a Hadamard product of two small products: at alpha = r the perturbation below moves
+# the tiny UNet's output by under 1%, so it is exported at a larger alpha.
+EXPORT_OPTIONS = {"loha": {"alpha": 64.0}}
+
+
 @pytest.mark.parametrize("method", P.METHODS)
 def test_full_rank_export_reproduces_the_adapted_unet(method, components, base_output, tmp_path):
     inputs, base = base_output
     unet = tiny_unet("sd1")
-    adapter = perturbed(unet, method)
+    adapter = perturbed(unet, method, **EXPORT_OPTIONS.get(method, {}))
     deltas = adapter.deltas()
     with torch.no_grad():
         adapted = run_unet(unet, inputs)
