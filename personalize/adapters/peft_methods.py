@@ -34,8 +34,6 @@ from ..errors import UserError
 from .base import AdapterConfig, TrainDefaults, register
 from .peft_slot import PeftMethod
 
-PEFT_SOURCE = "peft 0.21.2"
-
 
 def _fan_in(layer: nn.Module) -> int:
     return layer.weight[0].numel()  # in (Linear) or in*k*k (Conv2d)
