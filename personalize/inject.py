@@ -13,6 +13,7 @@ any error the model is left exactly as it was.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -58,7 +59,7 @@ def check_free(name: str, module: nn.Module) -> None:
 
 def check_scale(value: object, what: str = "adapter scale") -> float:
     """`value` as a float if it is a finite number; UserError otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise UserError(f"{what} must be a finite number (1 = as trained, 0 = off), got {value!r}")
     return float(value)
 
@@ -306,7 +307,7 @@ def _check_tensors(file: AdapterFile, method: type[Method], slots: dict[str, Slo
     expected = {name: slot.saved_tensors() for name, slot in slots.items()}
     expected[SHARED_KEY] = method.shared_tensors(slots)
     for layer, wanted in expected.items():
-        where = "the shared tensors" if layer == SHARED_KEY else f"layer '{layer}'"
+        where = "the shared section" if layer == SHARED_KEY else f"layer '{layer}'"
         found = file.tensors.get(layer, {})
         missing, unknown = sorted(set(wanted) - set(found)), sorted(set(found) - set(wanted))
         if missing or unknown:

@@ -86,7 +86,7 @@ def read_adapter_file(path: str | Path) -> AdapterFile:
     for name, shape in layers.items():
         if not (isinstance(shape, list) and shape and all(isinstance(d, int) and d > 0 for d in shape)):
             raise UserError(f"adapter file '{path}' lists layer '{name}' with weight shape {shape!r}; expected a list of positive integers")
-    file = AdapterFile(
+    return AdapterFile(
         path=path,
         method=method,
         config=_entry(path, header, "config", dict),
@@ -96,7 +96,6 @@ def read_adapter_file(path: str | Path) -> AdapterFile:
         num_trainable=int(header["num_trainable"]) if header.get("num_trainable", "").isdigit() else 0,
         metadata=_entry(path, header, "metadata", dict, default="{}"),
     )
-    return file
 
 
 def _entry(path: Path, header: dict[str, str], key: str, kind: type, default: str | None = None) -> Any:
@@ -126,7 +125,7 @@ def _split_keys(path: Path, flat: dict[str, torch.Tensor], layers: dict[str, lis
         elif layer not in layers:
             raise UserError(f"adapter file '{path}' holds tensor '{key}' of no layer listed in its header; expected '<layer>.<tensor>' for a listed layer")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            where = "the shared tensors" if layer == SHARED_KEY else f"layer '{layer}'"
+            where = "the shared section" if layer == SHARED_KEY else f"layer '{layer}'"
             raise UserError(f"adapter file '{path}': tensor '{name}' of {where} holds NaN or infinite values; the adapter is unusable (retrain it or use an earlier checkpoint)")
         tensors[layer][name] = tensor
     return tensors

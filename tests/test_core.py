@@ -56,8 +56,8 @@ def test_unknown_option_and_preset():
         P.attach(tiny_unet(), "svfit", rnak=3)
     with pytest.raises(P.UserError, match="unknown preset 'everything'"):
         P.attach(tiny_unet(), "svfit", preset="everything")
-    with pytest.raises(P.UserError, match="unknown method 'dora'"):
-        P.attach(tiny_unet(), "dora")
+    with pytest.raises(P.UserError, match="unknown method 'nomethod'"):
+        P.attach(tiny_unet(), "nomethod")
 
 
 def test_file_for_another_architecture_names_the_layer(tmp_path):
@@ -117,3 +117,31 @@ def test_parameter_groups_default_lr():
     groups = adapter.parameter_groups()
     assert [g["lr"] for g in groups] == [5e-4]
     assert sum(p.numel() for g in groups for p in g["params"]) == adapter.num_trainable
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_svfit_full_rank_on_16_bit_weights_starts_bit_identical(dtype):
+    """Few tokens on a wide layer favour x through `U diag(s + ds) V^T` alone; with 16-bit weights that
+    form would round U, s, V^T, so SVFit keeps W0 in the forward there (issue 13)."""
+    torch.manual_seed(0)
+    root = torch.nn.Sequential(torch.nn.Linear(64, 64)).to(dtype)
+    x = torch.randn(2, 64).to(dtype)
+    with torch.no_grad():
+        base = root(x)
+    adapter = P.attach(root, "svfit", targets=r"^0$")
+    assert torch.equal(root(x), base)
+    assert adapter.slots["0"].adapter.weight_factors(1.0) is None
+    float32 = P.attach(torch.nn.Sequential(torch.nn.Linear(64, 64)), "svfit", targets=r"^0$")
+    assert float32.slots["0"].adapter.weight_factors(1.0) is not None  # the fast form stays for float32
+
+
+def test_loldu_uniform_init_is_flagged(caplog, capsys):
+    from personalize.cli import main
+
+    with caplog.at_level("WARNING", logger="personalize.adapters.loldu"):
+        P.attach(torch.nn.Sequential(torch.nn.Linear(8, 8)), "loldu", targets=r"^0$", rank=4)
+        assert not caplog.records  # the default init starts at W0: nothing to say
+        P.attach(torch.nn.Sequential(torch.nn.Linear(8, 8)), "loldu", targets=r"^0$", rank=4, init="uniform")
+    assert "init='uniform' starts away from W0" in caplog.text
+    assert main(["methods", "loldu"]) == 0
+    assert "note: init='uniform' starts away from W0" in capsys.readouterr().out
