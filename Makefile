@@ -23,7 +23,10 @@ browser:
 app: $(STAMP)
 	$(BIN)/personalize app $(ARGS)
 
+# Lint and format check first (seconds), then the tests.
 test: $(STAMP) browser
+	$(BIN)/ruff check --quiet .
+	$(BIN)/ruff format --check --quiet .
 	GRADIO_ANALYTICS_ENABLED=False $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:

@@ -14,14 +14,18 @@ from .workspace import default_workspace
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL,
-                        help=f"hub id, diffusers folder, .safetensors file or 'tiny' (default {DEFAULT_BASE_MODEL}; "
-                        "falls back to 'tiny' when it cannot be loaded)")
+    parser.add_argument(
+        "--base-model",
+        default=DEFAULT_BASE_MODEL,
+        help=f"hub id, diffusers folder, .safetensors file or 'tiny' (default {DEFAULT_BASE_MODEL}; "
+        "falls back to 'tiny' when it cannot be loaded)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=None, help="port (default: the first free one from 7860)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
-    parser.add_argument("--workspace", default=str(default_workspace()),
-                        help=f"folder where concepts are kept (default {default_workspace()})")
+    parser.add_argument(
+        "--workspace", default=str(default_workspace()), help=f"folder where concepts are kept (default {default_workspace()})"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,7 +40,11 @@ def run(args: argparse.Namespace) -> int:
     demo = build_app(state)
     demo.queue()
     _, local_url, share_url = demo.launch(
-        server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True, quiet=True,
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        prevent_thread_lock=True,
+        quiet=True,
         **launch_options(state),
     )
     print(f"personalize app running at {local_url}  (workspace {state.workspace.root}; Ctrl+C to stop)", flush=True)

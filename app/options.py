@@ -59,8 +59,7 @@ def parse_options(method: str, rows: Any) -> dict[str, Any]:
     if hasattr(rows, "values") and hasattr(rows, "columns"):  # a pandas DataFrame from gr.Dataframe
         rows = rows.values.tolist()
     cls = get_method(method)
-    texts = {str(row[0]).strip(): "" if row[1] is None else str(row[1]).strip()
-             for row in rows or [] if row and str(row[0]).strip()}
+    texts = {str(row[0]).strip(): "" if row[1] is None else str(row[1]).strip() for row in rows or [] if row and str(row[0]).strip()}
     typed = coerce_options(cls.config_cls, texts, method)
     known = defaults(method)
     return {name: value for name, value in typed.items() if value != known[name]}

@@ -85,9 +85,18 @@ class Concept:
     @classmethod
     def from_config(cls, concept_id: str, name: str, config: TrainConfig) -> Concept:
         """The record of a concept about to train with `config` (an effective config: steps and lr filled in)."""
-        return cls(id=concept_id, name=name, method=config.method, base_model=config.base_model, token=config.token,
-                   class_noun=config.class_noun, steps=config.steps, lr=config.lr, method_options=dict(config.method_options),
-                   prior_preservation=config.prior_preservation)
+        return cls(
+            id=concept_id,
+            name=name,
+            method=config.method,
+            base_model=config.base_model,
+            token=config.token,
+            class_noun=config.class_noun,
+            steps=config.steps,
+            lr=config.lr,
+            method_options=dict(config.method_options),
+            prior_preservation=config.prior_preservation,
+        )
 
     @property
     def prompt(self) -> str:

@@ -41,48 +41,86 @@ def make_parser(doc: str | None, epilog: str) -> argparse.ArgumentParser:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL, metavar="MODEL",
-                        help="Stable Diffusion to personalise: hub id, diffusers folder, .safetensors/.ckpt file, or "
-                        "'tiny' (built-in, random weights, runs offline on a CPU in seconds) (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of training and of the first image of each prompt (image j uses seed+j) "
-                        "(default: %(default)s)")
+    parser.add_argument(
+        "--base-model",
+        default=DEFAULT_BASE_MODEL,
+        metavar="MODEL",
+        help="Stable Diffusion to personalise: hub id, diffusers folder, .safetensors/.ckpt file, or "
+        "'tiny' (built-in, random weights, runs offline on a CPU in seconds) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of training and of the first image of each prompt (image j uses seed+j) (default: %(default)s)",
+    )
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, steps_help: str) -> None:
     parser.add_argument("--steps", type=int, metavar="N", help=steps_help)
-    parser.add_argument("--token", default="sks",
-                        help="rare identifier word bound to the subject (DreamBooth) (default: %(default)s)")
-    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
-                        help="a method option such as rank=8 or preset=attention (repeatable); every trained method "
-                        "gets it, so each must accept it (`personalize methods NAME` lists a method's options)")
-    parser.add_argument("--prior-preservation", action=argparse.BooleanOptionalAction, default=True,
-                        help="train with DreamBooth's class-prior loss on generated class images (default: on)")
-    parser.add_argument("--class-images", type=int, default=100, metavar="N",
-                        help="class images for the prior loss, generated once and cached (default: %(default)s)")
-    parser.add_argument("--train-config", metavar="FILE",
-                        help="TOML file (or an earlier run's config.json) with any other training settings "
-                        "(lr, resolution, mixed_precision, validation_every, ...); the flags above win")
+    parser.add_argument("--token", default="sks", help="rare identifier word bound to the subject (DreamBooth) (default: %(default)s)")
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a method option such as rank=8 or preset=attention (repeatable); every trained method "
+        "gets it, so each must accept it (`personalize methods NAME` lists a method's options)",
+    )
+    parser.add_argument(
+        "--prior-preservation",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train with DreamBooth's class-prior loss on generated class images (default: on)",
+    )
+    parser.add_argument(
+        "--class-images",
+        type=int,
+        default=100,
+        metavar="N",
+        help="class images for the prior loss, generated once and cached (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--train-config",
+        metavar="FILE",
+        help="TOML file (or an earlier run's config.json) with any other training settings "
+        "(lr, resolution, mixed_precision, validation_every, ...); the flags above win",
+    )
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, images_per_prompt: int) -> None:
-    parser.add_argument("--images-per-prompt", type=int, default=images_per_prompt, metavar="N",
-                        help="images per prompt, seeds seed..seed+N-1 (default: %(default)s)")
-    parser.add_argument("--sample-steps", type=int, default=30, metavar="N",
-                        help="denoising steps per image (default: %(default)s)")
-    parser.add_argument("--guidance", type=float, default=7.5,
-                        help="classifier-free guidance scale (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=4, metavar="N",
-                        help="images rendered together; lower it if the GPU runs out of memory (default: %(default)s)")
+    parser.add_argument(
+        "--images-per-prompt",
+        type=int,
+        default=images_per_prompt,
+        metavar="N",
+        help="images per prompt, seeds seed..seed+N-1 (default: %(default)s)",
+    )
+    parser.add_argument("--sample-steps", type=int, default=30, metavar="N", help="denoising steps per image (default: %(default)s)")
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: %(default)s)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=4,
+        metavar="N",
+        help="images rendered together; lower it if the GPU runs out of memory (default: %(default)s)",
+    )
 
 
 def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS), metavar="LIST",
-                        help="comma-separated metrics from dino,dinov2,clip_i,clip_t,vendi,kid,fid "
-                        "(default: %(default)s)")
-    parser.add_argument("--embedders", default="default", choices=("default", "tiny"),
-                        help="'default': the real DINO/CLIP/Inception backbones (downloaded once); 'tiny': random "
-                        "offline stand-ins whose numbers mean nothing, for smoke tests (default: %(default)s)")
+    parser.add_argument(
+        "--metrics",
+        default=",".join(DEFAULT_METRICS),
+        metavar="LIST",
+        help="comma-separated metrics from dino,dinov2,clip_i,clip_t,vendi,kid,fid (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--embedders",
+        default="default",
+        choices=("default", "tiny"),
+        help="'default': the real DINO/CLIP/Inception backbones (downloaded once); 'tiny': random "
+        "offline stand-ins whose numbers mean nothing, for smoke tests (default: %(default)s)",
+    )
 
 
 def run_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int], argv: Sequence[str] | None) -> int:
@@ -132,8 +170,7 @@ def parse_methods(text: str) -> list[str]:
     names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
     unknown = [name for name in names if name not in METHODS]
     if unknown or not names:
-        raise UserError(f"unknown method(s) {', '.join(map(repr, unknown)) or '(none given)'} in --methods; "
-                        f"accepted: {', '.join(METHODS)}")
+        raise UserError(f"unknown method(s) {', '.join(map(repr, unknown)) or '(none given)'} in --methods; accepted: {', '.join(METHODS)}")
     return names
 
 
@@ -144,17 +181,28 @@ def prepare_output(folder: Path, overwrite: bool, resume: bool) -> None:
     if folder.is_file():
         raise UserError(f"--output must be a folder, got the file '{folder}'")
     if folder.is_dir() and any(folder.iterdir()) and not (overwrite or resume):
-        raise UserError(f"output folder '{folder}' is not empty; pass --resume to continue its run, --overwrite to "
-                        "replace it, or choose another --output")
+        raise UserError(
+            f"output folder '{folder}' is not empty; pass --resume to continue its run, --overwrite to "
+            "replace it, or choose another --output"
+        )
 
 
-def train_config(args: argparse.Namespace, images: str | Path, output_dir: Path, method: str, class_noun: str,
-                 **fields: object) -> TrainConfig:
+def train_config(
+    args: argparse.Namespace, images: str | Path, output_dir: Path, method: str, class_noun: str, **fields: object
+) -> TrainConfig:
     """The TrainConfig of one adapter from the shared training flags (+ --train-config and `fields`)."""
     overrides: dict[str, object] = dict(
-        instance_images=str(images), output_dir=str(output_dir), base_model=args.base_model, method=method,
-        token=args.token, class_noun=class_noun, prior_preservation=args.prior_preservation,
-        class_images=args.class_images, seed=args.seed, method_options=parse_options(args.option), **fields,
+        instance_images=str(images),
+        output_dir=str(output_dir),
+        base_model=args.base_model,
+        method=method,
+        token=args.token,
+        class_noun=class_noun,
+        prior_preservation=args.prior_preservation,
+        class_images=args.class_images,
+        seed=args.seed,
+        method_options=parse_options(args.option),
+        **fields,
     )
     if args.steps is not None:
         overrides["steps"] = args.steps
@@ -166,23 +214,33 @@ def train_adapter(config: TrainConfig) -> TrainResult:
     return train(config, callbacks=[TqdmProgress()])
 
 
-def render(pipe, prompts: Sequence[str], adapter: str | Path, args: argparse.Namespace, output_dir: Path,
-           label: str) -> list[GeneratedImage]:
+def render(
+    pipe, prompts: Sequence[str], adapter: str | Path, args: argparse.Namespace, output_dir: Path, label: str
+) -> list[GeneratedImage]:
     """Generate --images-per-prompt images per prompt with one adapter into `output_dir` (PNGs + manifest.jsonl)."""
     if output_dir.exists():
         shutil.rmtree(output_dir)  # the example's own image folder: a rerun replaces its images, never extends them
     num_images = args.images_per_prompt
     with tqdm(total=len(prompts) * num_images, desc=f"generate {label}", unit="img") as bar:
-        return generate(pipe, list(prompts), adapters=[AdapterSpec(str(adapter))], num_images=num_images,
-                        seed=args.seed, steps=args.sample_steps, guidance=args.guidance, output_dir=output_dir,
-                        progress=lambda done, total: bar.update(done - bar.n), batch_size=args.batch_size)
+        return generate(
+            pipe,
+            list(prompts),
+            adapters=[AdapterSpec(str(adapter))],
+            num_images=num_images,
+            seed=args.seed,
+            steps=args.sample_steps,
+            guidance=args.guidance,
+            output_dir=output_dir,
+            progress=lambda done, total: bar.update(done - bar.n),
+            batch_size=args.batch_size,
+        )
 
 
-def evaluate_run(real: str | Path | Mapping[str, Sequence[str | Path]], generated: Path, report_path: Path,
-                 args: argparse.Namespace) -> tuple[dict, dict[str, Path]]:
+def evaluate_run(
+    real: str | Path | Mapping[str, Sequence[str | Path]], generated: Path, report_path: Path, args: argparse.Namespace
+) -> tuple[dict, dict[str, Path]]:
     """Evaluate one folder of generated images; writes report.json/.md/.png and returns (report, paths)."""
-    report = metrics.evaluate(real, generated, metrics=args.metrics, embedders=args.embedders,
-                              placeholder_tokens=[args.token])
+    report = metrics.evaluate(real, generated, metrics=args.metrics, embedders=args.embedders, placeholder_tokens=[args.token])
     return report, metrics.write_report(report, report_path)
 
 

@@ -41,21 +41,31 @@ class TrainingCost:
 def build_parser() -> argparse.ArgumentParser:
     parser = common.make_parser(__doc__, EPILOG)
     parser.add_argument("images", metavar="IMAGES", help="folder with 3-5 photos of the subject")
-    parser.add_argument("--methods", default=",".join(personalize.METHODS), metavar="LIST",
-                        help="comma-separated adapter methods to compare (default: all registered: %(default)s)")
-    parser.add_argument("--class-noun", default="person", metavar="NOUN",
-                        help="the subject's class, e.g. dog, backpack, person (default: %(default)s)")
-    parser.add_argument("--prompt", action="append", metavar="TEXT",
-                        help="prompt to generate (repeatable); {token} and {class_noun} are filled in "
-                        f"(default: {' | '.join(common.DEFAULT_PROMPTS)})")
-    parser.add_argument("--output", type=Path, default=common.default_output(__file__), metavar="DIR",
-                        help="output folder (default: %(default)s)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue each method's training run in --output from its last checkpoint")
+    parser.add_argument(
+        "--methods",
+        default=",".join(personalize.METHODS),
+        metavar="LIST",
+        help="comma-separated adapter methods to compare (default: all registered: %(default)s)",
+    )
+    parser.add_argument(
+        "--class-noun", default="person", metavar="NOUN", help="the subject's class, e.g. dog, backpack, person (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        metavar="TEXT",
+        help=f"prompt to generate (repeatable); {{token}} and {{class_noun}} are filled in (default: {' | '.join(common.DEFAULT_PROMPTS)})",
+    )
+    parser.add_argument(
+        "--output", type=Path, default=common.default_output(__file__), metavar="DIR", help="output folder (default: %(default)s)"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue each method's training run in --output from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace the runs in --output")
     common.add_model_arguments(parser)
-    common.add_training_arguments(parser, steps_help="training steps of every method, the same budget for all "
-                                  "(default: the largest paper value among the compared methods)")
+    common.add_training_arguments(
+        parser,
+        steps_help="training steps of every method, the same budget for all (default: the largest paper value among the compared methods)",
+    )
     common.add_generation_arguments(parser, images_per_prompt=4)
     common.add_evaluation_arguments(parser)
     return parser
@@ -75,8 +85,12 @@ def summary_table(reports: Mapping[str, dict], costs: Mapping[str, TrainingCost]
     lines = [header + " " + " | ".join(extra) + " |", rule + " --- |" * len(extra)]
     for row, label in zip(rows, reports):
         cost = costs[label]
-        cells = [f"{cost.num_trainable:,}", f"{cost.file_bytes / 1024:,.1f} KiB", f"{cost.train_time:.1f} s",
-                 f"{cost.train_time / max(cost.steps, 1):.3f}"]
+        cells = [
+            f"{cost.num_trainable:,}",
+            f"{cost.file_bytes / 1024:,.1f} KiB",
+            f"{cost.train_time:.1f} s",
+            f"{cost.train_time / max(cost.steps, 1):.3f}",
+        ]
         lines.append(row + " " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -92,8 +106,9 @@ def run(args: argparse.Namespace) -> int:
     args.steps = steps
     results = {}
     for method in methods:
-        config = common.train_config(args, args.images, out / method / "train", method, args.class_noun,
-                                     resume=args.resume, overwrite=args.overwrite)
+        config = common.train_config(
+            args, args.images, out / method / "train", method, args.class_noun, resume=args.resume, overwrite=args.overwrite
+        )
         results[method] = common.train_adapter(config)
 
     pipe = load_pipeline(args.base_model)
@@ -102,19 +117,20 @@ def run(args: argparse.Namespace) -> int:
     for method, result in results.items():
         common.render(pipe, prompts, result.adapter_path, args, out / method / "images", method)
         reports[method], _ = common.evaluate_run(args.images, out / method / "images", out / method / "report.json", args)
-        costs[method] = TrainingCost(result.num_trainable, Path(result.adapter_path).stat().st_size,
-                                     result.train_time, result.steps_done)
+        costs[method] = TrainingCost(result.num_trainable, Path(result.adapter_path).stat().st_size, result.train_time, result.steps_done)
 
     paths = write_comparison(reports, out)
     summary = summary_table(reports, costs)
     write_text_atomic(out / "summary.md", f"# Adapter comparison ({steps} steps each)\n\n{summary}\n")
     print()
     print(summary)
-    common.print_written([
-        *(common.Written(f"{method} run", out / method) for method in methods),
-        *(common.Written(f"comparison ({kind})", path) for kind, path in paths.items()),
-        common.Written("summary", out / "summary.md"),
-    ])
+    common.print_written(
+        [
+            *(common.Written(f"{method} run", out / method) for method in methods),
+            *(common.Written(f"comparison ({kind})", path) for kind, path in paths.items()),
+            common.Written("summary", out / "summary.md"),
+        ]
+    )
     return 0
 
 

@@ -92,26 +92,49 @@ class Job:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = common.make_parser(__doc__, EPILOG)
-    parser.add_argument("subjects", type=Path, metavar="SUBJECTS",
-                        help="folder with one subfolder of photos per subject, named as in DreamBench")
+    parser.add_argument(
+        "subjects", type=Path, metavar="SUBJECTS", help="folder with one subfolder of photos per subject, named as in DreamBench"
+    )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--methods", metavar="LIST",
-                        help="comma-separated adapter methods: train one adapter per subject and method, then evaluate")
-    source.add_argument("--adapters", nargs="+", metavar="PATH",
-                        help="trained adapters: a folder with <subject>.safetensors or <subject>/adapter.safetensors "
-                        "files, an adapter file inside such a layout, or SUBJECT=FILE; one report per method")
-    parser.add_argument("--class-noun", action="append", default=[], metavar="NAME=NOUN",
-                        help="class noun of a subject folder that is not a DreamBench subject, or to override one "
-                        "(repeatable), e.g. --class-noun my_mug=mug")
+    source.add_argument(
+        "--methods", metavar="LIST", help="comma-separated adapter methods: train one adapter per subject and method, then evaluate"
+    )
+    source.add_argument(
+        "--adapters",
+        nargs="+",
+        metavar="PATH",
+        help="trained adapters: a folder with <subject>.safetensors or <subject>/adapter.safetensors "
+        "files, an adapter file inside such a layout, or SUBJECT=FILE; one report per method",
+    )
+    parser.add_argument(
+        "--class-noun",
+        action="append",
+        default=[],
+        metavar="NAME=NOUN",
+        help="class noun of a subject folder that is not a DreamBench subject, or to override one "
+        "(repeatable), e.g. --class-noun my_mug=mug",
+    )
     parser.add_argument("--only", metavar="LIST", help="comma-separated subset of the subject folders to use")
-    parser.add_argument("--prompts-per-subject", type=int, default=25, metavar="N",
-                        help="use the first N of the 25 DreamBench prompts (default: %(default)s)")
-    parser.add_argument("--output", type=Path, default=common.default_output(__file__), metavar="DIR",
-                        help="output folder; a rerun with the same folder continues where the last one stopped "
-                        "(default: %(default)s)")
+    parser.add_argument(
+        "--prompts-per-subject",
+        type=int,
+        default=25,
+        metavar="N",
+        help="use the first N of the 25 DreamBench prompts (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=common.default_output(__file__),
+        metavar="DIR",
+        help="output folder; a rerun with the same folder continues where the last one stopped (default: %(default)s)",
+    )
     common.add_model_arguments(parser)
-    common.add_training_arguments(parser, steps_help="training steps per adapter with --methods "
-                                  "(default: each method's paper value); under K processes each step averages K batches (DDP)")
+    common.add_training_arguments(
+        parser,
+        steps_help="training steps per adapter with --methods "
+        "(default: each method's paper value); under K processes each step averages K batches (DDP)",
+    )
     common.add_generation_arguments(parser, images_per_prompt=load_dreambench()["images_per_prompt"])
     common.add_evaluation_arguments(parser)
     return parser
@@ -126,20 +149,25 @@ def read_subjects(folder: Path, class_nouns: Mapping[str, str], only: Sequence[s
         raise UserError(f"subjects folder not found: '{folder}' (expected a folder with one subfolder per subject)")
     names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not names:
-        raise UserError(f"'{folder}' has no subject subfolders; put each subject's photos in a subfolder named "
-                        "after it (e.g. dog/, backpack/)")
+        raise UserError(
+            f"'{folder}' has no subject subfolders; put each subject's photos in a subfolder named after it (e.g. dog/, backpack/)"
+        )
     for flag, wanted in (("--only", only or []), ("--class-noun", class_nouns)):
         missing = sorted(set(wanted) - set(names))
         if missing:
-            raise UserError(f"{flag} names {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
-                            f"a subfolder of '{folder}'; subjects there: {', '.join(names)}")
+            raise UserError(
+                f"{flag} names {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+                f"a subfolder of '{folder}'; subjects there: {', '.join(names)}"
+            )
     names = [name for name in names if not only or name in only]
     data = load_dreambench()
     unknown = [name for name in names if name not in data["subjects"] and name not in class_nouns]
     if unknown:
-        raise UserError(f"subject folder(s) {', '.join(unknown)} are not DreamBench subjects, so their class noun is "
-                        f"unknown; pass --class-noun NAME=NOUN for each (e.g. --class-noun {unknown[0]}=NOUN) or "
-                        f"rename them; DreamBench subjects: {', '.join(data['subjects'])}")
+        raise UserError(
+            f"subject folder(s) {', '.join(unknown)} are not DreamBench subjects, so their class noun is "
+            f"unknown; pass --class-noun NAME=NOUN for each (e.g. --class-noun {unknown[0]}=NOUN) or "
+            f"rename them; DreamBench subjects: {', '.join(data['subjects'])}"
+        )
     live_nouns = {data["subjects"][name] for name in data["live_subjects"]}
     subjects = []
     for name in names:
@@ -192,14 +220,18 @@ def collect_adapters(items: Sequence[str], subjects: Sequence[Subject]) -> dict[
         if path.is_dir() and not sep:
             pairs = [(name, file) for name in names if (file := _adapter_in(path, name)) is not None]
             if not pairs:
-                raise UserError(f"--adapters {item}: no adapter for any subject in this folder; expected "
-                                f"<subject>.safetensors or <subject>/{ADAPTER_FILE} for subjects {', '.join(names)}")
+                raise UserError(
+                    f"--adapters {item}: no adapter for any subject in this folder; expected "
+                    f"<subject>.safetensors or <subject>/{ADAPTER_FILE} for subjects {', '.join(names)}"
+                )
             found += pairs
         elif path.is_file():
             owner = subject if sep else _subject_of(path, names)
             if owner is None:
-                raise UserError(f"--adapters {item}: cannot tell which subject this adapter is for; name it "
-                                f"<subject>.safetensors or <subject>/{ADAPTER_FILE}, or write SUBJECT={path}")
+                raise UserError(
+                    f"--adapters {item}: cannot tell which subject this adapter is for; name it "
+                    f"<subject>.safetensors or <subject>/{ADAPTER_FILE}, or write SUBJECT={path}"
+                )
             found.append((owner, path))
         else:
             raise UserError(f"--adapters {item}: '{path}' does not exist (expected an adapter file or a folder of them)")
@@ -208,8 +240,9 @@ def collect_adapters(items: Sequence[str], subjects: Sequence[Subject]) -> dict[
         method = adapter_info(file)["method"]
         earlier = runs.setdefault(method, {}).get(subject)
         if earlier is not None and earlier.resolve() != file.resolve():
-            raise UserError(f"two {method} adapters for subject '{subject}' ({earlier} and {file}); evaluate them "
-                            "with separate --output folders")
+            raise UserError(
+                f"two {method} adapters for subject '{subject}' ({earlier} and {file}); evaluate them with separate --output folders"
+            )
         runs[method][subject] = file
     for method, per_subject in runs.items():
         missing = [name for name in names if name not in per_subject]
@@ -218,16 +251,16 @@ def collect_adapters(items: Sequence[str], subjects: Sequence[Subject]) -> dict[
     return runs
 
 
-def train_adapters(methods: Sequence[str], subjects: Sequence[Subject], args: argparse.Namespace,
-                   out: Path) -> dict[str, dict[str, Path]]:
+def train_adapters(methods: Sequence[str], subjects: Sequence[Subject], args: argparse.Namespace, out: Path) -> dict[str, dict[str, Path]]:
     """Train (or finish, or reuse) one adapter per method and subject; every process takes part (DDP)."""
     runs: dict[str, dict[str, Path]] = {}
     total = len(methods) * len(subjects)
     for m, method in enumerate(methods):
         for s, subject in enumerate(subjects):
             log.info("[%d/%d] %s on %s", m * len(subjects) + s + 1, total, method, subject.name)
-            config: TrainConfig = common.train_config(args, subject.folder, out / method / "adapters" / subject.name,
-                                                      method, subject.class_noun, resume=True)
+            config: TrainConfig = common.train_config(
+                args, subject.folder, out / method / "adapters" / subject.name, method, subject.class_noun, resume=True
+            )
             result = common.train_adapter(config)
             runs.setdefault(method, {})[subject.name] = Path(result.adapter_path)
     return runs
@@ -246,8 +279,21 @@ def plan_jobs(runs: Mapping[str, Mapping[str, Path]], subjects: Sequence[Subject
                 continue
             token = adapter_info(adapter)["metadata"].get("token") or args.token
             for p, prompt in enumerate(subject_prompts(subject, token, args.prompts_per_subject)):
-                jobs += [Job(run, subject.name, p, i, prompt, args.seed + i, str(adapter.resolve()), args.base_model,
-                             args.sample_steps, args.guidance) for i in range(args.images_per_prompt)]
+                jobs += [
+                    Job(
+                        run,
+                        subject.name,
+                        p,
+                        i,
+                        prompt,
+                        args.seed + i,
+                        str(adapter.resolve()),
+                        args.base_model,
+                        args.sample_steps,
+                        args.guidance,
+                    )
+                    for i in range(args.images_per_prompt)
+                ]
     return jobs
 
 
@@ -268,8 +314,12 @@ def render_groups(jobs: Sequence[Job], batch_size: int) -> list[list[Job]]:
     groups: list[list[Job]] = []
     for job in jobs:
         last = groups[-1][-1] if groups else None
-        if (last is not None and len(groups[-1]) < batch_size and (last.run, last.subject, last.prompt_index)
-                == (job.run, job.subject, job.prompt_index) and job.image_index == last.image_index + 1):
+        if (
+            last is not None
+            and len(groups[-1]) < batch_size
+            and (last.run, last.subject, last.prompt_index) == (job.run, job.subject, job.prompt_index)
+            and job.image_index == last.image_index + 1
+        ):
             groups[-1].append(job)
         else:
             groups.append([job])
@@ -290,9 +340,17 @@ def generate_share(pipe, jobs: Sequence[Job], out: Path, batch_size: int, positi
     with tqdm(total=len(jobs), desc=f"generate {label}", unit="img", position=position) as bar:
         for group in render_groups(jobs, batch_size):
             first = group[0]
-            items = generate(pipe, [first.prompt], adapters=[AdapterSpec(first.adapter)], num_images=len(group),
-                             seed=first.seed, steps=first.steps, guidance=first.guidance, subject=first.subject,
-                             batch_size=batch_size)
+            items = generate(
+                pipe,
+                [first.prompt],
+                adapters=[AdapterSpec(first.adapter)],
+                num_images=len(group),
+                seed=first.seed,
+                steps=first.steps,
+                guidance=first.guidance,
+                subject=first.subject,
+                batch_size=batch_size,
+            )
             for job, item in zip(group, items):
                 assert item.seed == job.seed, (item.seed, job.seed)
                 save_image(item, job, out / job.run / "images")
@@ -321,8 +379,9 @@ def process_state():
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or (several and not torch.cuda.is_available()))
 
 
-def evaluate_runs(runs: Mapping[str, Mapping[str, Path]], subjects: Sequence[Subject], jobs: Sequence[Job],
-                  args: argparse.Namespace) -> None:
+def evaluate_runs(
+    runs: Mapping[str, Mapping[str, Path]], subjects: Sequence[Subject], jobs: Sequence[Job], args: argparse.Namespace
+) -> None:
     """Per run: manifest, report.json/.md/.png; then the comparison of all runs (main process)."""
     out: Path = args.output
     real = {s.name: list_image_files(s.folder, what=f"images of subject '{s.name}'") for s in subjects}
@@ -335,10 +394,12 @@ def evaluate_runs(runs: Mapping[str, Mapping[str, Path]], subjects: Sequence[Sub
     paths = write_comparison(reports, out)
     print()
     print(markdown_table(reports))
-    common.print_written([
-        *(common.Written(f"{run} report", out / run / "report.md") for run in runs),
-        *(common.Written(f"comparison ({kind})", path) for kind, path in paths.items()),
-    ])
+    common.print_written(
+        [
+            *(common.Written(f"{run} report", out / run / "report.md") for run in runs),
+            *(common.Written(f"comparison ({kind})", path) for kind, path in paths.items()),
+        ]
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -361,13 +422,18 @@ def run(args: argparse.Namespace) -> int:
     jobs = plan_jobs(runs, subjects, args)
 
     # The main process decides what is left to render and tells the others, so all split the same list.
-    pending = [[i for i, job in enumerate(jobs) if not is_done(args.output / job.run / "images" / job.file, job)]
-               if state.is_main_process else None]
+    pending = [
+        [i for i, job in enumerate(jobs) if not is_done(args.output / job.run / "images" / job.file, job)]
+        if state.is_main_process
+        else None
+    ]
     broadcast_object_list(pending)
     todo = [jobs[i] for i in pending[0]]
     if state.is_main_process:
-        print(f"{len(jobs)} images in the benchmark, {len(jobs) - len(todo)} already on disk, {len(todo)} to render "
-              f"on {state.num_processes} process(es)")
+        print(
+            f"{len(jobs)} images in the benchmark, {len(jobs) - len(todo)} already on disk, {len(todo)} to render "
+            f"on {state.num_processes} process(es)"
+        )
     with state.split_between_processes(todo) as share:
         if share:
             pipe = load_pipeline(args.base_model, device=state.device)

@@ -27,17 +27,22 @@ EPILOG = """examples:
 def build_parser() -> argparse.ArgumentParser:
     parser = common.make_parser(__doc__, EPILOG)
     parser.add_argument("images", metavar="IMAGES", help="folder with 3-5 photos of the subject")
-    parser.add_argument("--method", default="lora", choices=personalize.METHODS,
-                        help="adapter method (default: %(default)s)")
-    parser.add_argument("--class-noun", default="person", metavar="NOUN",
-                        help="the subject's class, e.g. dog, backpack, person (default: %(default)s)")
-    parser.add_argument("--prompt", action="append", metavar="TEXT",
-                        help="prompt to generate (repeatable); {token} and {class_noun} are filled in "
-                        f"(default: {' | '.join(common.DEFAULT_PROMPTS)})")
-    parser.add_argument("--output", type=Path, default=common.default_output(__file__), metavar="DIR",
-                        help="output folder (default: %(default)s)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the training run in --output from its last checkpoint, then generate anew")
+    parser.add_argument("--method", default="lora", choices=personalize.METHODS, help="adapter method (default: %(default)s)")
+    parser.add_argument(
+        "--class-noun", default="person", metavar="NOUN", help="the subject's class, e.g. dog, backpack, person (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        metavar="TEXT",
+        help=f"prompt to generate (repeatable); {{token}} and {{class_noun}} are filled in (default: {' | '.join(common.DEFAULT_PROMPTS)})",
+    )
+    parser.add_argument(
+        "--output", type=Path, default=common.default_output(__file__), metavar="DIR", help="output folder (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the training run in --output from its last checkpoint, then generate anew"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace the run in --output")
     common.add_model_arguments(parser)
     common.add_training_arguments(parser, steps_help="training steps (default: the method's paper value)")
@@ -50,23 +55,28 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.output
     common.prepare_output(out, args.overwrite, args.resume)
     common.check_generation_arguments(args)
-    config = common.train_config(args, args.images, out / "train", args.method, args.class_noun,
-                                 resume=args.resume, overwrite=args.overwrite)
+    config = common.train_config(
+        args, args.images, out / "train", args.method, args.class_noun, resume=args.resume, overwrite=args.overwrite
+    )
     result = common.train_adapter(config)
-    print(f"trained {args.method}: {result.num_trainable:,} parameters, {result.steps_done} steps in "
-          f"{result.train_time:.1f}s; eval loss {result.eval_loss_start:.4f} -> {result.eval_loss_end:.4f}")
+    print(
+        f"trained {args.method}: {result.num_trainable:,} parameters, {result.steps_done} steps in "
+        f"{result.train_time:.1f}s; eval loss {result.eval_loss_start:.4f} -> {result.eval_loss_end:.4f}"
+    )
 
     pipe = load_pipeline(args.base_model)
     common.render(pipe, args.prompt or common.DEFAULT_PROMPTS, result.adapter_path, args, out / "images", args.method)
     report, paths = common.evaluate_run(args.images, out / "images", out / "report.json", args)
     print()
     print(markdown_table({args.method: report}))
-    common.print_written([
-        common.Written("adapter", Path(result.adapter_path)),
-        common.Written("training run", Path(result.output_dir)),
-        common.Written("images", out / "images"),
-        *(common.Written(f"report ({kind})", path) for kind, path in paths.items()),
-    ])
+    common.print_written(
+        [
+            common.Written("adapter", Path(result.adapter_path)),
+            common.Written("training run", Path(result.output_dir)),
+            common.Written("images", out / "images"),
+            *(common.Written(f"report ({kind})", path) for kind, path in paths.items()),
+        ]
+    )
     return 0
 
 

@@ -10,12 +10,12 @@ from typing import Iterable, Mapping, Sequence, Union
 import torch
 
 from metrics.embedders import ImageEmbedder, default_embedders, shapes_embedders, tiny_embedders
-from metrics.similarity import rowwise_cosine
 from metrics.frechet import check_frechet_sizes
 from metrics.images import open_image
 from metrics.inputs import GeneratedImage, PathLike, RealSource, group_by_subject, read_generated, read_real
 from metrics.prompts import strip_placeholders
 from metrics.scores import METRICS, score_clip_t, score_fid, score_kid, score_pair_cosine, score_vendi
+from metrics.similarity import rowwise_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +31,7 @@ def parse_metrics(metrics: Union[str, Iterable[str]]) -> list[str]:
     names = list(dict.fromkeys(m for m in names if m))
     unknown = [m for m in names if m not in METRICS]
     if unknown or not names:
-        raise ValueError(
-            f"unknown metric(s) {', '.join(map(repr, unknown)) or '(none given)'}; accepted: {', '.join(METRICS)}"
-        )
+        raise ValueError(f"unknown metric(s) {', '.join(map(repr, unknown)) or '(none given)'}; accepted: {', '.join(METRICS)}")
     return names
 
 
@@ -46,9 +44,7 @@ def resolve_embedders(embedders: Embedders, roles: set[str]) -> dict[str, ImageE
         embedders = sets[embedders]()
     missing = sorted(roles - set(embedders))
     if missing:
-        raise ValueError(
-            f"no embedder for role(s) {', '.join(missing)}; the embedders dict needs keys {', '.join(sorted(roles))}"
-        )
+        raise ValueError(f"no embedder for role(s) {', '.join(missing)}; the embedders dict needs keys {', '.join(sorted(roles))}")
     return {role: embedders[role] for role in sorted(roles)}
 
 
@@ -75,8 +71,7 @@ def _prompt_problem(generated: Sequence[GeneratedImage]) -> str | None:
     if not unprompted:
         return None
     return (
-        f"{len(unprompted)} generated image(s) have no prompt (first: {unprompted[0]}); "
-        "give a manifest.jsonl or a 'prompt' PNG text field"
+        f"{len(unprompted)} generated image(s) have no prompt (first: {unprompted[0]}); give a manifest.jsonl or a 'prompt' PNG text field"
     )
 
 
@@ -169,10 +164,7 @@ def evaluate(
             "base_models": sorted({g.base_model for g in generated_images if g.base_model}),
         },
         "aggregation": "per subject first, then the mean over subjects ('value'); 'flat' pools all subjects",
-        "subjects": {
-            s: {"real_images": len(real_subjects[s]), "generated_images": len(images)}
-            for s, images in by_subject.items()
-        },
+        "subjects": {s: {"real_images": len(real_subjects[s]), "generated_images": len(images)} for s, images in by_subject.items()},
         "subjects_without_generated_images": sorted(set(real_subjects) - set(by_subject)),
         "metrics": results,
         "skipped": skipped,

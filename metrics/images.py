@@ -11,10 +11,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 def list_images(folder: Path) -> list[Path]:
     """Image files directly inside `folder` (not recursive, hidden files skipped), sorted by name."""
-    return sorted(
-        p for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
-    )
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def open_image(path: Path) -> Image.Image:
@@ -25,9 +22,7 @@ def open_image(path: Path) -> Image.Image:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(
-            f"cannot read image {path}: {err}; accepted: valid {', '.join(IMAGE_SUFFIXES)} files"
-        ) from err
+        raise ValueError(f"cannot read image {path}: {err}; accepted: valid {', '.join(IMAGE_SUFFIXES)} files") from err
 
 
 def png_text(path: Path) -> dict[str, str]:

@@ -138,9 +138,7 @@ def read_generated(generated: PathLike) -> tuple[list[GeneratedImage], str]:
     return images, source
 
 
-def group_by_subject(
-    real: Mapping[str, list[Path]], generated: Sequence[GeneratedImage]
-) -> dict[str, list[GeneratedImage]]:
+def group_by_subject(real: Mapping[str, list[Path]], generated: Sequence[GeneratedImage]) -> dict[str, list[GeneratedImage]]:
     """Real subject -> its generated images; a single real subject takes all unlabelled images."""
     names = {image.subject for image in generated}
     if None in names and len(names) > 1:
@@ -158,8 +156,5 @@ def group_by_subject(
         )
     unknown = sorted(names - set(real))
     if unknown:
-        raise ValueError(
-            f"generated subject(s) {', '.join(map(repr, unknown))} have no real images; "
-            f"real subjects: {', '.join(real)}"
-        )
+        raise ValueError(f"generated subject(s) {', '.join(map(repr, unknown))} have no real images; real subjects: {', '.join(real)}")
     return {subject: [im for im in generated if im.subject == subject] for subject in real if subject in names}

@@ -57,9 +57,11 @@ def kernel_inception_distance(
             + (" (KID needs at least 2 images in each set)" if largest < 2 else "")
         )
     rng = np.random.default_rng(seed)
-    scores = np.array([
-        unbiased_mmd2(a[rng.choice(a.shape[0], size, replace=False)], b[rng.choice(b.shape[0], size, replace=False)])
-        for _ in range(subsets)
-    ])  # (subsets,)
+    scores = np.array(
+        [
+            unbiased_mmd2(a[rng.choice(a.shape[0], size, replace=False)], b[rng.choice(b.shape[0], size, replace=False)])
+            for _ in range(subsets)
+        ]
+    )  # (subsets,)
     std = float(scores.std(ddof=1)) if subsets > 1 else 0.0
     return KernelDistance(mean=float(scores.mean()), std=std)

@@ -32,8 +32,7 @@ def plot_fidelity_alignment(reports: Mapping[str, Mapping], path: os.PathLike | 
     ax = figure.add_subplot()
     if not points:
         ax.set_axis_off()
-        ax.text(0.5, 0.5, "nothing to plot: needs CLIP-T and one of DINO, DINOv2, CLIP-I",
-                ha="center", va="center", wrap=True)
+        ax.text(0.5, 0.5, "nothing to plot: needs CLIP-T and one of DINO, DINOv2, CLIP-I", ha="center", va="center", wrap=True)
     else:
         largest = max((v for *_, v in points if v is not None), default=None)
         for label, x, y, vendi in points:

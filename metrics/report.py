@@ -50,15 +50,13 @@ def markdown_table(reports: Mapping[str, Mapping]) -> str:
         counts = report["subjects"].values()
         real = sum(c["real_images"] for c in counts)
         generated = sum(c["generated_images"] for c in counts)
-        lines.append(_row([label, str(len(report["subjects"])), str(real), str(generated),
-                           *(_cell(report, m) for m in present)]))
+        lines.append(_row([label, str(len(report["subjects"])), str(real), str(generated), *(_cell(report, m) for m in present)]))
     return "\n".join(lines)
 
 
 def _subject_table(report: Mapping) -> str:
     per_subject = [m for m in COLUMNS if "per_subject" in report["metrics"].get(m, {})]
-    lines = [_row(["subject", "real", "generated", *(COLUMNS[m][0] for m in per_subject)]),
-             _row(["---"] * (3 + len(per_subject)))]
+    lines = [_row(["subject", "real", "generated", *(COLUMNS[m][0] for m in per_subject)]), _row(["---"] * (3 + len(per_subject)))]
     for subject, counts in report["subjects"].items():
         values = [COLUMNS[m][1].format(report["metrics"][m]["per_subject"][subject]) for m in per_subject]
         lines.append(_row([subject, str(counts["real_images"]), str(counts["generated_images"]), *values]))
@@ -87,8 +85,7 @@ def markdown_report(reports: Mapping[str, Mapping]) -> str:
         if len(report["subjects"]) > 1:
             parts += ["## Per subject", "", _subject_table(report), ""]
     parts += [
-        "Values are computed per subject, then averaged over subjects (KID and FID pool all subjects). "
-        "Cosines are raw (not x100).",
+        "Values are computed per subject, then averaged over subjects (KID and FID pool all subjects). Cosines are raw (not x100).",
         "",
         "## Backbones, preprocessing, aggregation",
         "",

@@ -33,17 +33,23 @@ METRICS: dict[str, MetricSpec] = {
     "dinov2": MetricSpec("dinov2", True, True, PAIR_MEAN),
     "clip_i": MetricSpec("clip", True, True, PAIR_MEAN),
     "clip_t": MetricSpec(
-        "clip", False, True,
+        "clip",
+        False,
+        True,
         "mean over generated images of cos(image, prompt without placeholder tokens) per subject, then mean "
         "over subjects; flat = mean over all images",
     ),
     "vendi": MetricSpec(
-        "dinov2", False, True,
+        "dinov2",
+        False,
+        True,
         "Vendi (q=1, cosine kernel) of the generated images per subject, then mean over subjects; "
         "flat = Vendi of all generated images pooled",
     ),
     "kid": MetricSpec(
-        "inception", True, False,
+        "inception",
+        True,
+        False,
         "pooled over all subjects: unbiased MMD^2 with kernel (x.y/d + 1)^3 on random subsets of size "
         "min(n_real, n_generated); mean and std over subsets",
     ),

@@ -1,9 +1,9 @@
 """Personalise Stable Diffusion from a few photos with parameter-efficient adapters.
 
-    import personalize as P
-    pipe = P.load_pipeline("tiny")
-    ad = P.attach(pipe.unet, "svfit")
-    ad.save("concept.safetensors")
+import personalize as P
+pipe = P.load_pipeline("tiny")
+ad = P.attach(pipe.unet, "svfit")
+ad.save("concept.safetensors")
 """
 
 from .adapters import get_method, method_names

@@ -92,9 +92,11 @@ def many_images_note(count: int) -> str | None:
     """A one-line warning when `count` instance images are far more than DreamBooth expects, else None."""
     if count <= MANY_IMAGES:
         return None
-    return (f"{count} instance images: DreamBooth expects 3-5 photos of one subject (more than {MANY_IMAGES} is unusual); "
-            "training goes on, but each photo is seen only about steps/images times, so consider more steps "
-            "or fewer, more varied photos")
+    return (
+        f"{count} instance images: DreamBooth expects 3-5 photos of one subject (more than {MANY_IMAGES} is unusual); "
+        "training goes on, but each photo is seen only about steps/images times, so consider more steps "
+        "or fewer, more varied photos"
+    )
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:

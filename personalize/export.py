@@ -210,10 +210,17 @@ def export_adapter(
             on_layer(done, total, name)
     if not report.layers:
         raise UserError(
-            f"nothing to export: the adapter's update is zero or unsupported on every layer ({', '.join(sorted(set(report.skipped.values())))})"
+            f"nothing to export: the adapter's update is zero or unsupported on every layer "
+            f"({', '.join(sorted(set(report.skipped.values())))})"
         )
     write(report, tensors)
-    log.info("exported %d layers to %s (%s), overall relative error %.2e", len(report.layers), report.output, format_size(report.file_size), report.error)
+    log.info(
+        "exported %d layers to %s (%s), overall relative error %.2e",
+        len(report.layers),
+        report.output,
+        format_size(report.file_size),
+        report.error,
+    )
     return report
 
 

@@ -15,11 +15,11 @@ import logging
 import math
 import re
 from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,10 +29,10 @@ from torch import nn
 
 from .allocator import tune_cpu_allocator
 from .atomic import atomic_path, write_text_atomic
-from .prompts import check_generation
 from .errors import UserError
 from .inject import check_scale, load_adapter, merged_deltas
 from .io import adapter_info
+from .prompts import check_generation
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +133,15 @@ def unscaled_deltas(unet: nn.Module, path: str | Path) -> dict[str, torch.Tensor
     result is cached per (file version, model)."""
     stat = Path(path).stat()
     weight = next(unet.parameters())
-    key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size, id(unet),
-           str(getattr(unet.config, "_name_or_path", "")), weight.dtype, str(weight.device))
+    key = (
+        str(Path(path).resolve()),
+        stat.st_mtime_ns,
+        stat.st_size,
+        id(unet),
+        str(getattr(unet.config, "_name_or_path", "")),
+        weight.dtype,
+        str(weight.device),
+    )
     if key in _delta_cache:
         _delta_cache.move_to_end(key)
         return _delta_cache[key]
@@ -189,8 +196,11 @@ def generate(
 
     folder = Path(output_dir).expanduser() if output_dir is not None else None
     writer = _Writer(folder) if folder is not None else None
-    batches = [(prompt, [seed + j for j in range(start, min(num_images, start + batch_size))])
-               for prompt in prompts for start in range(0, num_images, batch_size)]
+    batches = [
+        (prompt, [seed + j for j in range(start, min(num_images, start + batch_size))])
+        for prompt in prompts
+        for start in range(0, num_images, batch_size)
+    ]
     total, done = len(prompts) * num_images * (2 if compare else 1), 0  # images
     results: list[GeneratedImage] = []
     if progress is not None:
@@ -198,8 +208,10 @@ def generate(
     with adapters_applied(pipe.unet, specs):
         for prompt, seeds in batches:
             images = _render(pipe, prompt, negative_prompt, seeds, steps, guidance, resolution, failure_cause(specs))
-            items = [GeneratedImage(image, None, prompt, negative_prompt, image_seed, steps, guidance, base_model, records, subject)
-                     for image, image_seed in zip(images, seeds)]
+            items = [
+                GeneratedImage(image, None, prompt, negative_prompt, image_seed, steps, guidance, base_model, records, subject)
+                for image, image_seed in zip(images, seeds)
+            ]
             if writer is not None:
                 writer.write(items)
             results += items

@@ -157,10 +157,7 @@ class Adapter:
         groups: dict[str, list[nn.Parameter]] = {}
         for _, param, group in self.named_trainables():
             groups.setdefault(group, []).append(param)
-        return [
-            {"name": group, "params": params, "lr": base_lr * self.method.group_lr_ratio[group]}
-            for group, params in groups.items()
-        ]
+        return [{"name": group, "params": params, "lr": base_lr * self.method.group_lr_ratio[group]} for group, params in groups.items()]
 
     # --- strength, merge ----------------------------------------------------------------------
     @property
@@ -290,9 +287,15 @@ def _file_targets(root: nn.Module, file: AdapterFile, method: type[Method]) -> d
     for name, shape in file.layers.items():
         module = modules.get(name)
         if module is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
-            raise UserError(f"it targets layer '{name}', which this model does not have; it was saved for another architecture ({file.base_model or 'unknown base'})")
+            raise UserError(
+                f"it targets layer '{name}', which this model does not have; "
+                f"it was saved for another architecture ({file.base_model or 'unknown base'})"
+            )
         if list(module.weight.shape) != shape:
-            raise UserError(f"it expects layer '{name}' with weight shape {tuple(shape)}, this model has {tuple(module.weight.shape)}; it was saved for another architecture")
+            raise UserError(
+                f"it expects layer '{name}' with weight shape {tuple(shape)}, this model has {tuple(module.weight.shape)}; "
+                "it was saved for another architecture"
+            )
         if not method.accepts(module):
             raise UserError(f"layer '{name}' is a {type(module).__name__}, which method '{method.name}' does not adapt")
         check_free(name, module)
@@ -317,5 +320,7 @@ def _check_tensors(file: AdapterFile, method: type[Method], slots: dict[str, Slo
             tensor = found[name]
             if tuple(tensor.shape) != tuple(reference.shape):
                 raise UserError(f"tensor '{name}' of {where} has shape {tuple(tensor.shape)}; expected {tuple(reference.shape)}")
-            if tensor.is_floating_point() != reference.is_floating_point() or (tensor.dtype == torch.bool) != (reference.dtype == torch.bool):
+            if tensor.is_floating_point() != reference.is_floating_point() or (tensor.dtype == torch.bool) != (
+                reference.dtype == torch.bool
+            ):
                 raise UserError(f"tensor '{name}' of {where} has dtype {tensor.dtype}; expected {reference.dtype}")

@@ -123,10 +123,16 @@ def _split_keys(path: Path, flat: dict[str, torch.Tensor], layers: dict[str, lis
         if key.startswith(SHARED_KEY + "."):
             layer, name = SHARED_KEY, key[len(SHARED_KEY) + 1 :]
         elif layer not in layers:
-            raise UserError(f"adapter file '{path}' holds tensor '{key}' of no layer listed in its header; expected '<layer>.<tensor>' for a listed layer")
+            raise UserError(
+                f"adapter file '{path}' holds tensor '{key}' of no layer listed in its header; "
+                "expected '<layer>.<tensor>' for a listed layer"
+            )
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             where = "the shared section" if layer == SHARED_KEY else f"layer '{layer}'"
-            raise UserError(f"adapter file '{path}': tensor '{name}' of {where} holds NaN or infinite values; the adapter is unusable (retrain it or use an earlier checkpoint)")
+            raise UserError(
+                f"adapter file '{path}': tensor '{name}' of {where} holds NaN or infinite values; "
+                "the adapter is unusable (retrain it or use an earlier checkpoint)"
+            )
         tensors[layer][name] = tensor
     return tensors
 
@@ -143,4 +149,3 @@ def adapter_info(path: str | Path) -> dict[str, Any]:
         "metadata": file.metadata,
         "file_size": file.path.stat().st_size,
     }
-

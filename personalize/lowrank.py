@@ -45,8 +45,7 @@ def validate_rank_energy(rank: int | None, energy: float | None) -> None:
     if energy is not None:
         if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0.0 < float(energy) <= 1.0:
             raise UserError(
-                f"energy must be a number in (0, 1] (share of each layer's squared Frobenius norm to keep, "
-                f"e.g. 0.99), got {energy!r}"
+                f"energy must be a number in (0, 1] (share of each layer's squared Frobenius norm to keep, e.g. 0.99), got {energy!r}"
             )
 
 

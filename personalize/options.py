@@ -40,9 +40,7 @@ def coerce_options(config_cls: type, options: Mapping[str, Any], method: str) ->
         try:
             typed[name] = coerce(value, hints[name])
         except _Rejected:
-            raise UserError(
-                f"option '{name}' of method '{method}' must be {describe(hints[name])}, got {value!r}"
-            ) from None
+            raise UserError(f"option '{name}' of method '{method}' must be {describe(hints[name])}, got {value!r}") from None
     return typed
 
 

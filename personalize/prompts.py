@@ -27,8 +27,10 @@ def check_template(name: str, template: str) -> str:
     try:
         list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise UserError(f"{name} '{template}' has an unmatched brace ({exc}); placeholders are {accepted}, "
-                        "and a literal brace is written twice: {{ }}") from exc
+        raise UserError(
+            f"{name} '{template}' has an unmatched brace ({exc}); placeholders are {accepted}, "
+            "and a literal brace is written twice: {{ }}"
+        ) from exc
     return template
 
 

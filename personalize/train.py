@@ -39,5 +39,14 @@ def train(config: TrainConfig, callbacks: Sequence[TrainCallback] = (), cancel: 
     return Trainer(config, callbacks, cancel).run()
 
 
-__all__ = ["MIXED_PRECISION", "Progress", "TrainCallback", "TrainConfig", "TrainResult", "effective_config", "load_config", "train",
-           "validate_instance_images"]
+__all__ = [
+    "MIXED_PRECISION",
+    "Progress",
+    "TrainCallback",
+    "TrainConfig",
+    "TrainResult",
+    "effective_config",
+    "load_config",
+    "train",
+    "validate_instance_images",
+]

@@ -1,4 +1,9 @@
-"""Test-session settings: offline, analytics off, two CPU threads."""
+"""Test-session settings: offline, analytics off, one CPU thread.
+
+One torch thread (override with TEST_THREADS): the tests run small tensors, where a second thread
+saves little on a quiet machine and, on a busy one, costs up to 10x through threads waiting on each
+other. Subprocesses started by tests (CLI, DDP) inherit the same limit through OMP_NUM_THREADS.
+"""
 
 from __future__ import annotations
 
@@ -8,4 +13,6 @@ import torch
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+THREADS = int(os.environ.get("TEST_THREADS", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+torch.set_num_threads(THREADS)

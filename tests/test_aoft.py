@@ -68,11 +68,14 @@ def test_conv_target_uses_fan_in():
     assert adapter.deltas()["0"].shape == layer.weight.shape
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"d": 0}, "option 'd' of method 'aoft' must be a positive integer, got 0"),
-    ({"d": 33}, "option 'd' of method 'aoft' is 33, above min(out, in) = 32"),
-    ({"d": "eight"}, "option 'd' of method 'aoft'"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"d": 0}, "option 'd' of method 'aoft' must be a positive integer, got 0"),
+        ({"d": 33}, "option 'd' of method 'aoft' is 33, above min(out, in) = 32"),
+        ({"d": "eight"}, "option 'd' of method 'aoft'"),
+    ],
+)
 def test_option_errors(options, message):
     with pytest.raises(P.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         P.attach(tiny_unet("sd1"), "aoft", **options)

@@ -137,10 +137,14 @@ def test_own_forms_follow_autocast(monkeypatch):
     x_conv, x_linear = torch.randn(1, 6, 5, 5), torch.randn(1, 2, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         pairs = [
-            (filters.slots["conv"].adapter.own_forward(conv, x_conv),
-             conv._conv_forward(x_conv, conv.weight + filters.slots["conv"].adapter.delta_weight(), conv.bias)),
-            (kron.slots["linear"].adapter.own_forward(linear, x_linear),
-             nn.functional.linear(x_linear, linear.weight + kron.slots["linear"].adapter.delta_weight(), linear.bias)),
+            (
+                filters.slots["conv"].adapter.own_forward(conv, x_conv),
+                conv._conv_forward(x_conv, conv.weight + filters.slots["conv"].adapter.delta_weight(), conv.bias),
+            ),
+            (
+                kron.slots["linear"].adapter.own_forward(linear, x_linear),
+                nn.functional.linear(x_linear, linear.weight + kron.slots["linear"].adapter.delta_weight(), linear.bias),
+            ),
         ]
     for own, composed in pairs:
         assert own.dtype == composed.dtype == torch.bfloat16
@@ -246,8 +250,8 @@ def test_option_errors():
         P.attach(Net(), "atoms", preset="c9", targets="conv")
     with pytest.raises(P.UserError, match="m1 must be 0"):
         P.attach(Net(), "atoms", m1=-1)
-    with pytest.raises(P.UserError, match="kron_atoms kc must be an integer, got '8'"):
-        P.attach(Net(), "atoms", kc="8")
+    with pytest.raises(P.UserError, match="option 'kc' of method 'atoms' must be an integer.*got 'eight'"):
+        P.attach(Net(), "atoms", kc="eight")
 
 
 def test_configurations_set_options_and_layer_kinds():

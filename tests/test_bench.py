@@ -68,9 +68,29 @@ def test_cli_writes_json_markdown_and_chart(tmp_path, capsys):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        code = main(["bench", "--base-model", "tiny", "--resolution", "32", "--methods", "lora", "--steps", "1",
-                     "--warmup", "1", "--threads", "1", "--output", str(out), "--markdown", str(tmp_path / "B.md"),
-                     "--profile", str(tmp_path / "profiles")])
+        code = main(
+            [
+                "bench",
+                "--base-model",
+                "tiny",
+                "--resolution",
+                "32",
+                "--methods",
+                "lora",
+                "--steps",
+                "1",
+                "--warmup",
+                "1",
+                "--threads",
+                "1",
+                "--output",
+                str(out),
+                "--markdown",
+                str(tmp_path / "B.md"),
+                "--profile",
+                str(tmp_path / "profiles"),
+            ]
+        )
         assert torch.get_num_threads() == 2, "the run must give the caller's thread count back"
     finally:
         torch.set_num_threads(threads)
@@ -89,7 +109,7 @@ def test_cli_writes_json_markdown_and_chart(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--methods", "dora"], "unknown method 'dora'"),
+        (["--methods", "dorra"], "unknown method 'dorra'"),
         (["--methods", "svfit:rnak=3"], "unknown option"),
         (["--methods", "svfit:rank"], "expected name:key=value"),
         (["--methods", "none:rank=3"], "takes no options"),

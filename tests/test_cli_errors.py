@@ -9,14 +9,17 @@ import pytest
 from personalize.errors import USER_ERRORS, UserError, user_message
 
 
-@pytest.mark.parametrize("error, expected", [
-    (PermissionError(errno.EACCES, "Permission denied", "/srv/out"), "'/srv/out': permission denied; choose a location"),
-    (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/out"), "'/mnt/ro/out': the file system is read-only; choose"),
-    (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/x/file.txt/out"), "'/x/file.txt/out': a part of this path is a file"),
-    (FileExistsError(errno.EEXIST, "File exists", "/x/out"), "'/x/out': a file of that name already exists"),
-    (UserError("steps must be a positive integer, got 0"), "steps must be a positive integer, got 0"),
-    (OSError("We couldn't connect to the hub"), "We couldn't connect to the hub"),
-])
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (PermissionError(errno.EACCES, "Permission denied", "/srv/out"), "'/srv/out': permission denied; choose a location"),
+        (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/out"), "'/mnt/ro/out': the file system is read-only; choose"),
+        (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/x/file.txt/out"), "'/x/file.txt/out': a part of this path is a file"),
+        (FileExistsError(errno.EEXIST, "File exists", "/x/out"), "'/x/out': a file of that name already exists"),
+        (UserError("steps must be a positive integer, got 0"), "steps must be a positive integer, got 0"),
+        (OSError("We couldn't connect to the hub"), "We couldn't connect to the hub"),
+    ],
+)
 def test_user_message_is_one_line_naming_the_path(error, expected):
     assert isinstance(error, USER_ERRORS)
     message = user_message(error)
@@ -36,9 +39,11 @@ def test_front_ends_share_the_one_list():
 
 # --- OS errors and inputs: checked before any model loads, one line, no empty folder left behind ---------
 
+
 @pytest.fixture
 def no_model(monkeypatch):
     """Fail the test if a base model is loaded: these errors must come first."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
 
@@ -56,8 +61,18 @@ def cli_error(capsys, argv: list[str]) -> str:
 
 
 def train_argv(photos, output) -> list[str]:
-    return ["train", "--instance-images", str(photos), "--output-dir", str(output), "--base-model", "tiny",
-            "--no-prior-preservation", "--steps", "2"]
+    return [
+        "train",
+        "--instance-images",
+        str(photos),
+        "--output-dir",
+        str(output),
+        "--base-model",
+        "tiny",
+        "--no-prior-preservation",
+        "--steps",
+        "2",
+    ]
 
 
 @pytest.fixture
@@ -95,15 +110,28 @@ def test_train_failing_after_creating_its_folder_removes_it(tmp_path, photos, ca
 
 @pytest.mark.parametrize("seed, count", [(2**64, 1), (-1, 1), (2**32 - 2, 4)])
 def test_generate_refuses_seeds_out_of_range(tmp_path, capsys, no_model, seed, count):
-    line = cli_error(capsys, ["generate", "--base-model", "tiny", "--prompt", "a dog", "--seed", str(seed),
-                              "--num-images", str(count), "--output", str(tmp_path / "out")])
+    line = cli_error(
+        capsys,
+        [
+            "generate",
+            "--base-model",
+            "tiny",
+            "--prompt",
+            "a dog",
+            "--seed",
+            str(seed),
+            "--num-images",
+            str(count),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+    )
     assert "seed must be an integer from 0 to" in line
     assert not (tmp_path / "out").exists()
 
 
 def test_generate_refuses_unknown_placeholders(tmp_path, capsys, no_model):
-    line = cli_error(capsys, ["generate", "--base-model", "tiny", "--prompt", "a photo of {tokn} dog",
-                              "--output", str(tmp_path / "out")])
+    line = cli_error(capsys, ["generate", "--base-model", "tiny", "--prompt", "a photo of {tokn} dog", "--output", str(tmp_path / "out")])
     assert "unknown placeholder {tokn}" in line and "{token}" in line
     assert not (tmp_path / "out").exists()
 

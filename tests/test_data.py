@@ -30,6 +30,7 @@ def two_colour(size=(120, 80), left=(255, 0, 0), right=(0, 0, 255)) -> Image.Ima
 
 def png_header_only(path: Path, width: int, height: int) -> Path:
     """A PNG whose header claims width x height (8-bit gray) with a tiny IDAT: a decompression bomb's shape."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 

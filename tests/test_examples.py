@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 BIN = Path(sys.executable).parent
 # Smallest settings that still run every stage: 1-2 steps, no class images, no periodic samples.
-FAST_TRAINING = 'validation_every = 0\neval_timesteps = 1\ncheckpoint_every = 0\n'
+FAST_TRAINING = "validation_every = 0\neval_timesteps = 1\ncheckpoint_every = 0\n"
 TINY = ["--base-model", "tiny", "--embedders", "tiny", "--no-prior-preservation", "--sample-steps", "1"]
 
 
@@ -54,8 +54,7 @@ class Run:
         self.stdout_path, self.stderr_path = cwd / f"{name}.stdout", cwd / f"{name}.stderr"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
-            self.process = subprocess.Popen(self.command, cwd=cwd, env=env, stdout=out, stderr=err,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(self.command, cwd=cwd, env=env, stdout=out, stderr=err, start_new_session=True)
 
     def finish(self) -> tuple[str, str]:
         """Wait for the run; (stdout, stderr) of a successful one, else a failure that shows them."""
@@ -76,19 +75,70 @@ def launched(workspace: Path):
     slowest rather than for the sum. dreambench runs on two processes (sharding, DDP training)."""
     subjects, fast = workspace / "subjects", str(workspace / "fast.toml")
     runs = {
-        "single": Run("single", [str(EXAMPLES / "train_and_generate.py"), str(subjects / "dog"), "--class-noun", "dog",
-                                 "--steps", "1", "--prompt", "a {token} {class_noun} on the beach", "--prompt",
-                                 "a {token} {class_noun} in the snow", "--images-per-prompt", "1", "--output",
-                                 str(workspace / "single"), "--train-config", fast, *TINY], workspace),
-        "compare": Run("compare", [str(EXAMPLES / "compare_adapters.py"), str(subjects / "dog"), "--methods",
-                                   "lora,svfit", "--class-noun", "dog", "--steps", "2", "--prompt",
-                                   "a {token} {class_noun}", "--images-per-prompt", "2", "--output",
-                                   str(workspace / "compare"), "--train-config", fast, *TINY], workspace),
-        "dreambench": Run("dreambench", [*dreambench_args(workspace), "--methods", "lora", "--steps", "1",
-                                         "--train-config", fast],
-                          workspace, launcher=[str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-                                               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
-                                               "no"]),
+        "single": Run(
+            "single",
+            [
+                str(EXAMPLES / "train_and_generate.py"),
+                str(subjects / "dog"),
+                "--class-noun",
+                "dog",
+                "--steps",
+                "1",
+                "--prompt",
+                "a {token} {class_noun} on the beach",
+                "--prompt",
+                "a {token} {class_noun} in the snow",
+                "--images-per-prompt",
+                "1",
+                "--output",
+                str(workspace / "single"),
+                "--train-config",
+                fast,
+                *TINY,
+            ],
+            workspace,
+        ),
+        "compare": Run(
+            "compare",
+            [
+                str(EXAMPLES / "compare_adapters.py"),
+                str(subjects / "dog"),
+                "--methods",
+                "lora,svfit",
+                "--class-noun",
+                "dog",
+                "--steps",
+                "2",
+                "--prompt",
+                "a {token} {class_noun}",
+                "--images-per-prompt",
+                "2",
+                "--output",
+                str(workspace / "compare"),
+                "--train-config",
+                fast,
+                *TINY,
+            ],
+            workspace,
+        ),
+        "dreambench": Run(
+            "dreambench",
+            [*dreambench_args(workspace), "--methods", "lora", "--steps", "1", "--train-config", fast],
+            workspace,
+            launcher=[
+                str(BIN / "accelerate"),
+                "launch",
+                "--multi_gpu",
+                "--num_processes",
+                "2",
+                "--num_machines",
+                "1",
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+            ],
+        ),
     }
     yield runs
     for run in runs.values():
@@ -96,8 +146,19 @@ def launched(workspace: Path):
 
 
 def dreambench_args(workspace: Path) -> list[str]:
-    return [str(EXAMPLES / "dreambench.py"), str(workspace / "subjects"), "--class-noun", "my_mug=mug",
-            "--prompts-per-subject", "1", "--images-per-prompt", "2", "--output", str(workspace / "dreambench"), *TINY]
+    return [
+        str(EXAMPLES / "dreambench.py"),
+        str(workspace / "subjects"),
+        "--class-noun",
+        "my_mug=mug",
+        "--prompts-per-subject",
+        "1",
+        "--images-per-prompt",
+        "2",
+        "--output",
+        str(workspace / "dreambench"),
+        *TINY,
+    ]
 
 
 def read_manifest(folder: Path) -> list[dict]:
@@ -157,8 +218,7 @@ def test_dreambench_two_processes_then_resume(workspace: Path, launched) -> None
     mtimes = {p: p.stat().st_mtime_ns for p in images.rglob("*.png")}
     broken = images / "my_mug" / "00_1.png"
     broken.write_bytes(broken.read_bytes()[:200])
-    stdout, _ = Run("dreambench-resume", [*dreambench_args(workspace), "--adapters", str(out / "lora" / "adapters")],
-                    workspace).finish()
+    stdout, _ = Run("dreambench-resume", [*dreambench_args(workspace), "--adapters", str(out / "lora" / "adapters")], workspace).finish()
     assert "4 images in the benchmark, 3 already on disk, 1 to render on 1 process(es)" in stdout
     changed = [p for p, mtime in mtimes.items() if p.stat().st_mtime_ns != mtime]
     assert changed == [broken]
@@ -185,8 +245,10 @@ def test_dreambench_subjects_need_a_class_noun(workspace: Path, capsys) -> None:
     assert "cat" in capsys.readouterr().err
     assert dreambench.main([str(workspace / "subjects"), "--methods", "nope", "--class-noun", "my_mug=mug"]) == 2
     assert "unknown method(s) 'nope'" in capsys.readouterr().err
-    assert dreambench.main([str(workspace / "subjects"), "--methods", "lora", "--class-noun", "my_mug=mug",
-                            "--prompts-per-subject", "26"]) == 2
+    assert (
+        dreambench.main([str(workspace / "subjects"), "--methods", "lora", "--class-noun", "my_mug=mug", "--prompts-per-subject", "26"])
+        == 2
+    )
     assert "--prompts-per-subject must be between 1 and 25, got 26" in capsys.readouterr().err
 
 
@@ -202,11 +264,14 @@ def test_dreambench_finds_adapters_by_layout(workspace: Path, launched, tmp_path
     shutil.copy(trained["lora"], tmp_path / "lora" / "my_mug" / "adapter.safetensors")
     shutil.copy(trained["svfit"], tmp_path / "other.safetensors")
     subjects = dreambench.read_subjects(workspace / "subjects", {"my_mug": "mug"})
-    runs = dreambench.collect_adapters([str(tmp_path / "svfit"), str(tmp_path / "lora" / "my_mug" / "adapter.safetensors"),
-                                        f"my_mug={tmp_path / 'other.safetensors'}"], subjects)
-    assert runs == {"svfit": {"dog": tmp_path / "svfit" / "dog.safetensors",
-                              "my_mug": tmp_path / "other.safetensors"},
-                    "lora": {"my_mug": tmp_path / "lora" / "my_mug" / "adapter.safetensors"}}
+    runs = dreambench.collect_adapters(
+        [str(tmp_path / "svfit"), str(tmp_path / "lora" / "my_mug" / "adapter.safetensors"), f"my_mug={tmp_path / 'other.safetensors'}"],
+        subjects,
+    )
+    assert runs == {
+        "svfit": {"dog": tmp_path / "svfit" / "dog.safetensors", "my_mug": tmp_path / "other.safetensors"},
+        "lora": {"my_mug": tmp_path / "lora" / "my_mug" / "adapter.safetensors"},
+    }
     with pytest.raises(UserError, match="cannot tell which subject"):
         dreambench.collect_adapters([str(tmp_path / "other.safetensors")], subjects)
     with pytest.raises(UserError, match="two svfit adapters for subject 'dog'"):
@@ -220,15 +285,25 @@ def test_render_groups_and_resume_check(tmp_path: Path) -> None:
     from personalize.generate import GeneratedImage
 
     def job(run: str, prompt: int, image: int, seed_offset: int = 0):
-        return dreambench.Job(run, "dog", prompt, image, f"prompt {prompt}", image + seed_offset, "a.safetensors",
-                              "tiny", 2, 7.5)
+        return dreambench.Job(run, "dog", prompt, image, f"prompt {prompt}", image + seed_offset, "a.safetensors", "tiny", 2, 7.5)
 
-    jobs = [job("lora", 0, 0), job("lora", 0, 1), job("lora", 0, 3), job("lora", 1, 0), job("lora", 1, 1),
-            job("lora", 1, 2), job("svfit", 1, 3)]
+    jobs = [
+        job("lora", 0, 0),
+        job("lora", 0, 1),
+        job("lora", 0, 3),
+        job("lora", 1, 0),
+        job("lora", 1, 1),
+        job("lora", 1, 2),
+        job("svfit", 1, 3),
+    ]
     groups = dreambench.render_groups(jobs, batch_size=2)
     assert [[(j.run, j.prompt_index, j.image_index) for j in g] for g in groups] == [
-        [("lora", 0, 0), ("lora", 0, 1)], [("lora", 0, 3)], [("lora", 1, 0), ("lora", 1, 1)], [("lora", 1, 2)],
-        [("svfit", 1, 3)]]
+        [("lora", 0, 0), ("lora", 0, 1)],
+        [("lora", 0, 3)],
+        [("lora", 1, 0), ("lora", 1, 1)],
+        [("lora", 1, 2)],
+        [("svfit", 1, 3)],
+    ]
 
     done = job("lora", 0, 1)
     item = GeneratedImage(Image.new("RGB", (64, 64), (9, 9, 9)), None, done.prompt, "", done.seed, 2, 7.5, "tiny")
@@ -244,8 +319,7 @@ def test_render_groups_and_resume_check(tmp_path: Path) -> None:
 def test_examples_report_bad_input_in_one_line(workspace: Path, capsys) -> None:
     compare = example("compare_adapters")
     single = example("train_and_generate")
-    assert compare.main([str(workspace / "subjects" / "dog"), "--methods", "lora,bogus", "--output",
-                         str(workspace / "bad")]) == 2
+    assert compare.main([str(workspace / "subjects" / "dog"), "--methods", "lora,bogus", "--output", str(workspace / "bad")]) == 2
     assert "unknown method(s) 'bogus'" in capsys.readouterr().err
     missing = workspace / "no_such_folder"
     assert single.main([str(missing), "--base-model", "tiny", "--output", str(workspace / "bad2")]) == 2

@@ -181,7 +181,9 @@ def test_energy_picks_the_smallest_rank_holding_that_share(adapter_file, tmp_pat
 @pytest.mark.parametrize("shape", [(12, 40), (40, 12)])
 def test_factorize_stops_at_the_numerical_rank(shape):
     generator = torch.Generator().manual_seed(0)
-    matrix = torch.randn(shape[0], 3, generator=generator, dtype=torch.float64) @ torch.randn(3, shape[1], generator=generator, dtype=torch.float64)
+    matrix = torch.randn(shape[0], 3, generator=generator, dtype=torch.float64) @ torch.randn(
+        3, shape[1], generator=generator, dtype=torch.float64
+    )
     low = factorize(matrix, rank=10)
     assert (low.rank, low.full_rank) == (3, 12)
     assert rel(low.up @ low.down, matrix) < 1e-12

@@ -14,6 +14,7 @@ import torch
 
 import personalize as P
 from personalize.adapters import frod as frod_module
+from personalize.adapters.base import ATTENTION, PROJECTIONS, SHARED_KEY
 from personalize.adapters.frod import (
     OFF_AXIS,
     ON_AXIS,
@@ -24,7 +25,6 @@ from personalize.adapters.frod import (
     layer_role,
     sample_off_diagonal,
 )
-from personalize.adapters.base import ATTENTION, PROJECTIONS, SHARED_KEY
 from personalize.io import read_adapter_file
 from personalize.models import tiny_unet
 from tests.helpers import UNET_STYLES, run_unet, unet_inputs
@@ -140,11 +140,9 @@ def test_density_option(density):
     assert adapter.num_trainable == adapter.expected_num_trainable()
 
 
-@pytest.mark.parametrize(
-    "bad", [{"density": -0.1}, {"density": 0.9}, {"density": "lots"}, {"pi": 0.0}, {"seed": -1}, {"seed": 1.5}]
-)
+@pytest.mark.parametrize("bad", [{"density": -0.1}, {"density": 0.9}, {"density": "lots"}, {"pi": 0.0}, {"seed": -1}, {"seed": 1.5}])
 def test_bad_options_are_user_errors(bad):
-    (key, value), = bad.items()
+    ((key, value),) = bad.items()
     # a wrong type is the option parser's message, a wrong value the method's: both name option and value
     with pytest.raises(P.UserError, match=rf"(frod {key} |option '{key}' of method 'frod' ).*{value!r}"):
         P.attach(tiny_unet(), "frod", **bad)
@@ -188,7 +186,7 @@ def test_single_layer_group(style, target, rank, tmp_path):
     with torch.no_grad():
         base = run_unet(unet, inputs)
     adapter = P.attach(unet, "frod", targets=target)
-    (name, slot), = adapter.slots.items()
+    ((name, slot),) = adapter.slots.items()
     assert int(torch.count_nonzero(adapter.deltas()[name])) == 0, "delta not exactly zero at init"
     with torch.no_grad():  # exact up to float32 rounding: the full form runs B (I + K) V^T with B V^T = W0
         assert rel(run_unet(unet, inputs), base) < 1e-5  # ADAPTERS.md: unchanged at init, 1e-5 relative in float32
@@ -256,7 +254,9 @@ def test_sparse_k_matches_the_gather_scatter_fallback(plus_identity, monkeypatch
         x = h.clone().requires_grad_(True)
         y = layer.apply_k(x, 0.7, plus_identity)
         results.append((y.detach(), *torch.autograd.grad(y.pow(2).sum(), [x, layer.dsigma, layer.s_values])))
-    dense_k = torch.diag(layer.dsigma) + torch.zeros(layer.n * layer.n).index_put((layer.s_index.long(),), layer.s_values).view(layer.n, layer.n)
+    dense_k = torch.diag(layer.dsigma) + torch.zeros(layer.n * layer.n).index_put((layer.s_index.long(),), layer.s_values).view(
+        layer.n, layer.n
+    )
     expected = 0.7 * layer.inv_sigma[:, None] * dense_k @ h + (h if plus_identity else 0)
     torch.testing.assert_close(results[0][0], expected.detach(), rtol=1e-5, atol=1e-6)
     for a, b in zip(*results):

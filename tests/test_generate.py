@@ -40,8 +40,10 @@ def make_adapter(path, method: str, token: str, class_noun: str, seed: int) -> s
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     folder = tmp_path_factory.mktemp("adapters")
-    return (make_adapter(folder / "dog.safetensors", "svfit", "sks", "dog", 1),
-            make_adapter(folder / "cat.safetensors", "lora", "zwx", "cat", 2))
+    return (
+        make_adapter(folder / "dog.safetensors", "svfit", "sks", "dog", 1),
+        make_adapter(folder / "cat.safetensors", "lora", "zwx", "cat", 2),
+    )
 
 
 def weights(unet) -> dict[str, torch.Tensor]:
@@ -79,8 +81,18 @@ def test_scale_zero_reproduces_the_base_image(pipe, adapters):
 
 def test_pngs_and_manifest(pipe, adapters, tmp_path):
     specs = [AdapterSpec(adapters[0], 0.8)]
-    images = generate(pipe, ["a photo of {token} {class_noun}", "a {token} {class_noun} on the beach"], adapters=specs,
-                      negative_prompt="blurry", num_images=2, seed=5, steps=2, guidance=6.0, output_dir=tmp_path, subject="dog6")
+    images = generate(
+        pipe,
+        ["a photo of {token} {class_noun}", "a {token} {class_noun} on the beach"],
+        adapters=specs,
+        negative_prompt="blurry",
+        num_images=2,
+        seed=5,
+        steps=2,
+        guidance=6.0,
+        output_dir=tmp_path,
+        subject="dog6",
+    )
     assert [g.path for g in images] == [str(tmp_path / f"{i:04d}.png") for i in range(4)]
     records = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
     assert [r["file"] for r in records] == ["0000.png", "0001.png", "0002.png", "0003.png"]
@@ -89,7 +101,12 @@ def test_pngs_and_manifest(pipe, adapters, tmp_path):
     assert first["prompt"] == "a photo of sks dog" and records[2]["prompt"] == "a sks dog on the beach"
     assert [r["seed"] for r in records] == [5, 6, 5, 6]
     assert (first["negative_prompt"], first["steps"], first["guidance"], first["base_model"], first["subject"]) == (
-        "blurry", 2, 6.0, "tiny", "dog6")
+        "blurry",
+        2,
+        6.0,
+        "tiny",
+        "dog6",
+    )
     assert first["adapters"] == [{"path": adapters[0], "scale": 0.8, "method": "svfit", "token": "sks", "class_noun": "dog"}]
 
     text = Image.open(tmp_path / "0001.png").text
@@ -103,8 +120,16 @@ def test_pngs_and_manifest(pipe, adapters, tmp_path):
 
 
 def test_compare_renders_the_same_seeds_without_adapters(pipe, adapters, tmp_path):
-    images = generate(pipe, "a photo of {token} {class_noun}", adapters=[AdapterSpec(adapters[1])], num_images=2, seed=1,
-                      steps=2, output_dir=tmp_path, compare=True)
+    images = generate(
+        pipe,
+        "a photo of {token} {class_noun}",
+        adapters=[AdapterSpec(adapters[1])],
+        num_images=2,
+        seed=1,
+        steps=2,
+        output_dir=tmp_path,
+        compare=True,
+    )
     base = generate(pipe, "a photo of zwx cat", num_images=2, seed=1, steps=2)
     for item, reference in zip(images, base):
         assert np.array_equal(np.asarray(item.baseline), np.asarray(reference.image))
@@ -119,8 +144,21 @@ def test_compare_renders_the_same_seeds_without_adapters(pipe, adapters, tmp_pat
 
 def test_cli_generate_with_two_adapters(adapters, tmp_path, capsys):
     out = tmp_path / "gen"
-    argv = ["generate", "--adapter", f"{adapters[0]}:0.5", "--adapter", adapters[1], "--prompt", "sks dog and zwx cat",
-            "--num-images", "2", "--steps", "2", "--output", str(out)]  # base model read from the adapter file
+    argv = [
+        "generate",
+        "--adapter",
+        f"{adapters[0]}:0.5",
+        "--adapter",
+        adapters[1],
+        "--prompt",
+        "sks dog and zwx cat",
+        "--num-images",
+        "2",
+        "--steps",
+        "2",
+        "--output",
+        str(out),
+    ]  # base model read from the adapter file
     assert main(argv) == 0
     assert "2 images" in capsys.readouterr().out
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
@@ -130,8 +168,22 @@ def test_cli_generate_with_two_adapters(adapters, tmp_path, capsys):
 
 
 def test_generate_errors(pipe, adapters, tmp_path, capsys):
-    assert main(["generate", "--base-model", "tiny", "--adapter", str(tmp_path / "missing.safetensors"), "--prompt", "x",
-                 "--output", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--base-model",
+                "tiny",
+                "--adapter",
+                str(tmp_path / "missing.safetensors"),
+                "--prompt",
+                "x",
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.safetensors' does not exist" in err[0]
     with pytest.raises(UserError, match=r"uses \{token\}/\{class_noun\}, but no adapter carries a token"):

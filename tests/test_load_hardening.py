@@ -78,11 +78,36 @@ def replaced(key: str, value):
 DAMAGES = {
     # method, tensor change, header change, message
     "missing tensor": ("lora", without(f"{LAYER}.lora_A"), None, rf"layer '{LAYER}' has no tensor 'lora_A'"),
-    "unknown tensor": ("svfit", lambda f: {**f, f"{LAYER}.extra": torch.zeros(2)}, None, rf"layer '{LAYER}' has unknown tensor 'extra'.*expects ds"),
-    "tensor of no listed layer": ("svfit", lambda f: {**f, "mid_block.nothing.ds": torch.zeros(2)}, None, r"tensor 'mid_block.nothing.ds' of no layer listed"),
-    "wrong shape": ("svfit", replaced(f"{LAYER}.ds", lambda t: torch.zeros(t.numel() + 1)), None, rf"tensor 'ds' of layer '{LAYER}' has shape \(\d+,\); expected \(\d+,\)"),
-    "wrong dtype": ("loldu", replaced(f"{LAYER}.z", lambda t: t.to(torch.int64)), None, rf"tensor 'z' of layer '{LAYER}' has dtype torch.int64; expected torch.float32"),
-    "NaN tensor": ("svfit", replaced(f"{LAYER}.ds", lambda t: torch.full_like(t, math.nan)), None, rf"tensor 'ds' of layer '{LAYER}' holds NaN"),
+    "unknown tensor": (
+        "svfit",
+        lambda f: {**f, f"{LAYER}.extra": torch.zeros(2)},
+        None,
+        rf"layer '{LAYER}' has unknown tensor 'extra'.*expects ds",
+    ),
+    "tensor of no listed layer": (
+        "svfit",
+        lambda f: {**f, "mid_block.nothing.ds": torch.zeros(2)},
+        None,
+        r"tensor 'mid_block.nothing.ds' of no layer listed",
+    ),
+    "wrong shape": (
+        "svfit",
+        replaced(f"{LAYER}.ds", lambda t: torch.zeros(t.numel() + 1)),
+        None,
+        rf"tensor 'ds' of layer '{LAYER}' has shape \(\d+,\); expected \(\d+,\)",
+    ),
+    "wrong dtype": (
+        "loldu",
+        replaced(f"{LAYER}.z", lambda t: t.to(torch.int64)),
+        None,
+        rf"tensor 'z' of layer '{LAYER}' has dtype torch.int64; expected torch.float32",
+    ),
+    "NaN tensor": (
+        "svfit",
+        replaced(f"{LAYER}.ds", lambda t: torch.full_like(t, math.nan)),
+        None,
+        rf"tensor 'ds' of layer '{LAYER}' holds NaN",
+    ),
     "missing layers entry": ("svfit", None, lambda h: {k: v for k, v in h.items() if k != "layers"}, r"no 'layers' entry in its header"),
     "bad config JSON": ("svfit", None, lambda h: {**h, "config": "{rank: 4"}, r"header entry 'config' is not valid JSON"),
     "bad metadata JSON": ("svfit", None, lambda h: {**h, "metadata": "[1, 2"}, r"header entry 'metadata' is not valid JSON"),

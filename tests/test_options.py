@@ -27,42 +27,48 @@ class Example:
     widths: tuple[int, ...] = ()
 
 
-@pytest.mark.parametrize("options, expected", [
-    ({"count": "8"}, {"count": 8}),
-    ({"count": 8}, {"count": 8}),
-    ({"ratio": "2"}, {"ratio": 2.0}),
-    ({"ratio": 2}, {"ratio": 2.0}),
-    ({"flag": "true"}, {"flag": True}),
-    ({"flag": "off"}, {"flag": False}),
-    ({"flag": False}, {"flag": False}),
-    ({"mode": "exact"}, {"mode": "exact"}),
-    ({"rank": "none"}, {"rank": None}),
-    ({"rank": ""}, {"rank": None}),
-    ({"rank": None}, {"rank": None}),
-    ({"rank": "4"}, {"rank": 4}),
-    ({"size": "2,3"}, {"size": (2, 3)}),
-    ({"size": [2, 3]}, {"size": (2, 3)}),
-    ({"widths": "[4, 5, 6]"}, {"widths": (4, 5, 6)}),
-])
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ({"count": "8"}, {"count": 8}),
+        ({"count": 8}, {"count": 8}),
+        ({"ratio": "2"}, {"ratio": 2.0}),
+        ({"ratio": 2}, {"ratio": 2.0}),
+        ({"flag": "true"}, {"flag": True}),
+        ({"flag": "off"}, {"flag": False}),
+        ({"flag": False}, {"flag": False}),
+        ({"mode": "exact"}, {"mode": "exact"}),
+        ({"rank": "none"}, {"rank": None}),
+        ({"rank": ""}, {"rank": None}),
+        ({"rank": None}, {"rank": None}),
+        ({"rank": "4"}, {"rank": 4}),
+        ({"size": "2,3"}, {"size": (2, 3)}),
+        ({"size": [2, 3]}, {"size": (2, 3)}),
+        ({"widths": "[4, 5, 6]"}, {"widths": (4, 5, 6)}),
+    ],
+)
 def test_text_and_typed_values_are_read_by_annotation(options, expected):
     assert coerce_options(Example, options, "example") == expected
 
 
-@pytest.mark.parametrize("name, value, accepted", [
-    ("count", "abc", "an integer"),
-    ("count", 2.5, "an integer"),
-    ("count", "2.5", "an integer"),
-    ("count", True, "an integer"),  # a bool is not an int
-    ("ratio", "abc", "a finite number"),
-    ("ratio", "nan", "a finite number"),
-    ("ratio", True, "a finite number"),
-    ("flag", 1, "true or false"),
-    ("flag", "maybe", "true or false"),
-    ("name", 3, "text"),
-    ("mode", "slow", "one of fast, exact"),
-    ("rank", "x", "an integer .* or none"),
-    ("size", "1,2,3", "a list of 2 items"),
-])
+@pytest.mark.parametrize(
+    "name, value, accepted",
+    [
+        ("count", "abc", "an integer"),
+        ("count", 2.5, "an integer"),
+        ("count", "2.5", "an integer"),
+        ("count", True, "an integer"),  # a bool is not an int
+        ("ratio", "abc", "a finite number"),
+        ("ratio", "nan", "a finite number"),
+        ("ratio", True, "a finite number"),
+        ("flag", 1, "true or false"),
+        ("flag", "maybe", "true or false"),
+        ("name", 3, "text"),
+        ("mode", "slow", "one of fast, exact"),
+        ("rank", "x", "an integer .* or none"),
+        ("size", "1,2,3", "a list of 2 items"),
+    ],
+)
 def test_bad_values_name_option_method_and_what_is_accepted(name, value, accepted):
     with pytest.raises(UserError, match=rf"option '{name}' of method 'example' must be {accepted}.*got {value!r}"):
         coerce_options(Example, {name: value}, "example")

@@ -30,22 +30,33 @@ def perturb(adapter: P.Adapter, seed: int = 0) -> None:
             param.add_(0.1 * size * torch.randn(param.shape, generator=generator))
 
 
-@pytest.mark.parametrize("method, options, message", [
-    ("dora", {"rank": 0}, "dora rank must be a positive integer, got 0"),
-    ("loha", {"alpha": 0.0}, "loha alpha must be a positive number, got 0.0"),
-    ("lokr", {"decompose_factor": 0}, "lokr decompose_factor must be -1 .* or a positive integer, got 0"),
-    ("oft", {"block_size": 1}, "oft block_size must be an integer >= 2"),
-    ("oft", {"rank": 4}, "unknown option\\(s\\) rank for method 'oft'"),
-])
+@pytest.mark.parametrize(
+    "method, options, message",
+    [
+        ("dora", {"rank": 0}, "dora rank must be a positive integer, got 0"),
+        ("loha", {"alpha": 0.0}, "loha alpha must be a positive number, got 0.0"),
+        ("lokr", {"decompose_factor": 0}, "lokr decompose_factor must be -1 .* or a positive integer, got 0"),
+        ("oft", {"block_size": 1}, "oft block_size must be an integer >= 2"),
+        ("oft", {"rank": 4}, "unknown option\\(s\\) rank for method 'oft'"),
+    ],
+)
 def test_option_errors(method, options, message):
     with pytest.raises(P.UserError, match=message):
         one_layer(nn.Linear(32, 32), method, **options)
 
 
-@pytest.mark.parametrize("method, options", [
-    ("dora", {}), ("loha", {}), ("lokr", {}), ("lokr", {"decompose_both": True, "rank": 2}),
-    ("lokr", {"decompose_factor": 4, "rank": 16}), ("oft", {}), ("oft", {"block_size": 5}),
-])
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("dora", {}),
+        ("loha", {}),
+        ("lokr", {}),
+        ("lokr", {"decompose_both": True, "rank": 2}),
+        ("lokr", {"decompose_factor": 4, "rank": 16}),
+        ("oft", {}),
+        ("oft", {"block_size": 5}),
+    ],
+)
 @pytest.mark.parametrize("out, fan_in", [(320, 320), (640, 768), (1280, 2048), (48, 36)])
 def test_count_formula_matches_peft_on_linears(method, options, out, fan_in):
     _, adapter = one_layer(nn.Linear(fan_in, out), method, **options)

@@ -58,7 +58,11 @@ def test_instance_images_vary_background_and_position(tmp_path):
 
 def test_prompt_attributes():
     assert J.prompt_attributes("a red striped star on a navy background") == {
-        "colour": "red", "pattern": "striped", "shape": "star", "background": "navy"}
+        "colour": "red",
+        "pattern": "striped",
+        "shape": "star",
+        "background": "navy",
+    }
     assert J.prompt_attributes("a sks shape on a teal background") == {"background": "teal"}
     assert J.prompt_attributes("a photo of sks shape") == {}
 

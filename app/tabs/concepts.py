@@ -19,8 +19,14 @@ TABLE_COLUMNS = ["name", "method", "base model", "steps", "created", "parameters
 def concept_row(concept: Concept) -> list[str]:
     steps = f"{concept.steps_done}/{concept.steps}" if concept.steps_done != concept.steps else str(concept.steps)
     return [
-        concept.name, concept.method, concept.base_model, steps, concept.created.replace("T", " ")[:16],
-        human_count(concept.num_trainable), human_size(concept.file_size), concept.status,
+        concept.name,
+        concept.method,
+        concept.base_model,
+        steps,
+        concept.created.replace("T", " ")[:16],
+        human_count(concept.num_trainable),
+        human_size(concept.file_size),
+        concept.status,
     ]
 
 

@@ -32,8 +32,9 @@ def build(state: AppState) -> dict[str, Any]:
         concept = gr.Dropdown(label="Concept", elem_id="eval-concept")
         run = gr.Dropdown(label="Generated images (one Generate click each)", elem_id="eval-run")
     with gr.Row():
-        embedders = gr.Dropdown(EMBEDDER_CHOICES, value="tiny" if state.base.is_builtin else "default",
-                                label="Embedders", elem_id="eval-embedders")
+        embedders = gr.Dropdown(
+            EMBEDDER_CHOICES, value="tiny" if state.base.is_builtin else "default", label="Embedders", elem_id="eval-embedders"
+        )
         metric_names = gr.CheckboxGroup(list(METRICS), value=list(DEFAULT_METRICS), label="Metrics", elem_id="eval-metrics")
     button = gr.Button("Evaluate", variant="primary", elem_id="eval-button")
     status = gr.Markdown(elem_id="eval-status")
@@ -57,13 +58,18 @@ def build(state: AppState) -> dict[str, Any]:
             raise gr.Error("this concept has no generated images yet; make some in the Generate tab")
         chosen = state.workspace.get(concept_id)
         report = evaluate(
-            state.workspace.images_dir(concept_id), state.workspace.generated_dir(concept_id) / run_name,
-            metrics=chosen_metrics, embedders=embedder_set, placeholder_tokens=chosen.token,
+            state.workspace.images_dir(concept_id),
+            state.workspace.generated_dir(concept_id) / run_name,
+            metrics=chosen_metrics,
+            embedders=embedder_set,
+            placeholder_tokens=chosen.token,
         )
         paths = write_report(report, state.workspace.evaluation_dir(concept_id, run_name) / "report.json")
         skipped = "".join(f"\n- `{name}` skipped: {why}" for name, why in report["skipped"].items())
         return (
-            markdown_table({run_label(report): report}), str(paths["plot"]), paths["markdown"].read_text(encoding="utf-8"),
+            markdown_table({run_label(report): report}),
+            str(paths["plot"]),
+            paths["markdown"].read_text(encoding="utf-8"),
             f"Report saved as `{paths['json'].relative_to(state.workspace.root)}`.{skipped}",
         )
 

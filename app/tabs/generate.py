@@ -24,8 +24,9 @@ MAX_IMAGES = 8
 def build(state: AppState) -> dict[str, Any]:
     with gr.Row():
         concept = gr.Dropdown(label="Concept", elem_id="gen-concept", scale=3)
-        strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Strength",
-                             info="adapter scale; 0 = the base model", elem_id="gen-strength", scale=2)
+        strength = gr.Slider(
+            0.0, 2.0, value=1.0, step=0.05, label="Strength", info="adapter scale; 0 = the base model", elem_id="gen-strength", scale=2
+        )
     prompt = gr.Textbox(label="Prompt", placeholder="a photo of sks dog on the beach", elem_id="gen-prompt")
     negative = gr.Textbox(label="Negative prompt", placeholder="blurry, low quality", elem_id="gen-negative")
     with gr.Row():
@@ -52,8 +53,18 @@ def build(state: AppState) -> dict[str, Any]:
     compare.change(lambda on: gr.Gallery(visible=on), compare, baseline)
 
     @guarded
-    def on_generate(concept_id, text, negative_text, seed_value, n_steps, scale, guidance_value, n_images, with_baseline,
-                    progress=gr.Progress()):  # noqa: B008 (Gradio injects progress through this default)
+    def on_generate(
+        concept_id,
+        text,
+        negative_text,
+        seed_value,
+        n_steps,
+        scale,
+        guidance_value,
+        n_images,
+        with_baseline,
+        progress=gr.Progress(),  # noqa: B008 (Gradio injects progress here)
+    ):
         if not str(text or "").strip():
             raise gr.Error("the prompt is empty; describe the image, e.g. 'a photo of sks dog on the beach'")
         adapters, subject = [], None
@@ -67,9 +78,17 @@ def build(state: AppState) -> dict[str, Any]:
         with state.base.lock:
             try:
                 images = generate(
-                    state.base.pipe, [text], adapters=adapters, negative_prompt=negative_text or "",
-                    num_images=int(n_images), seed=int(seed_value), steps=int(n_steps), guidance=float(guidance_value),
-                    output_dir=str(out), compare=bool(with_baseline and adapters), subject=subject,
+                    state.base.pipe,
+                    [text],
+                    adapters=adapters,
+                    negative_prompt=negative_text or "",
+                    num_images=int(n_images),
+                    seed=int(seed_value),
+                    steps=int(n_steps),
+                    guidance=float(guidance_value),
+                    output_dir=str(out),
+                    compare=bool(with_baseline and adapters),
+                    subject=subject,
                     progress=lambda done, total: progress((done, total), desc="generating", unit="images"),
                 )
             except BaseException:

@@ -122,36 +122,91 @@ def build(state: AppState) -> dict[str, Any]:
         with gr.Column(scale=6):
             name = gr.Textbox(label="Concept name", placeholder="e.g. my dog", elem_id="train-name")
             with gr.Row():
-                token = gr.Textbox(label="Token", value=train_default("token"),
-                                   info="rare word that stands for the subject", elem_id="train-token")
-                class_noun = gr.Textbox(label="Class noun", value=train_default("class_noun"),
-                                        info="what the subject is: dog, person, mug", elem_id="train-class")
+                token = gr.Textbox(
+                    label="Token", value=train_default("token"), info="rare word that stands for the subject", elem_id="train-token"
+                )
+                class_noun = gr.Textbox(
+                    label="Class noun",
+                    value=train_default("class_noun"),
+                    info="what the subject is: dog, person, mug",
+                    elem_id="train-class",
+                )
             method = gr.Dropdown(method_choices(), value=default_method, label="Method", elem_id="train-method")
             with gr.Row():
-                steps = gr.Number(label="Steps", value=defaults.steps, precision=0, minimum=1,
-                                  info="empty = the method's paper default", elem_id="train-steps")
-                lr = gr.Number(label="Learning rate", value=defaults.lr, minimum=0, step=1e-5,
-                               info="empty = the method's paper default", elem_id="train-lr")
+                steps = gr.Number(
+                    label="Steps",
+                    value=defaults.steps,
+                    precision=0,
+                    minimum=1,
+                    info="empty = the method's paper default",
+                    elem_id="train-steps",
+                )
+                lr = gr.Number(
+                    label="Learning rate",
+                    value=defaults.lr,
+                    minimum=0,
+                    step=1e-5,
+                    info="empty = the method's paper default",
+                    elem_id="train-lr",
+                )
             defaults_note = gr.Markdown(f"Paper defaults: {html.escape(defaults.source)}")
             options = gr.Dataframe(
-                value=option_rows(default_method), headers=COLUMNS, datatype="str", interactive=True,
-                label="Method options (edit the value column)", static_columns=[0, 2], elem_id="train-options",
+                value=option_rows(default_method),
+                headers=COLUMNS,
+                datatype="str",
+                interactive=True,
+                label="Method options (edit the value column)",
+                static_columns=[0, 2],
+                elem_id="train-options",
             )
-            prior = gr.Checkbox(label="Prior preservation", value=train_default("prior_preservation"),
-                                info=train_help("prior_preservation"), elem_id="train-prior")
+            prior = gr.Checkbox(
+                label="Prior preservation",
+                value=train_default("prior_preservation"),
+                info=train_help("prior_preservation"),
+                elem_id="train-prior",
+            )
             with gr.Accordion("Advanced", open=False):
                 with gr.Row():
-                    class_images = gr.Number(label="Class images", value=train_default("class_images"), precision=0, minimum=1,
-                                             info=train_help("class_images"), elem_id="train-class-images")
-                    validation_every = gr.Number(label="Validation images every (steps)", value=train_default("validation_every"),
-                                                 precision=0, minimum=0, info=train_help("validation_every"), elem_id="train-validation")
-                    sample_steps = gr.Number(label="Sampling steps", value=train_default("sample_steps"), precision=0, minimum=1,
-                                             info=train_help("sample_steps"), elem_id="train-sample-steps")
+                    class_images = gr.Number(
+                        label="Class images",
+                        value=train_default("class_images"),
+                        precision=0,
+                        minimum=1,
+                        info=train_help("class_images"),
+                        elem_id="train-class-images",
+                    )
+                    validation_every = gr.Number(
+                        label="Validation images every (steps)",
+                        value=train_default("validation_every"),
+                        precision=0,
+                        minimum=0,
+                        info=train_help("validation_every"),
+                        elem_id="train-validation",
+                    )
+                    sample_steps = gr.Number(
+                        label="Sampling steps",
+                        value=train_default("sample_steps"),
+                        precision=0,
+                        minimum=1,
+                        info=train_help("sample_steps"),
+                        elem_id="train-sample-steps",
+                    )
                 with gr.Row():
-                    resolution = gr.Number(label="Resolution (px, 0 = native)", value=train_default("resolution") or 0, precision=0,
-                                           minimum=0, step=64, info=train_help("resolution"), elem_id="train-resolution")
-                    mixed_precision = gr.Dropdown(list(MIXED_PRECISION), value=train_default("mixed_precision"), label="Mixed precision",
-                                                  info=train_help("mixed_precision"))
+                    resolution = gr.Number(
+                        label="Resolution (px, 0 = native)",
+                        value=train_default("resolution") or 0,
+                        precision=0,
+                        minimum=0,
+                        step=64,
+                        info=train_help("resolution"),
+                        elem_id="train-resolution",
+                    )
+                    mixed_precision = gr.Dropdown(
+                        list(MIXED_PRECISION),
+                        value=train_default("mixed_precision"),
+                        label="Mixed precision",
+                        info=train_help("mixed_precision"),
+                    )
                     seed = gr.Number(label="Seed", value=train_default("seed"), precision=0, info=train_help("seed"))
             estimate = gr.Markdown(estimate_text(state, default_method, option_rows(default_method)), elem_id="train-estimate")
             with gr.Row():
@@ -184,8 +239,23 @@ def build(state: AppState) -> dict[str, Any]:
     options.input(lambda chosen, rows: estimate_text(state, chosen, rows), [method, options], estimate)
 
     @guarded
-    def on_start(images, concept_name, token_text, noun, chosen, n_steps, rate, rows, use_prior, n_class, every, n_sample,
-                 size, precision, seed_value):
+    def on_start(
+        images,
+        concept_name,
+        token_text,
+        noun,
+        chosen,
+        n_steps,
+        rate,
+        rows,
+        use_prior,
+        n_class,
+        every,
+        n_sample,
+        size,
+        precision,
+        seed_value,
+    ):
         if state.jobs.busy:
             job = state.jobs.snapshot()
             raise UserError(f"a training job is already running (concept '{job.concept_name}'); wait for it or press Stop")
@@ -198,10 +268,20 @@ def build(state: AppState) -> dict[str, Any]:
         config = effective_config(
             instance_images=str(state.workspace.images_dir(concept_id)),
             output_dir=str(state.workspace.train_dir(concept_id)),
-            base_model=state.base.name, method=chosen, method_options=parse_options(chosen, rows),
-            token=str(token_text).strip(), class_noun=str(noun).strip(), steps=n_steps, lr=rate,
-            prior_preservation=bool(use_prior), class_images=n_class, validation_every=every,
-            sample_steps=n_sample, resolution=size or None, mixed_precision=precision, seed=seed_value,
+            base_model=state.base.name,
+            method=chosen,
+            method_options=parse_options(chosen, rows),
+            token=str(token_text).strip(),
+            class_noun=str(noun).strip(),
+            steps=n_steps,
+            lr=rate,
+            prior_preservation=bool(use_prior),
+            class_images=n_class,
+            validation_every=every,
+            sample_steps=n_sample,
+            resolution=size or None,
+            mixed_precision=precision,
+            seed=seed_value,
         )
         concept = state.workspace.create(Concept.from_config(concept_id, concept_name, config), images)
         try:
@@ -214,8 +294,23 @@ def build(state: AppState) -> dict[str, Any]:
 
     start.click(
         on_start,
-        [accepted, name, token, class_noun, method, steps, lr, options, prior, class_images, validation_every, sample_steps,
-         resolution, mixed_precision, seed],
+        [
+            accepted,
+            name,
+            token,
+            class_noun,
+            method,
+            steps,
+            lr,
+            options,
+            prior,
+            class_images,
+            validation_every,
+            sample_steps,
+            resolution,
+            mixed_precision,
+            seed,
+        ],
         [status, progress, loss_plot, samples, timer],
     )
 

@@ -63,9 +63,7 @@ def is_local_source(name_or_path: str) -> bool:
     if path.exists():
         return True
     looks_like_path = (
-        path.is_absolute()
-        or name_or_path.startswith(("./", "../", "~", ".\\", "..\\"))
-        or name_or_path.lower().endswith(WEIGHT_SUFFIXES)
+        path.is_absolute() or name_or_path.startswith(("./", "../", "~", ".\\", "..\\")) or name_or_path.lower().endswith(WEIGHT_SUFFIXES)
     )
     if looks_like_path:
         raise FileNotFoundError(f"model file or folder not found: {path} (give an existing local path or a hub id)")

@@ -109,9 +109,7 @@ def clip_embedder(
         import open_clip
 
         try:
-            model, _, transform = open_clip.create_model_and_transforms(
-                model_name, pretrained=weights, force_quick_gelu=force_quick_gelu
-            )
+            model, _, transform = open_clip.create_model_and_transforms(model_name, pretrained=weights, force_quick_gelu=force_quick_gelu)
         except RuntimeError as err:
             raise OSError(f"could not load open_clip model {source!r}: {err}") from err
         return model, transform, open_clip.get_tokenizer(arch)

@@ -69,17 +69,13 @@ def inception_embedder(source: str = INCEPTION_DEFAULT, **options: object) -> In
     if source != INCEPTION_DEFAULT:
         path = Path(source).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(
-                f"Inception weights file not found: {path} (give a torch-fidelity .pth file or {INCEPTION_DEFAULT!r})"
-            )
+            raise FileNotFoundError(f"Inception weights file not found: {path} (give a torch-fidelity .pth file or {INCEPTION_DEFAULT!r})")
         weights = str(path)
 
     def load() -> torch.nn.Module:
         from torchmetrics.image.fid import NoTrainInceptionV3
 
-        return NoTrainInceptionV3(
-            name=INCEPTION_DEFAULT, features_list=["2048"], feature_extractor_weights_path=weights
-        )
+        return NoTrainInceptionV3(name=INCEPTION_DEFAULT, features_list=["2048"], feature_extractor_weights_path=weights)
 
     name = f"torch-fidelity InceptionV3 FID weights ({weights or 'default download'})"
     return InceptionEmbedder(name, load, dim=2048, **options)

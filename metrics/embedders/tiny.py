@@ -38,17 +38,19 @@ def _seeded(build: Callable[[], T]) -> Callable[[], T]:
 def _vit_processor() -> Callable:
     from transformers import ViTImageProcessor
 
-    return ViTImageProcessor(
-        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD
-    )
+    return ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
 
 
 def _build_dino() -> ModelAndProcessor:
     from transformers import ViTConfig, ViTModel
 
     config = ViTConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        image_size=IMAGE_SIZE, patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=IMAGE_SIZE,
+        patch_size=8,
     )
     return ViTModel(config, add_pooling_layer=False), _vit_processor()
 
@@ -57,12 +59,18 @@ def _build_dinov2() -> ModelAndProcessor:
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
     config = Dinov2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
-        image_size=IMAGE_SIZE, patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        mlp_ratio=2,
+        image_size=IMAGE_SIZE,
+        patch_size=8,
     )
     processor = BitImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
     )
     return Dinov2Model(config), processor
 
@@ -115,9 +123,7 @@ def tiny_clip() -> ClipEmbedder:
 
 @cache
 def tiny_inception() -> InceptionEmbedder:
-    return InceptionEmbedder(
-        "tiny-random conv net (Inception stand-in, seed 0)", _seeded(TinyInception), dim=16, image_size=IMAGE_SIZE
-    )
+    return InceptionEmbedder("tiny-random conv net (Inception stand-in, seed 0)", _seeded(TinyInception), dim=16, image_size=IMAGE_SIZE)
 
 
 def tiny_embedders() -> dict[str, ImageEmbedder]:

@@ -121,18 +121,12 @@ class Method:
         known = {f.name for f in dataclasses.fields(cls.config_cls)}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise UserError(
-                f"unknown option(s) {', '.join(unknown)} for method '{cls.name}'; "
-                f"accepted: {', '.join(sorted(known))}"
-            )
+            raise UserError(f"unknown option(s) {', '.join(unknown)} for method '{cls.name}'; accepted: {', '.join(sorted(known))}")
         config = cls.config_cls(**coerce_options(cls.config_cls, options, cls.name))  # typed, or UserError
         if not config.preset:
             config.preset = cls.default_preset
         if config.targets is None and config.preset not in cls.presets:
-            raise UserError(
-                f"unknown preset '{config.preset}' for method '{cls.name}'; "
-                f"accepted: {', '.join(cls.presets)}"
-            )
+            raise UserError(f"unknown preset '{config.preset}' for method '{cls.name}'; accepted: {', '.join(cls.presets)}")
         cls.validate(config)
         return config
 

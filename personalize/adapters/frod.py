@@ -349,8 +349,7 @@ class FRoD(Method):
     train_defaults = TrainDefaults(
         lr=5e-4,
         steps=1000,
-        source="frod.txt Table 8 (released settings): lr(Sigma) 5e-4, lr(S) 5e-5; "
-        "the paper has no SD setting, steps as the other methods",
+        source="frod.txt Table 8 (released settings): lr(Sigma) 5e-4, lr(S) 5e-5; the paper has no SD setting, steps as the other methods",
     )
     group_lr_ratio = {ON_AXIS: 1.0, OFF_AXIS: 0.1}  # lr(S) = lr(dsigma) / 10 (frod.txt Appendix E, Table 8)
 
@@ -358,8 +357,7 @@ class FRoD(Method):
     def validate(cls, config: FRoDConfig) -> None:
         if not (is_number(config.density) and 0.0 <= config.density <= MAX_DENSITY):
             raise UserError(
-                f"frod density must be a number between 0 and {MAX_DENSITY} (the fraction of S entries trained), "
-                f"got {config.density!r}"
+                f"frod density must be a number between 0 and {MAX_DENSITY} (the fraction of S entries trained), got {config.density!r}"
             )
         if not (is_number(config.pi) and math.isfinite(config.pi) and config.pi > 0):
             raise UserError(f"frod pi must be a positive number (paper: 1e-3), got {config.pi!r}")
@@ -390,8 +388,7 @@ class FRoD(Method):
                 vt = shared.get(f"{group}.vt")
                 if vt is None or tuple(vt.shape) != (n, n):
                     raise UserError(
-                        f"adapter file has no FRoD basis of shape ({n}, {n}) for layer group '{group}'; "
-                        "was it saved for another model?"
+                        f"adapter file has no FRoD basis of shape ({n}, {n}) for layer group '{group}'; was it saved for another model?"
                     )
             basis = FRoDBasis(vt.to(work))
             p = inverse_transpose(basis.vt)  # (n, n)

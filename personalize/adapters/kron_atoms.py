@@ -22,7 +22,18 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import ATTENTION, FEED_FORWARD, PROJECTIONS, AdapterConfig, LayerAdapter, Method, compute_dtype, join_patterns, register, weight_2d
+from .base import (
+    ATTENTION,
+    FEED_FORWARD,
+    PROJECTIONS,
+    AdapterConfig,
+    LayerAdapter,
+    Method,
+    compute_dtype,
+    join_patterns,
+    register,
+    weight_2d,
+)
 from .filter_atoms import TRAIN_DEFAULTS, check_saved_basis, is_spatial_conv, require_int, right_singular_basis
 
 

@@ -100,7 +100,9 @@ def lu_no_pivot(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     for j in range(k):
         pivot = work[j, j]
         if pivot == 0:
-            raise UserError("LoLDU: saved pivot order gives a zero pivot on this base model; was the adapter trained on another base model?")
+            raise UserError(
+                "LoLDU: saved pivot order gives a zero pivot on this base model; was the adapter trained on another base model?"
+            )
         lower[j:, j] = work[j:, j] / pivot
         work[j + 1 :, j:] -= lower[j + 1 :, j : j + 1] * work[j, j:]
     return lower, torch.triu(work[:k])

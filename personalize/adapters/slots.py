@@ -67,7 +67,6 @@ class Slot:
         raise NotImplementedError
 
 
-
 class DeltaSlot(Slot):
     """Installs a LayerAdapter on its layer. The forward runs the layer with `W0 + scale * delta`
     (one F.linear / conv) or, when the adapter has a factored form and that costs less (`plan`),

@@ -64,9 +64,7 @@ def markdown_section(record: dict[str, Any], chart: str | None) -> str:
     env, s = record["environment"], record["settings"]
     load = env.get("load_average_before"), env.get("load_average")
     load_text = (
-        f"; load average {load[0][0]:.1f} before / {load[1][0]:.1f} after (1 min, {env['cpu_count']} CPUs)"
-        if load[0] and load[1]
-        else ""
+        f"; load average {load[0][0]:.1f} before / {load[1][0]:.1f} after (1 min, {env['cpu_count']} CPUs)" if load[0] and load[1] else ""
     )
     gpu = f"{env['device_name']} ({env['gpu_memory_gb']} GB), host " if "gpu_memory_gb" in env else ""
     lines = [

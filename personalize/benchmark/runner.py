@@ -176,7 +176,7 @@ def _run(config: BenchConfig, progress: Progress | None) -> dict[str, Any]:
     for round_index, candidate in rounds:
         report(f"train round {round_index + 1}/{config.steps}: {candidate.spec.label}")
         candidate.activate()
-        wall, cpu = work.timed(lambda: work.train_step(candidate.optimiser))
+        wall, cpu = work.timed(lambda candidate=candidate: work.train_step(candidate.optimiser))
         candidate.result.train_s.append(wall)
         candidate.result.train_cpu_s.append(cpu)
         candidate.park()
@@ -199,7 +199,7 @@ def _run(config: BenchConfig, progress: Progress | None) -> dict[str, Any]:
         for candidate in candidates:
             report(f"profile {candidate.spec.label}")
             candidate.activate()
-            operators = operator_table(lambda: work.train_step(candidate.optimiser), device)
+            operators = operator_table(lambda candidate=candidate: work.train_step(candidate.optimiser), device)
             layers = None if candidate.adapter is None else layer_table(candidate.adapter, work)
             write_profile(config.profile_dir, candidate.spec.label, operators, layers)
             candidate.park()
@@ -237,7 +237,9 @@ def set_up(candidate: Candidate, work: Workload, device: torch.device, folder: P
         path = folder / "adapter.safetensors"
         candidate.adapter.save(str(path))
         result.file_bytes = path.stat().st_size
-        log.debug("%s: attached in %.1f s, %d trainable, %d bytes saved", result.label, result.attach_s, result.trainable, result.file_bytes)
+        log.debug(
+            "%s: attached in %.1f s, %d trainable, %d bytes saved", result.label, result.attach_s, result.trainable, result.file_bytes
+        )
     with peak:
         work.train_step(candidate.optimiser)
     result.memory_mb = round(peak.bytes / MB, 1)

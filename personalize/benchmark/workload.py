@@ -19,7 +19,10 @@ def latent_size(unet: nn.Module, resolution: int, vae_scale_factor: int) -> int:
     """Latent side for `resolution` px, checked against the UNet's downsampling."""
     multiple = vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
     if resolution % multiple:
-        raise UserError(f"resolution {resolution} does not fit this UNet; accepted: a multiple of {multiple} (e.g. {max(multiple, resolution // multiple * multiple)})")
+        raise UserError(
+            f"resolution {resolution} does not fit this UNet; "
+            f"accepted: a multiple of {multiple} (e.g. {max(multiple, resolution // multiple * multiple)})"
+        )
     return resolution // vae_scale_factor
 
 
@@ -62,9 +65,7 @@ class Workload:
         sample = inputs["sample"]
         self.target = torch.randn(sample.shape, generator=g).to(device)  # (b, c, h, w) float32 noise
         self.autocast = (
-            nullcontext
-            if autocast_dtype == torch.float32
-            else lambda: torch.autocast(device_type=device.type, dtype=autocast_dtype)
+            nullcontext if autocast_dtype == torch.float32 else lambda: torch.autocast(device_type=device.type, dtype=autocast_dtype)
         )
 
     def _forward(self, sample: torch.Tensor) -> torch.Tensor:

@@ -19,26 +19,48 @@ FULL_STEPS, FULL_WARMUP = BenchConfig.steps, BenchConfig.warmup
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--methods", nargs="+", metavar="METHOD[:K=V,...]",
-                        help="methods to measure, e.g. svfit loldu:rank=16 atoms:preset=c3 (default: every registered "
-                             "method); `none` (frozen floor) and `lora` r=4 (reference) are always measured")
-    parser.add_argument("--base-model", default=BenchConfig.base_model,
-                        help=f"UNet to measure on: a hub id, folder, file, or a built-in (default: {BenchConfig.base_model})")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="METHOD[:K=V,...]",
+        help="methods to measure, e.g. svfit loldu:rank=16 atoms:preset=c3 (default: every registered "
+        "method); `none` (frozen floor) and `lora` r=4 (reference) are always measured",
+    )
+    parser.add_argument(
+        "--base-model",
+        default=BenchConfig.base_model,
+        help=f"UNet to measure on: a hub id, folder, file, or a built-in (default: {BenchConfig.base_model})",
+    )
     parser.add_argument("--resolution", type=int, default=BenchConfig.resolution, help="image size in pixels (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=BenchConfig.batch, help="images per step (default: %(default)s)")
-    parser.add_argument("--steps", type=int, help=f"timed steps per method, one per interleaved round (default: {FULL_STEPS}; {QUICK_STEPS} with --quick)")
+    parser.add_argument(
+        "--steps", type=int, help=f"timed steps per method, one per interleaved round (default: {FULL_STEPS}; {QUICK_STEPS} with --quick)"
+    )
     parser.add_argument("--warmup", type=int, help=f"untimed steps per method first (default: {FULL_WARMUP}; {QUICK_WARMUP} with --quick)")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} timed steps and {QUICK_WARMUP} warm-up per method")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: CUDA, then MPS, then CPU)")
-    parser.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
-                        help="autocast dtype; the frozen weights are stored in it too (default: fp16 on GPUs, fp32 on CPU)")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward, as low-memory training does")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", *PRECISIONS],
+        help="autocast dtype; the frozen weights are stored in it too (default: fp16 on GPUs, fp32 on CPU)",
+    )
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations in backward, as low-memory training does"
+    )
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=BenchConfig.seed, help="inputs and built-in weights (default: %(default)s)")
-    parser.add_argument("--profile", metavar="DIR", help="also write, per method, where a training step's time goes (torch.profiler operators and a per-layer replay) to DIR")
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="also write, per method, where a training step's time goes (torch.profiler operators and a per-layer replay) to DIR",
+    )
     parser.add_argument("--output", default="bench.json", help="JSON record (default: %(default)s)")
-    parser.add_argument("--markdown", default="BENCHMARKS.md",
-                        help="markdown file whose section for this device/precision/resolution is (re)written; '' = none (default: %(default)s)")
+    parser.add_argument(
+        "--markdown",
+        default="BENCHMARKS.md",
+        help="markdown file whose section for this device/precision/resolution is (re)written; '' = none (default: %(default)s)",
+    )
     parser.add_argument("--chart", help="PNG chart of the ratios (default: the output path with .png); '' = none")
 
 

@@ -35,11 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"(default {DEFAULT_ENERGY} when --rank is not given)",
     )
     parser.add_argument("--output", required=True, metavar="OUT", help="the LoRA file to write (.safetensors)")
-    parser.add_argument("--base-model", default=None,
-                        help="base model the adapter was trained on (default: the one recorded in the adapter file)")
+    parser.add_argument(
+        "--base-model", default=None, help="base model the adapter was trained on (default: the one recorded in the adapter file)"
+    )
     parser.add_argument("--device", default=None, help="where to compute the updates and SVDs (default: cuda, then mps, then cpu)")
-    parser.add_argument("--dtype", default=DEFAULT_DTYPE, metavar="|".join(DTYPES),
-                        help=f"dtype of the stored factors (default {DEFAULT_DTYPE})")
+    parser.add_argument(
+        "--dtype", default=DEFAULT_DTYPE, metavar="|".join(DTYPES), help=f"dtype of the stored factors (default {DEFAULT_DTYPE})"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

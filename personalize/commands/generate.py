@@ -18,12 +18,20 @@ from ..prompts import MAX_SEED, check_generation
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base-model", help="hub id, diffusers folder, .safetensors file or 'tiny' "
-                        f"(default: the first adapter's base model, else {DEFAULT_BASE_MODEL})")
-    parser.add_argument("--adapter", action="append", default=[], metavar="FILE[:SCALE]",
-                        help="adapter file with an optional strength (default 1.0); repeat to combine adapters")
-    parser.add_argument("--prompt", action="append", required=True,
-                        help="prompt (repeatable); {token} and {class_noun} are filled from the adapter")
+    parser.add_argument(
+        "--base-model",
+        help=f"hub id, diffusers folder, .safetensors file or 'tiny' (default: the first adapter's base model, else {DEFAULT_BASE_MODEL})",
+    )
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="adapter file with an optional strength (default 1.0); repeat to combine adapters",
+    )
+    parser.add_argument(
+        "--prompt", action="append", required=True, help="prompt (repeatable); {token} and {class_noun} are filled from the adapter"
+    )
     parser.add_argument("--negative-prompt", default="", help="negative prompt")
     parser.add_argument("--num-images", type=int, default=4, help="images per prompt (seeds S, S+1, ...)")
     parser.add_argument("--seed", type=int, default=0, help=f"seed of the first image of each prompt (0 to {MAX_SEED})")
@@ -61,10 +69,22 @@ def _generate(args: argparse.Namespace, specs: list[AdapterSpec], base_model: st
         bar.update(done - bar.n)
 
     try:
-        images = generate(pipe, args.prompt, adapters=specs, negative_prompt=args.negative_prompt,
-                          num_images=args.num_images, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                          output_dir=args.output, compare=args.compare, progress=progress, subject=args.subject,
-                          batch_size=args.batch_size, resolution=args.resolution)
+        images = generate(
+            pipe,
+            args.prompt,
+            adapters=specs,
+            negative_prompt=args.negative_prompt,
+            num_images=args.num_images,
+            seed=args.seed,
+            steps=args.steps,
+            guidance=args.guidance,
+            output_dir=args.output,
+            compare=args.compare,
+            progress=progress,
+            subject=args.subject,
+            batch_size=args.batch_size,
+            resolution=args.resolution,
+        )
     finally:
         if bar is not None:
             bar.close()

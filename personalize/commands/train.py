@@ -23,10 +23,16 @@ SHORT = {"output_dir": ["--output"]}  # extra spellings of some flags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE",
-                        help="TOML file (or config.json of an earlier run) with training settings; flags override it")
-    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
-                        help="a method option, e.g. --option rank=8 (repeatable; see `personalize methods NAME`)")
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML file (or config.json of an earlier run) with training settings; flags override it"
+    )
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a method option, e.g. --option rank=8 (repeatable; see `personalize methods NAME`)",
+    )
     hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
         if field.name == "method_options":
@@ -82,8 +88,10 @@ class TqdmProgress(TrainCallback):
 
     def on_start(self, config: TrainConfig, total_steps: int, num_trainable: int) -> None:
         self._close()
-        print(f"training {config.method} ({num_trainable:,} trainable parameters) on {len(config.instance_images)} images, "
-              f"{total_steps} steps at lr {config.lr:g}, {config.resolution} px -> {config.output_dir}")
+        print(
+            f"training {config.method} ({num_trainable:,} trainable parameters) on {len(config.instance_images)} images, "
+            f"{total_steps} steps at lr {config.lr:g}, {config.resolution} px -> {config.output_dir}"
+        )
         self.bar = tqdm(total=total_steps, desc="train", unit="step")
 
     def on_step(self, progress: Progress) -> None:
@@ -98,8 +106,10 @@ class TqdmProgress(TrainCallback):
         """The summary (only the main process gets this call, so a multi-GPU run prints it once)."""
         self._close()
         state = "cancelled" if result.cancelled else "done"
-        print(f"{state}: {result.steps_done}/{result.total_steps} steps in {result.wall_time:.1f}s; "
-              f"eval loss {result.eval_loss_start:.4f} -> {result.eval_loss_end:.4f}")
+        print(
+            f"{state}: {result.steps_done}/{result.total_steps} steps in {result.wall_time:.1f}s; "
+            f"eval loss {result.eval_loss_start:.4f} -> {result.eval_loss_end:.4f}"
+        )
         print(f"adapter: {result.adapter_path}")
 
     def _close(self) -> None:

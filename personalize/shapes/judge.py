@@ -85,7 +85,7 @@ def predict(images: Sequence[Image.Image], batch_size: int = 256) -> list[dict[s
     out: list[dict[str, str]] = []
     for start in range(0, len(images), batch_size):
         _, logits = judge(to_batch(images[start : start + batch_size]))
-        picks = {name: l.argmax(dim=1).tolist() for name, l in logits.items()}
+        picks = {name: scores.argmax(dim=1).tolist() for name, scores in logits.items()}
         for i in range(len(next(iter(picks.values())))):
             out.append({name: judge.vocab[name][idx[i]] for name, idx in picks.items()})
     return out

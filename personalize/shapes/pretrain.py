@@ -14,7 +14,6 @@ the same batches as an uninterrupted one (batch content depends on the step only
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -39,7 +38,7 @@ class PretrainConfig:
     vae_batch: int = 32
     vae_lr: float = 1e-3
     kl_weight: float = 1e-4  # small: the latents stay close to a Gaussian without blurring stripes
-    unet_steps: int = 2000
+    unet_steps: int = 3000
     unet_batch: int = 32
     unet_lr: float = 6e-4
     warmup: int = 100
@@ -112,7 +111,9 @@ def train_vae(config: PretrainConfig, vae, images: np.ndarray, device: torch.dev
         opt.step()
         bar.set_postfix(mse=f"{mse.item():.4f}")
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.vae_steps:
-            save_checkpoint(path, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1, "seconds": time.perf_counter() - began})
+            save_checkpoint(
+                path, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1, "seconds": time.perf_counter() - began}
+            )
     return time.perf_counter() - began
 
 
@@ -152,8 +153,10 @@ def train_diffusion(config, unet, text_encoder, latents, scenes, scaling: float,
     snr = alphas / (1 - alphas)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=1e-2)
-    ema = {"unet": {k: v.detach().clone() for k, v in unet.state_dict().items()},
-           "text_encoder": {k: v.detach().clone() for k, v in text_encoder.state_dict().items()}}
+    ema = {
+        "unet": {k: v.detach().clone() for k, v in unet.state_dict().items()},
+        "text_encoder": {k: v.detach().clone() for k, v in text_encoder.state_dict().items()},
+    }
     path = Path(config.work_dir) / "diffusion.pt"
     state = load_checkpoint(path)
     start, spent = 0, 0.0
@@ -195,8 +198,17 @@ def train_diffusion(config, unet, text_encoder, latents, scenes, scaling: float,
                         ema[name][key].mul_(decay).add_(value.detach(), alpha=1 - decay)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.unet_steps:
-            save_checkpoint(path, {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "opt": opt.state_dict(),
-                                   "ema": ema, "step": step + 1, "seconds": time.perf_counter() - began})
+            save_checkpoint(
+                path,
+                {
+                    "unet": unet.state_dict(),
+                    "text_encoder": text_encoder.state_dict(),
+                    "opt": opt.state_dict(),
+                    "ema": ema,
+                    "step": step + 1,
+                    "seconds": time.perf_counter() - began,
+                },
+            )
     return ema, time.perf_counter() - began
 
 
@@ -204,7 +216,11 @@ def export(config: PretrainConfig, parts: dict, scaling: float, seconds: dict[st
     from safetensors.torch import save_file
 
     out = Path(config.out)
-    tensors = {f"{name}.{k}": v.detach().to("cpu", torch.float16).contiguous() for name, module in parts.items() for k, v in module.state_dict().items()}
+    tensors = {
+        f"{name}.{k}": v.detach().to("cpu", torch.float16).contiguous()
+        for name, module in parts.items()
+        for k, v in module.state_dict().items()
+    }
     with atomic_path(out / "shapes.safetensors") as tmp:
         save_file(tensors, str(tmp))
     record = {
@@ -236,7 +252,12 @@ def pretrain(config: PretrainConfig) -> None:
     vae_seconds = train_vae(config, parts["vae"], images, device)
     parts["vae"].requires_grad_(False)
     t0 = time.perf_counter()
-    mean, std = encode_dataset(parts["vae"], images, device)
+    cache = Path(config.work_dir) / f"latents-{config.vae_steps}.pt"  # a resumed run skips re-encoding
+    if cache.is_file():
+        mean, std = torch.load(cache)
+    else:
+        mean, std = encode_dataset(parts["vae"], images, device)
+        save_checkpoint(cache, (mean, std))
     scaling = float(1.0 / mean.std())
     encode_seconds = time.perf_counter() - t0
     ema, unet_seconds = train_diffusion(config, parts["unet"], parts["text_encoder"], (mean, std), scenes, scaling, device)

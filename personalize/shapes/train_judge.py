@@ -85,8 +85,15 @@ def train(steps: int, batch: int, images: int, seed: int, out: Path) -> dict:
     seconds = time.perf_counter() - began
     clean = accuracy(judge, test_x, test_labels)
     blurred = accuracy(judge, augment(test_x, torch.Generator().manual_seed(seed + 2)), test_labels)
-    record = {"steps": steps, "batch": batch, "images": images, "seed": seed, "seconds": round(seconds, 1),
-              "accuracy_clean": clean, "accuracy_augmented": blurred}
+    record = {
+        "steps": steps,
+        "batch": batch,
+        "images": images,
+        "seed": seed,
+        "seconds": round(seconds, 1),
+        "accuracy_clean": clean,
+        "accuracy_augmented": blurred,
+    }
     from safetensors.torch import save_file
 
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in judge.state_dict().items() if v.dtype.is_floating_point}

@@ -51,12 +51,14 @@ class TrainConfig:
     token: str = field(default="sks", metadata=_help("rare identifier token bound to the subject (DreamBooth §3.2)"))
     class_noun: str = field(default="person", metadata=_help("the subject's class, e.g. dog, backpack, person"))
     instance_prompt: str = field(default="a photo of {token} {class_noun}", metadata=_help("training prompt template (DreamBooth §3.2)"))
-    class_prompt: str = field(default="a photo of {class_noun}",
-                              metadata=_help("prompt of the prior-preservation class images (DreamBooth §3.3)"))
+    class_prompt: str = field(
+        default="a photo of {class_noun}", metadata=_help("prompt of the prior-preservation class images (DreamBooth §3.3)")
+    )
     steps: int | None = field(default=None, metadata=_help("optimiser steps; default: the method's paper value (docs/training.md)"))
     lr: float | None = field(default=None, metadata=_help("learning rate of the main parameter group; default: the method's paper value"))
-    resolution: int | None = field(default=None,
-                                   metadata=_help("training size in px; default: the base model's native size (512 for SD 1.5)"))
+    resolution: int | None = field(
+        default=None, metadata=_help("training size in px; default: the base model's native size (512 for SD 1.5)")
+    )
     # Batch 1: the DreamBooth-LoRA examples of diffusers and kohya train 3-5 images at batch size 1.
     batch_size: int = field(default=1, metadata=_help("instance images per step and process (plus as many class images)"))
     gradient_accumulation_steps: int = field(default=1, metadata=_help("micro-batches per optimiser step"))
@@ -65,12 +67,14 @@ class TrainConfig:
     class_images: int = field(default=100, metadata=_help("class images to generate or reuse (diffusers' default 100)"))
     prior_loss_weight: float = field(default=1.0, metadata=_help("weight of the prior loss (DreamBooth: lambda = 1)"))
     class_data_dir: str | None = field(
-        default=None, metadata=_help("folder of class images; default: a cache shared by runs with the same model, prompt, size"))
+        default=None, metadata=_help("folder of class images; default: a cache shared by runs with the same model, prompt, size")
+    )
     class_batch_size: int = field(default=4, metadata=_help("images per batch when generating class images (diffusers' default 4)"))
     # DPM-Solver++ (Lu et al. 2022) converges in 20-25 steps; used for class images and validation samples.
     sample_steps: int = field(default=25, metadata=_help("denoising steps for class images and validation samples (DPM-Solver++)"))
-    validation_prompts: list[str] = field(default_factory=lambda: list(VALIDATION_PROMPTS),
-                                          metadata=_help("fixed prompts rendered at each validation"))
+    validation_prompts: list[str] = field(
+        default_factory=lambda: list(VALIDATION_PROMPTS), metadata=_help("fixed prompts rendered at each validation")
+    )
     validation_every: int = field(default=100, metadata=_help("render validation samples every N steps and at the end; 0 = off"))
     validation_guidance: float = field(default=7.5, metadata=_help("classifier-free guidance of validation samples (SD's usual 7.5)"))
     checkpoint_every: int = field(default=100, metadata=_help("save a resumable checkpoint every N steps; 0 = only at the end"))
@@ -85,11 +89,13 @@ class TrainConfig:
     adam_epsilon: float = field(default=1e-8, metadata=_help("AdamW epsilon (default)"))
     weight_decay: float = field(default=1e-4, metadata=_help("AdamW weight decay (diffusers' DreamBooth-LoRA value)"))
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm (diffusers and kohya default); 0 = off"))
-    lr_scheduler: str = field(default="constant",
-                              metadata=_help("constant | cosine | linear (LoLDU and DreamBooth-LoRA train at constant lr)"))
+    lr_scheduler: str = field(
+        default="constant", metadata=_help("constant | cosine | linear (LoLDU and DreamBooth-LoRA train at constant lr)")
+    )
     lr_warmup_steps: int = field(default=0, metadata=_help("linear warm-up steps before the schedule"))
-    snr_gamma: float | None = field(default=None,
-                                    metadata=_help("Min-SNR loss weighting gamma (Hang et al. 2023 suggest 5); off by default"))
+    snr_gamma: float | None = field(
+        default=None, metadata=_help("Min-SNR loss weighting gamma (Hang et al. 2023 suggest 5); off by default")
+    )
     noise_offset: float = field(default=0.0, metadata=_help("offset noise strength (Guttenberg 2023; 0.05-0.1 typical); off by default"))
     random_flip: bool = field(default=False, metadata=_help("also train on mirrored images (off: subjects are often asymmetric)"))
     eval_timesteps: int = field(default=8, metadata=_help("timesteps per instance image in the fixed evaluation set"))
@@ -112,10 +118,33 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Fields that define what a run learns: a resumed run must agree with the saved config on them.
 RUN_DEFINING = (
-    "instance_images", "base_model", "method", "method_options", "token", "class_noun", "instance_prompt",
-    "class_prompt", "lr", "resolution", "batch_size", "gradient_accumulation_steps", "prior_preservation",
-    "class_images", "prior_loss_weight", "seed", "optimizer", "adam_beta1", "adam_beta2", "adam_epsilon",
-    "weight_decay", "max_grad_norm", "lr_scheduler", "lr_warmup_steps", "snr_gamma", "noise_offset", "random_flip",
+    "instance_images",
+    "base_model",
+    "method",
+    "method_options",
+    "token",
+    "class_noun",
+    "instance_prompt",
+    "class_prompt",
+    "lr",
+    "resolution",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "prior_preservation",
+    "class_images",
+    "prior_loss_weight",
+    "seed",
+    "optimizer",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "weight_decay",
+    "max_grad_norm",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "snr_gamma",
+    "noise_offset",
+    "random_flip",
 )
 
 
@@ -199,10 +228,20 @@ def _check_values(c: TrainConfig) -> None:
 
     need(c.steps >= 1, f"steps must be a positive integer, got {c.steps}")
     need(math.isfinite(c.lr) and c.lr > 0, f"lr must be a positive number, got {c.lr}")
-    need(c.resolution is None or (c.resolution >= 64 and c.resolution % 8 == 0),
-         f"resolution must be a multiple of 8 of at least 64 px, got {c.resolution}")
-    for name in ("batch_size", "gradient_accumulation_steps", "class_batch_size", "sample_steps", "checkpoints_keep",
-                 "eval_timesteps", "eval_images", "eval_batch_size"):
+    need(
+        c.resolution is None or (c.resolution >= 64 and c.resolution % 8 == 0),
+        f"resolution must be a multiple of 8 of at least 64 px, got {c.resolution}",
+    )
+    for name in (
+        "batch_size",
+        "gradient_accumulation_steps",
+        "class_batch_size",
+        "sample_steps",
+        "checkpoints_keep",
+        "eval_timesteps",
+        "eval_images",
+        "eval_batch_size",
+    ):
         need(getattr(c, name) >= 1, f"{name} must be a positive integer, got {getattr(c, name)}")
     for name in ("validation_every", "checkpoint_every", "lr_warmup_steps"):
         need(getattr(c, name) >= 0, f"{name} must be 0 or a positive integer, got {getattr(c, name)}")
@@ -213,8 +252,12 @@ def _check_values(c: TrainConfig) -> None:
     need(0 <= c.adam_beta1 < 1 and 0 <= c.adam_beta2 < 1, f"adam betas must lie in [0, 1), got {c.adam_beta1}, {c.adam_beta2}")
     check_seed(c.seed)
     need(c.snr_gamma is None or c.snr_gamma > 0, f"snr_gamma must be a positive number (or unset), got {c.snr_gamma}")
-    for name, accepted in (("mixed_precision", MIXED_PRECISION), ("optimizer", OPTIMIZERS),
-                           ("lr_scheduler", SCHEDULES), ("report_to", REPORT_TO)):
+    for name, accepted in (
+        ("mixed_precision", MIXED_PRECISION),
+        ("optimizer", OPTIMIZERS),
+        ("lr_scheduler", SCHEDULES),
+        ("report_to", REPORT_TO),
+    ):
         need(getattr(c, name) in accepted, f"{name} '{getattr(c, name)}' is not supported; accepted: {', '.join(accepted)}")
     need(bool(c.token.strip()), "token must not be empty (DreamBooth binds the subject to it, e.g. 'sks')")
     need(bool(c.class_noun.strip()), "class_noun must not be empty (e.g. dog, backpack, person)")

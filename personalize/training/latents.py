@@ -71,8 +71,15 @@ def encode_images(vae, images: torch.Tensor, batch_size: int, device: torch.devi
     return LatentSet(torch.cat(means), torch.cat(stds), float(config.scaling_factor), float(shift))
 
 
-def encode_files(vae, files: Sequence, resolution: int, batch_size: int, device: torch.device, flip: bool = False,
-                 progress: Callable[[int, int], None] | None = None) -> LatentSet:
+def encode_files(
+    vae,
+    files: Sequence,
+    resolution: int,
+    batch_size: int,
+    device: torch.device,
+    flip: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> LatentSet:
     """Load, crop and encode image files in chunks (never all decoded images in memory at once).
     With `flip`, the mirrored images follow the originals (rows n..2n-1), their crop mirrored too.
     `progress(done, total)` is called after each chunk (images encoded, mirrored ones included)."""
@@ -91,8 +98,7 @@ def encode_files(vae, files: Sequence, resolution: int, batch_size: int, device:
             if progress is not None:
                 progress(sum(len(p) for p in parts), total)
     first = parts[0]
-    return LatentSet(torch.cat([p.mean for p in parts]), torch.cat([p.std for p in parts]), first.scale, first.shift,
-                     torch.cat(geometry))
+    return LatentSet(torch.cat([p.mean for p in parts]), torch.cat([p.std for p in parts]), first.scale, first.shift, torch.cat(geometry))
 
 
 def epoch_indices(count: int, position: int, size: int, seed: int) -> torch.Tensor:

@@ -26,9 +26,7 @@ def training_scheduler(pipe):
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     if scheduler.config.prediction_type not in PREDICTION_TYPES:
-        raise UserError(
-            f"base model predicts '{scheduler.config.prediction_type}'; training supports {', '.join(PREDICTION_TYPES)}"
-        )
+        raise UserError(f"base model predicts '{scheduler.config.prediction_type}'; training supports {', '.join(PREDICTION_TYPES)}")
     return scheduler
 
 

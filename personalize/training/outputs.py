@@ -51,8 +51,11 @@ def check_output_dir(folder: Path, effective: dict[str, Any], resume: bool, over
     saved = json.loads(saved_path.read_text(encoding="utf-8"))
     effective = json.loads(json.dumps(effective))  # tuples -> lists, as in the saved file
     # settings resolved from the model (resolution) are compared only when they are given
-    differ = [name for name in RUN_DEFINING
-              if saved.get(name) != effective.get(name) and not (name in RESOLVED_LATER and effective.get(name) is None)]
+    differ = [
+        name
+        for name in RUN_DEFINING
+        if saved.get(name) != effective.get(name) and not (name in RESOLVED_LATER and effective.get(name) is None)
+    ]
     if differ:
         details = "; ".join(f"{name}: saved {saved.get(name)!r}, now {effective.get(name)!r}" for name in differ)
         raise UserError(
@@ -80,8 +83,11 @@ class TrainLog:
         if resume_step is not None and self.path.is_file():
             # a crash after the last checkpoint leaves records of steps that will be redone (and maybe a
             # torn last line): drop them
-            kept = [line for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines()
-                    if (record := _record(line)) is not None and record.get("step", 0) <= resume_step]
+            kept = [
+                line
+                for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+                if (record := _record(line)) is not None and record.get("step", 0) <= resume_step
+            ]
             write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()

@@ -111,8 +111,13 @@ class Trainer:
         )
 
     def effective(self, resolution: int | None) -> TrainConfig:
-        return dataclasses.replace(self.config, instance_images=self.instance_files, output_dir=str(self.output_dir),
-                                   resolution=resolution, mixed_precision=self.mixed_precision)
+        return dataclasses.replace(
+            self.config,
+            instance_images=self.instance_files,
+            output_dir=str(self.output_dir),
+            resolution=resolution,
+            mixed_precision=self.mixed_precision,
+        )
 
     def prepare_output(self) -> Path | None:
         """Check and (with overwrite) clear the output folder; the checkpoint to resume from, if any."""
@@ -153,15 +158,28 @@ class Trainer:
         self.instance_cond, _ = encode_prompts(pipe, [c.prompt(c.instance_prompt)], device, self.resolution)
         if c.validation_every and c.validation_prompts:
             self.validation_cond = encode_prompts(pipe, [c.prompt(p) for p in c.validation_prompts], device, self.resolution)
-        self.instance = encode_files(pipe.vae, self.instance_files, self.resolution, c.eval_batch_size, device, c.random_flip,
-                                     progress=lambda done, total: self.hooks.on_prepare("encoding images", done, total))
+        self.instance = encode_files(
+            pipe.vae,
+            self.instance_files,
+            self.resolution,
+            c.eval_batch_size,
+            device,
+            c.random_flip,
+            progress=lambda done, total: self.hooks.on_prepare("encoding images", done, total),
+        )
         self.classes = None
         if c.prior_preservation:
             self.class_cond, _ = encode_prompts(pipe, [c.prompt(c.class_prompt)], device, self.resolution)
             class_files = self.class_images()
             if class_files:
-                self.classes = encode_files(pipe.vae, class_files, self.resolution, c.eval_batch_size, device,
-                                            progress=lambda done, total: self.hooks.on_prepare("encoding class images", done, total))
+                self.classes = encode_files(
+                    pipe.vae,
+                    class_files,
+                    self.resolution,
+                    c.eval_batch_size,
+                    device,
+                    progress=lambda done, total: self.hooks.on_prepare("encoding class images", done, total),
+                )
 
         set_seed(c.seed)  # adapter initialisation (LoRA's gaussian A) and anything else drawing from global RNGs
         if self.resume_from is not None:
@@ -188,18 +206,32 @@ class Trainer:
         # at most eval_images photos, evenly spaced (unflipped rows), each with its own SDXL size/crop ids
         chosen = evaluation_images(len(self.instance_files), c.eval_images)
         conditioning = self.instance_cond.take(torch.zeros(len(chosen), dtype=torch.long))
-        self.eval_set = EvalSet.build(self.scheduler, self.instance.means()[chosen.to(self.instance.mean.device)],
-                                      conditioning.with_time_ids(self.instance.time_ids(chosen, self.resolution)), c.eval_timesteps)
+        self.eval_set = EvalSet.build(
+            self.scheduler,
+            self.instance.means()[chosen.to(self.instance.mean.device)],
+            conditioning.with_time_ids(self.instance.time_ids(chosen, self.resolution)),
+            c.eval_timesteps,
+        )
 
     def class_images(self) -> list[Path]:
         c, acc = self.config, self.accelerator
-        folder = Path(c.class_data_dir).expanduser() if c.class_data_dir else default_class_dir(
-            c.base_model, c.prompt(c.class_prompt), self.resolution, c.sample_steps)
+        folder = (
+            Path(c.class_data_dir).expanduser()
+            if c.class_data_dir
+            else default_class_dir(c.base_model, c.prompt(c.class_prompt), self.resolution, c.sample_steps)
+        )
         if self.main:
-            ensure_class_images(self.pipe, folder, c.prompt(c.class_prompt), c.class_images, self.resolution,
-                                c.sample_steps, c.class_batch_size,
-                                progress=lambda done, total: self.hooks.on_prepare("generating class images", done, total),
-                                stop=self.cancel.is_set)
+            ensure_class_images(
+                self.pipe,
+                folder,
+                c.prompt(c.class_prompt),
+                c.class_images,
+                self.resolution,
+                c.sample_steps,
+                c.class_batch_size,
+                progress=lambda done, total: self.hooks.on_prepare("generating class images", done, total),
+                stop=self.cancel.is_set,
+            )
         acc.wait_for_everyone()
         return existing_class_images(folder)[: c.class_images]
 
@@ -262,8 +294,13 @@ class Trainer:
         was_training = unet.training
         unet.eval()
         try:
-            return self.eval_set.loss(unet, self.scheduler, self.config.eval_batch_size, self.accelerator.autocast,
-                                      progress=lambda done, total: self.hooks.on_prepare(stage, done, total))
+            return self.eval_set.loss(
+                unet,
+                self.scheduler,
+                self.config.eval_batch_size,
+                self.accelerator.autocast,
+                progress=lambda done, total: self.hooks.on_prepare(stage, done, total),
+            )
         finally:
             unet.train(was_training)
 
@@ -272,8 +309,9 @@ class Trainer:
         if not (c.validation_every and c.validation_prompts) or not self.main:
             return
         positive, negative = self.validation_cond
-        images = render_samples(self.pipe, positive, negative, c.seed, self.resolution, c.sample_steps,
-                                c.validation_guidance, self.accelerator.autocast)
+        images = render_samples(
+            self.pipe, positive, negative, c.seed, self.resolution, c.sample_steps, c.validation_guidance, self.accelerator.autocast
+        )
         path = save_grid(images, self.output_dir / SAMPLES_DIR / f"step_{step:06d}.png")
         self.samples.append(str(path))
         self.log.write({"step": step, "event": "samples", "path": str(path)})
@@ -282,8 +320,14 @@ class Trainer:
 
     def adapter_metadata(self, step: int) -> dict[str, Any]:
         c = self.run_config
-        return {"token": c.token, "class_noun": c.class_noun, "instance_prompt": c.prompt(c.instance_prompt),
-                "base_model": c.base_model, "steps": step, "train_config": c.to_dict()}
+        return {
+            "token": c.token,
+            "class_noun": c.class_noun,
+            "instance_prompt": c.prompt(c.instance_prompt),
+            "base_model": c.base_model,
+            "steps": step,
+            "train_config": c.to_dict(),
+        }
 
     def save_checkpoint(self, step: int, state: dict[str, Any]) -> None:
         acc, folder = self.accelerator, self.output_dir / CHECKPOINTS_DIR
@@ -295,8 +339,18 @@ class Trainer:
         ckpt.write_rng(staging, self.rank, self.generator)
         acc.wait_for_everyone()
         if self.main:
-            path = ckpt.finish_checkpoint(staging, folder, step, self.adapter, self.adapter_metadata(step), self.optimizer,
-                                          self.lr_scheduler, acc.scaler, state, self.config.checkpoints_keep)
+            path = ckpt.finish_checkpoint(
+                staging,
+                folder,
+                step,
+                self.adapter,
+                self.adapter_metadata(step),
+                self.optimizer,
+                self.lr_scheduler,
+                acc.scaler,
+                state,
+                self.config.checkpoints_keep,
+            )
             self.log.write({"step": step, "event": "checkpoint", "path": str(path)})
         acc.wait_for_everyone()
 
@@ -305,8 +359,10 @@ class Trainer:
         c = self.config
         found = ckpt.latest_checkpoint(self.output_dir / CHECKPOINTS_DIR)
         kept = f"the last good checkpoint is {found} (continue with resume)" if found else "no checkpoint was saved yet"
-        return (f"training stopped at step {step}: the loss is {loss} (not a finite number), so no adapter was saved; "
-                f"{kept}; try a lower lr (now {c.lr:g}) or mixed_precision 'no' or 'bf16'")
+        return (
+            f"training stopped at step {step}: the loss is {loss} (not a finite number), so no adapter was saved; "
+            f"{kept}; try a lower lr (now {c.lr:g}) or mixed_precision 'no' or 'bf16'"
+        )
 
     # --- the run ---------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -347,8 +403,13 @@ class Trainer:
         cancelled = False
 
         def state() -> dict[str, Any]:
-            return {"total_steps": c.steps, "eval_loss_start": eval_start, "method": c.method,
-                    "train_time": train_time_before + time.perf_counter() - loop_start, "num_processes": self.num_processes}
+            return {
+                "total_steps": c.steps,
+                "eval_loss_start": eval_start,
+                "method": c.method,
+                "train_time": train_time_before + time.perf_counter() - loop_start,
+                "num_processes": self.num_processes,
+            }
 
         try:
             while step < c.steps:
@@ -386,8 +447,9 @@ class Trainer:
         train_time = train_time_before + time.perf_counter() - loop_start
         return self.finish(step, cancelled, eval_start, train_time, resumed_from, list(recent))
 
-    def finish(self, step: int, cancelled: bool, eval_start: float, train_time: float,
-               resumed_from: int | None, recent: list[float]) -> TrainResult:
+    def finish(
+        self, step: int, cancelled: bool, eval_start: float, train_time: float, resumed_from: int | None, recent: list[float]
+    ) -> TrainResult:
         c, acc = self.config, self.accelerator
         adapter_path = self.output_dir / ADAPTER_FILE
         if self.main:
@@ -396,11 +458,21 @@ class Trainer:
                 self.validate(step)
         eval_end = self.evaluate("evaluation after training")
         result = TrainResult(
-            adapter_path=str(adapter_path), output_dir=str(self.output_dir), steps_done=step, cancelled=cancelled,
-            eval_loss_start=eval_start, eval_loss_end=eval_end, num_trainable=self.adapter.num_trainable,
-            wall_time=time.perf_counter() - self.wall_start, method=c.method, total_steps=c.steps, train_time=train_time,
-            resumed_from=resumed_from, num_processes=self.num_processes,
-            final_loss=sum(recent) / len(recent) if recent else None, samples=self.samples,
+            adapter_path=str(adapter_path),
+            output_dir=str(self.output_dir),
+            steps_done=step,
+            cancelled=cancelled,
+            eval_loss_start=eval_start,
+            eval_loss_end=eval_end,
+            num_trainable=self.adapter.num_trainable,
+            wall_time=time.perf_counter() - self.wall_start,
+            method=c.method,
+            total_steps=c.steps,
+            train_time=train_time,
+            resumed_from=resumed_from,
+            num_processes=self.num_processes,
+            final_loss=sum(recent) / len(recent) if recent else None,
+            samples=self.samples,
             config_path=str(self.output_dir / CONFIG_FILE),
         )
         if self.main:

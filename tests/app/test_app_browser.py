@@ -19,8 +19,12 @@ from PIL import Image
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 SCREENSHOTS = Path(os.environ.get("PERSONALIZE_SCREENSHOTS", Path(__file__).with_name("screenshots")))
 TIMEOUT_MS = 60_000
@@ -67,9 +71,7 @@ def running_app(tmp_path_factory):
     state = AppState.open(str(tmp_path_factory.mktemp("workspace")), "tiny")
     demo = build_app(state)
     demo.queue()
-    _, url, _ = demo.launch(
-        server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True, **launch_options(state)
-    )
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True, **launch_options(state))
     yield url, state
     state.jobs.stop()
     state.jobs.wait(30)

@@ -86,12 +86,15 @@ def test_second_job_is_refused_and_stop_keeps_the_adapter(tmp_path):
     assert not jobs.stop()  # nothing left to stop
 
 
-@pytest.mark.parametrize("error, shown", [
-    (UserError("image 'x.png' is corrupt"), "image 'x.png' is corrupt"),
-    (RuntimeError("CUDA out of memory"), "RuntimeError: CUDA out of memory"),
-    # OS errors are user errors in the app as in the CLI: the path and what to do, not "PermissionError: [Errno 13]"
-    (PermissionError(13, "Permission denied", "/data/out"), "'/data/out': permission denied; choose"),
-])
+@pytest.mark.parametrize(
+    "error, shown",
+    [
+        (UserError("image 'x.png' is corrupt"), "image 'x.png' is corrupt"),
+        (RuntimeError("CUDA out of memory"), "RuntimeError: CUDA out of memory"),
+        # OS errors are user errors in the app as in the CLI: the path and what to do, not "PermissionError: [Errno 13]"
+        (PermissionError(13, "Permission denied", "/data/out"), "'/data/out': permission denied; choose"),
+    ],
+)
 def test_failures_are_recorded_without_traceback(tmp_path, error, shown):
     space, concept, config, jobs = setup(tmp_path, ScriptedTrainer(fail=error))
     jobs.start(concept, config)

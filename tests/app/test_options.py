@@ -26,8 +26,9 @@ def test_values_are_typed_and_only_changes_are_returned():
 
 
 def test_optional_fields_accept_empty():
-    method = next(m for m in METHODS if any(
-        f.default is None and f.name != "targets" for f in dataclasses.fields(get_method(m).config_cls)))
+    method = next(
+        m for m in METHODS if any(f.default is None and f.name != "targets" for f in dataclasses.fields(get_method(m).config_cls))
+    )
     name = next(f.name for f in dataclasses.fields(get_method(method).config_cls) if f.default is None and f.name != "targets")
     assert parse_options(method, [[name, ""]]) == {}
     assert parse_options(method, [[name, "3"]]) == {name: 3}

@@ -112,8 +112,14 @@ def test_concept_record_comes_from_the_effective_config(tmp_path):
 
     space = Workspace(tmp_path / "ws")
     concept_id = space.new_id("My Cat")
-    config = effective_config(instance_images=str(space.images_dir(concept_id)), output_dir=str(space.train_dir(concept_id)),
-                              base_model="tiny", method="svfit", class_noun="cat", method_options={"rank": "4"})
+    config = effective_config(
+        instance_images=str(space.images_dir(concept_id)),
+        output_dir=str(space.train_dir(concept_id)),
+        base_model="tiny",
+        method="svfit",
+        class_noun="cat",
+        method_options={"rank": "4"},
+    )
     concept = space.create(Concept.from_config(concept_id, "My Cat", config), make_images(tmp_path, 1))
     stored = space.get(concept_id)
     defaults = get_method("svfit").train_defaults

@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from PIL import PngImagePlugin
-
 from metrics_testdata import save_image
+from PIL import PngImagePlugin
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -16,13 +16,16 @@ def save_image(path: Path, seed: int, size: tuple[int, int] = (48, 40), pnginfo=
     return path
 
 
-def manifest_record(index: int, prompt: str, subject: str | None = None, token: str | None = "sks",
-                    method: str = "lora") -> dict:
+def manifest_record(index: int, prompt: str, subject: str | None = None, token: str | None = "sks", method: str = "lora") -> dict:
     """A record of the `personalize generate` manifest contract."""
     return {
-        "file": f"{index:04d}.png", "prompt": prompt, "negative_prompt": "", "seed": index, "steps": 2,
-        "guidance": 7.5, "base_model": "tiny-sd",
-        "adapters": [{"path": "adapter.safetensors", "scale": 1.0, "method": method, "token": token,
-                      "class_noun": "dog"}],
+        "file": f"{index:04d}.png",
+        "prompt": prompt,
+        "negative_prompt": "",
+        "seed": index,
+        "steps": 2,
+        "guidance": 7.5,
+        "base_model": "tiny-sd",
+        "adapters": [{"path": "adapter.safetensors", "scale": 1.0, "method": method, "token": token, "class_noun": "dog"}],
         "subject": subject,
     }

@@ -8,10 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
+from metrics_testdata import manifest_record
 from PIL import Image
 
 from metrics import command
-from metrics_testdata import manifest_record
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -24,8 +24,22 @@ def test_eval_command_writes_report_markdown_and_plot(make_real, make_generated,
     real = make_real(n=2)
     generated = make_generated([manifest_record(i, f"a sks dog {i}") for i in range(3)])
     output = tmp_path / "eval" / "report.json"
-    args = parse(["--real", str(real), "--generated", str(generated), "--output", str(output),
-                  "--metrics", "dino,clip_i,clip_t,vendi,kid", "--embedders", "tiny", "--placeholder-token", "sks"])
+    args = parse(
+        [
+            "--real",
+            str(real),
+            "--generated",
+            str(generated),
+            "--output",
+            str(output),
+            "--metrics",
+            "dino,clip_i,clip_t,vendi,kid",
+            "--embedders",
+            "tiny",
+            "--placeholder-token",
+            "sks",
+        ]
+    )
     assert command.run(args) == 0
     report = json.loads(output.read_text())
     assert set(report["metrics"]) == {"dino", "clip_i", "clip_t", "vendi", "kid"}
@@ -39,19 +53,23 @@ def test_eval_command_writes_report_markdown_and_plot(make_real, make_generated,
 def test_eval_command_defaults_and_user_errors(make_real, make_generated, tmp_path):
     args = parse(["--real", "r", "--generated", "g"])
     assert (args.output, args.metrics, args.embedders, args.placeholder_tokens) == (
-        "report.json", "dino,clip_i,clip_t,vendi", "default", None)
+        "report.json",
+        "dino,clip_i,clip_t,vendi",
+        "default",
+        None,
+    )
     with pytest.raises(SystemExit):
         parse(["--real", "r", "--generated", "g", "--embedders", "huge"])
     real, generated = make_real(n=2), make_generated([manifest_record(0, "a sks dog")])
-    bad_metric = parse(["--real", str(real), "--generated", str(generated), "--metrics", "dino,fidd",
-                        "--embedders", "tiny"])
+    bad_metric = parse(["--real", str(real), "--generated", str(generated), "--metrics", "dino,fidd", "--embedders", "tiny"])
     with pytest.raises(ValueError, match="'fidd'; accepted: dino, dinov2"):
         command.run(bad_metric)
     missing = parse(["--real", str(tmp_path / "none"), "--generated", str(generated), "--embedders", "tiny"])
     with pytest.raises(FileNotFoundError, match="real image folder not found"):
         command.run(missing)
-    into_folder = parse(["--real", str(real), "--generated", str(generated), "--output", str(tmp_path),
-                         "--metrics", "dino", "--embedders", "tiny"])
+    into_folder = parse(
+        ["--real", str(real), "--generated", str(generated), "--output", str(tmp_path), "--metrics", "dino", "--embedders", "tiny"]
+    )
     with pytest.raises(ValueError, match="must be a file path such as report.json"):
         command.run(into_folder)
 

@@ -118,12 +118,15 @@ def test_inception_loads_local_weights_with_2048_features(tmp_path, monkeypatch)
     assert embedder.dim == 2048 and str(weights) in embedder.name and "299x299" in embedder.preprocessing
 
 
-@pytest.mark.parametrize("kind, source", [
-    ("clip", "/no/such/dir/open_clip_model.bin"),
-    ("dino", "./missing-dino-folder"),
-    ("dinov2", "~/no-such-dinov2.safetensors"),
-    ("inception", "/no/such/pt_inception.pth"),
-])
+@pytest.mark.parametrize(
+    "kind, source",
+    [
+        ("clip", "/no/such/dir/open_clip_model.bin"),
+        ("dino", "./missing-dino-folder"),
+        ("dinov2", "~/no-such-dinov2.safetensors"),
+        ("inception", "/no/such/pt_inception.pth"),
+    ],
+)
 def test_missing_local_files_raise_a_clear_error(kind, source):
     with pytest.raises(FileNotFoundError, match="not found: .*no-such|not found: .*no/such|not found: .*missing"):
         load_embedder(source, kind)

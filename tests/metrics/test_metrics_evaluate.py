@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from metrics_testdata import manifest_record
 
 from metrics import evaluate, mean_pairwise_cosine, tiny_embedders
 from metrics.images import open_image
-from metrics_testdata import manifest_record
 
 PROMPTS = ["a sks dog in the snow", "a sks dog on the beach", "a red sks dog", "a sks dog in the jungle"]
 
@@ -112,6 +112,7 @@ def test_bad_inputs_name_the_value_and_what_is_accepted(make_real, make_generate
 
 def test_custom_embedder_dict(make_real, make_generated):
     tiny = tiny_embedders()
-    report = evaluate(make_real(n=2), make_generated([manifest_record(0, "a sks dog")]), metrics=["clip_i"],
-                      embedders={"clip": tiny["clip"]})
+    report = evaluate(
+        make_real(n=2), make_generated([manifest_record(0, "a sks dog")]), metrics=["clip_i"], embedders={"clip": tiny["clip"]}
+    )
     assert report["metrics"]["clip_i"]["backbone"] == tiny["clip"].name

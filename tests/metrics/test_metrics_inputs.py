@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from metrics_testdata import manifest_record, save_image
+
 from metrics.dreambench import dreambench_prompts, load_dreambench
 from metrics.inputs import group_by_subject, read_generated, read_real
 from metrics.prompts import strip_placeholders
@@ -85,14 +85,17 @@ def test_group_by_subject(make_real, make_generated):
     assert list(group_by_subject(single, unlabelled)) == ["my_dog"]
 
 
-@pytest.mark.parametrize("prompt, tokens, expected", [
-    ("a sks dog in the snow", ["sks"], "a dog in the snow"),
-    ("a photo of sks, a dog", ["sks"], "a photo of, a dog"),
-    ("a <sks> dog", ["<sks>"], "a dog"),
-    ("a sksy dog", ["sks"], "a sksy dog"),
-    ("sks", ["sks"], ""),
-    ("a dog", [], "a dog"),
-])
+@pytest.mark.parametrize(
+    "prompt, tokens, expected",
+    [
+        ("a sks dog in the snow", ["sks"], "a dog in the snow"),
+        ("a photo of sks, a dog", ["sks"], "a photo of, a dog"),
+        ("a <sks> dog", ["<sks>"], "a dog"),
+        ("a sksy dog", ["sks"], "a sksy dog"),
+        ("sks", ["sks"], ""),
+        ("a dog", [], "a dog"),
+    ],
+)
 def test_strip_placeholders(prompt, tokens, expected):
     assert strip_placeholders(prompt, tokens) == expected
 

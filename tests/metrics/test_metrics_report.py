@@ -11,9 +11,15 @@ from metrics.report import markdown_report, markdown_table, run_label, write_com
 
 def fake_report(method: str, dino: float, clip_t: float | None, vendi: float, subjects=("dog",)) -> dict:
     def entry(value: float, metric: str) -> dict:
-        return {"value": value, "flat": value, "per_subject": {s: value for s in subjects},
-                "backbone": f"{metric}-net", "preprocessing": "resize 224", "aggregation": "per subject mean",
-                "higher_is_better": True}
+        return {
+            "value": value,
+            "flat": value,
+            "per_subject": {s: value for s in subjects},
+            "backbone": f"{metric}-net",
+            "preprocessing": "resize 224",
+            "aggregation": "per subject mean",
+            "higher_is_better": True,
+        }
 
     metrics = {"dino": entry(dino, "dino"), "vendi": entry(vendi, "dinov2")}
     if clip_t is not None:

@@ -41,10 +41,21 @@ def test_cli_train_thirty_steps(photos, class_dir, tmp_path, capsys):
     assert result["steps_done"] == 30 and not result["cancelled"]
     assert result["eval_loss_end"] < result["eval_loss_start"]
     assert sorted(p.name for p in out.iterdir()) == [
-        "adapter.safetensors", "checkpoints", "config.json", "log.jsonl", "result.json", "samples"]
+        "adapter.safetensors",
+        "checkpoints",
+        "config.json",
+        "log.jsonl",
+        "result.json",
+        "samples",
+    ]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000020", "step_000030"]  # last 2 kept
     assert sorted(p.name for p in (out / "checkpoints" / "step_000030").iterdir()) == [
-        "adapter.safetensors", "optimizer.pt", "rng_0.pt", "scheduler.pt", "state.json"]
+        "adapter.safetensors",
+        "optimizer.pt",
+        "rng_0.pt",
+        "scheduler.pt",
+        "state.json",
+    ]
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_000015.png", "step_000030.png"]
     assert Image.open(out / "samples" / "step_000030.png").size == (128, 64)  # 2 prompts x 64 px
 

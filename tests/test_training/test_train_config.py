@@ -93,8 +93,14 @@ def test_bad_values_are_named(changes, message):
 
 
 def test_parse_options():
-    assert parse_options(["rank=8", "alpha=4.5", "preset=attention", "init=\"uniform\"", "rank_x=none", "flag= true"]) == {
-        "rank": "8", "alpha": "4.5", "preset": "attention", "init": "uniform", "rank_x": "none", "flag": "true"}
+    assert parse_options(["rank=8", "alpha=4.5", "preset=attention", 'init="uniform"', "rank_x=none", "flag= true"]) == {
+        "rank": "8",
+        "alpha": "4.5",
+        "preset": "attention",
+        "init": "uniform",
+        "rank_x": "none",
+        "flag": "true",
+    }
     assert parse_options([r"targets=attn1\.to_q$"]) == {"targets": r"attn1\.to_q$"}
     with pytest.raises(UserError, match="--option expects NAME=VALUE, got 'rank'"):
         parse_options(["rank"])

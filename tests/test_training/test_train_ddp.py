@@ -13,10 +13,37 @@ import personalize as P
 
 def test_two_processes(photos, tmp_path):
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "personalize.cli", "train", "--cpu", "--base-model", "tiny", "--instance-images", str(photos),
-               "--output-dir", str(out), "--method", "svfit", "--steps", "3", "--lr", "1e-2", "--no-prior-preservation",
-               "--validation-every", "0", "--checkpoint-every", "2", "--eval-timesteps", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "personalize.cli",
+        "train",
+        "--cpu",
+        "--base-model",
+        "tiny",
+        "--instance-images",
+        str(photos),
+        "--output-dir",
+        str(out),
+        "--method",
+        "svfit",
+        "--steps",
+        "3",
+        "--lr",
+        "1e-2",
+        "--no-prior-preservation",
+        "--validation-every",
+        "0",
+        "--checkpoint-every",
+        "2",
+        "--eval-timesteps",
+        "2",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=540)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -42,8 +42,19 @@ def test_gradient_checkpointing_gives_the_same_training(fast, tmp_path):
 
 
 def test_accumulation_steps_the_schedule_once_per_optimiser_step(fast):
-    result = train(TrainConfig(**{**fast, "method": "svfit", "steps": 2, "gradient_accumulation_steps": 2, "batch_size": 2,
-                                  "lr_scheduler": "cosine", "random_flip": True}))
+    result = train(
+        TrainConfig(
+            **{
+                **fast,
+                "method": "svfit",
+                "steps": 2,
+                "gradient_accumulation_steps": 2,
+                "batch_size": 2,
+                "lr_scheduler": "cosine",
+                "random_flip": True,
+            }
+        )
+    )
     records = log_records(result.output_dir)
     assert [r["step"] for r in records] == [1, 2]
     assert [r["lr"] for r in records] == pytest.approx([0.5e-2, 0.0], abs=1e-12)  # cosine over 2 optimiser steps
@@ -92,17 +103,38 @@ def save_tiny_pipeline(folder: Path, style: str) -> str:
     schedule = {k: v for k, v in SD15_SCHEDULER.items() if k not in ("skip_prk_steps", "set_alpha_to_one")}
     if style == "sd2":
         pipe = StableDiffusionPipeline(
-            vae=_random_vae(2), text_encoder=_random_text_encoder(48, 2, 4), tokenizer=clip_tokenizer(), unet=tiny_unet("sd2"),
+            vae=_random_vae(2),
+            text_encoder=_random_text_encoder(48, 2, 4),
+            tokenizer=clip_tokenizer(),
+            unet=tiny_unet("sd2"),
             scheduler=EulerDiscreteScheduler(**schedule, prediction_type="v_prediction"),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     else:
-        config = CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                max_position_embeddings=77, projection_dim=32, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+        config = CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
         torch.manual_seed(0)
         pipe = StableDiffusionXLPipeline(
-            vae=_random_vae(2), text_encoder=_random_text_encoder(32, 2, 4), text_encoder_2=CLIPTextModelWithProjection(config),
-            tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(), unet=tiny_unet("sdxl"),
-            scheduler=EulerDiscreteScheduler(**schedule))
+            vae=_random_vae(2),
+            text_encoder=_random_text_encoder(32, 2, 4),
+            text_encoder_2=CLIPTextModelWithProjection(config),
+            tokenizer=clip_tokenizer(),
+            tokenizer_2=clip_tokenizer(),
+            unet=tiny_unet("sdxl"),
+            scheduler=EulerDiscreteScheduler(**schedule),
+        )
     pipe.save_pretrained(folder)
     return str(folder)
 
@@ -110,8 +142,16 @@ def save_tiny_pipeline(folder: Path, style: str) -> str:
 @pytest.mark.parametrize("style", ["sd2", "sdxl"])
 def test_other_model_families(style, fast, tmp_path):
     base = save_tiny_pipeline(tmp_path / style, style)
-    settings = {**fast, "base_model": base, "method": "svfit", "steps": 3, "snr_gamma": 5.0, "noise_offset": 0.05,
-                "validation_every": 3, "validation_prompts": ["a {token} {class_noun}"]}
+    settings = {
+        **fast,
+        "base_model": base,
+        "method": "svfit",
+        "steps": 3,
+        "snr_gamma": 5.0,
+        "noise_offset": 0.05,
+        "validation_every": 3,
+        "validation_prompts": ["a {token} {class_noun}"],
+    }
     result = train(TrainConfig(**settings))
     assert result.steps_done == 3 and math.isfinite(result.eval_loss_end) and result.eval_loss_end != result.eval_loss_start
     assert Path(result.samples[0]).is_file()

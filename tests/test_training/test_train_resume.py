@@ -30,8 +30,17 @@ class CancelAt(TrainCallback):
 
 
 def test_resume_reproduces_the_uninterrupted_run(fast, tmp_path, class_dir):
-    settings = {**fast, "method": "lora", "steps": 6, "lr": 1e-2, "prior_preservation": True, "checkpoint_every": 2,
-                "checkpoints_keep": 2, "lr_scheduler": "cosine", "lr_warmup_steps": 2}
+    settings = {
+        **fast,
+        "method": "lora",
+        "steps": 6,
+        "lr": 1e-2,
+        "prior_preservation": True,
+        "checkpoint_every": 2,
+        "checkpoints_keep": 2,
+        "lr_scheduler": "cosine",
+        "lr_warmup_steps": 2,
+    }
     full = train(TrainConfig(**{**settings, "output_dir": str(tmp_path / "full")}))
     assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == ["step_000004", "step_000006"]
     class_files = {p.name: p.stat().st_mtime_ns for p in class_dir.iterdir()}
@@ -92,8 +101,19 @@ class Recorder(TrainCallback):
 
 def test_callbacks_see_steps_and_samples(fast):
     recorder = Recorder()
-    result = train(TrainConfig(**{**fast, "method": "svfit", "steps": 4, "validation_every": 2, "lr_scheduler": "linear",
-                                  "validation_prompts": ["a {token} {class_noun}"]}), [recorder])
+    result = train(
+        TrainConfig(
+            **{
+                **fast,
+                "method": "svfit",
+                "steps": 4,
+                "validation_every": 2,
+                "lr_scheduler": "linear",
+                "validation_prompts": ["a {token} {class_noun}"],
+            }
+        ),
+        [recorder],
+    )
     assert recorder.events == [("start", 4, result.num_trainable, 64), ("samples", 2, 1, True), ("samples", 4, 1, True), ("end", 4)]
     steps = recorder.progress
     assert [p.step for p in steps] == [1, 2, 3, 4] and all(p.total_steps == 4 for p in steps)

@@ -30,8 +30,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(fast, monkeypa
         return loss * float("nan") if len(calls) == 3 else loss
 
     monkeypatch.setattr(Trainer, "loss", failing)
-    with pytest.raises(UserError, match=r"training stopped at step 3: the loss is nan .*no adapter was saved; "
-                                        r"the last good checkpoint is .*step_000002"):
+    with pytest.raises(
+        UserError,
+        match=r"training stopped at step 3: the loss is nan .*no adapter was saved; "
+        r"the last good checkpoint is .*step_000002",
+    ):
         train(TrainConfig(**{**fast, "checkpoint_every": 2}))
     out = Path(fast["output_dir"])
     assert not (out / "adapter.safetensors").exists()
@@ -66,8 +69,9 @@ def test_many_photos_warn_cap_the_evaluation_and_report_progress(fast, tmp_path,
     photos = [str(p) for part in ("a", "b") for p in make_photos(tmp_path / part, count=half, size=(72, 64))]
     stages = Stages()
     with caplog.at_level(logging.WARNING, logger="personalize"):
-        result = train(TrainConfig(**{**fast, "instance_images": photos, "steps": 1, "eval_images": 3,
-                                      "eval_timesteps": 2}), callbacks=[stages])
+        result = train(
+            TrainConfig(**{**fast, "instance_images": photos, "steps": 1, "eval_images": 3, "eval_timesteps": 2}), callbacks=[stages]
+        )
     assert result.steps_done == 1
     assert any(f"{MANY_IMAGES + 2} instance images" in r.getMessage() for r in caplog.records)
     assert stages.seen["encoding images"] == (MANY_IMAGES + 2, MANY_IMAGES + 2)
@@ -86,8 +90,7 @@ def test_sdxl_conditions_on_each_photos_size_and_crop(fast, tmp_path, monkeypatc
         return original(self, latents, conditioning)
 
     monkeypatch.setattr(Trainer, "loss", spy)
-    train(TrainConfig(**{**fast, "base_model": base, "instance_images": str(photos), "steps": 1, "resolution": 64,
-                         "method": "svfit"}))
+    train(TrainConfig(**{**fast, "base_model": base, "instance_images": str(photos), "steps": 1, "resolution": 64, "method": "svfit"}))
     # 96x80 -> shorter side 64: 77x64, centre crop from left 6: original (h, w), crop (top, left), target (h, w)
     assert seen[0] == [[80.0, 96.0, 0.0, 6.0, 64.0, 64.0]]
     assert math.isfinite(sum(seen[0][0]))
