@@ -1,7 +1,8 @@
 """The base model the app generates with: loaded once, shared under a lock, with an offline fallback.
 
 When the requested model cannot be loaded (no network, no local copy: `load_pipeline` raises one
-of `personalize.errors.USER_ERRORS`), the app falls back to the built-in `tiny` model and keeps the reason for a banner.
+of `personalize.errors.USER_ERRORS`), the app falls back to the built-in `shapes` model (pretrained offline, it
+learns a concept on a CPU in minutes) and keeps the reason for a banner.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from typing import Any
 
 from personalize import attach, load_pipeline
 from personalize.errors import USER_ERRORS, user_message
-from personalize.models import BUILTIN_MODELS
+from personalize.models import BUILTIN_DESCRIPTIONS, BUILTIN_MODELS
 
-FALLBACK_MODEL = "tiny"
+FALLBACK_MODEL = "shapes"
 
 
 class BaseModel:
@@ -46,15 +47,22 @@ class BaseModel:
         if not self.fallback_reason:
             return ""
         return (
-            f"The base model '{self.requested}' could not be loaded, so the app runs the built-in offline demo model "
-            f"'{FALLBACK_MODEL}' (random weights, 64x64 images: every flow works, the pictures are noise). "
-            f"Reason: {self.fallback_reason}"
+            f"The base model '{self.requested}' could not be loaded, so the app runs the built-in offline model "
+            f"'{self.name}' ({self.description}). Reason: {self.fallback_reason}"
         )
 
     @property
-    def is_builtin(self) -> bool:
-        """True for the built-in random-weight models (offline demo: the tiny embedders fit them)."""
-        return self.name in BUILTIN_MODELS
+    def description(self) -> str:
+        """What the loaded model is, for a built-in one (empty for a user's model)."""
+        return BUILTIN_DESCRIPTIONS.get(self.name, "")
+
+    @property
+    def embedders(self) -> str:
+        """The evaluation embedder set that fits this model: the shapes judge for `shapes`, the offline
+        stand-ins for the random-weight built-ins, the real backbones otherwise."""
+        if self.name == "shapes":
+            return "shapes"
+        return "tiny" if self.name in BUILTIN_MODELS else "default"
 
     def estimate(self, method: str, options: dict[str, Any]) -> tuple[int, int]:
         """(trainable parameters, adapter file bytes) of `method` with `options` on this base UNet.

@@ -17,8 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--base-model",
         default=DEFAULT_BASE_MODEL,
-        help=f"hub id, diffusers folder, .safetensors file or 'tiny' (default {DEFAULT_BASE_MODEL}; "
-        "falls back to 'tiny' when it cannot be loaded)",
+        help=f"hub id, diffusers folder, .safetensors file, or a built-in: 'shapes', 'tiny' (default {DEFAULT_BASE_MODEL}; "
+        "falls back to the built-in 'shapes' when it cannot be loaded)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=None, help="port (default: the first free one from 7860)")

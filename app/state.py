@@ -17,7 +17,7 @@ class AppState:
 
     @classmethod
     def open(cls, workspace: str, base_model: str) -> "AppState":
-        """Open (and tidy) the workspace and load the base model, falling back to `tiny` offline."""
+        """Open (and tidy) the workspace and load the base model, falling back to `shapes` offline."""
         space = Workspace(workspace)
         space.recover()
         return cls(space, BaseModel(base_model).load(), TrainingJobs(space))

@@ -19,8 +19,8 @@ def banner(state: AppState) -> str:
     if base.fallback_reason:
         return (
             f'<div class="pz-banner pz-warning"><b>The base model <code>{html.escape(base.requested)}</code> could not be '
-            f"loaded, so the app runs the built-in offline demo model <code>{html.escape(base.name)}</code></b> "
-            f"(random weights, 64x64 images: every flow works, the pictures are noise)."
+            f"loaded, so the app runs the built-in offline model <code>{html.escape(base.name)}</code></b> "
+            f"({html.escape(base.description)})."
             f'<div class="pz-reason">Reason: {html.escape(base.fallback_reason)}</div></div>'
         )
     return (

@@ -135,6 +135,11 @@ class Workspace:
     def concepts_dir(self) -> Path:
         return self.root / "concepts"
 
+    @property
+    def demo_dir(self) -> Path:
+        """Where the demo concept's images are written before they are offered as an upload."""
+        return self.root / "demo"
+
     # --- paths --------------------------------------------------------------------------------
     def folder(self, concept_id: str) -> Path:
         if not re.fullmatch(r"[a-z0-9-]+", concept_id or ""):

@@ -45,8 +45,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--base-model",
         default=DEFAULT_BASE_MODEL,
         metavar="MODEL",
-        help="Stable Diffusion to personalise: hub id, diffusers folder, .safetensors/.ckpt file, or "
-        "'tiny' (built-in, random weights, runs offline on a CPU in seconds) (default: %(default)s)",
+        help="Stable Diffusion to personalise: hub id, diffusers folder, .safetensors/.ckpt file, or a built-in: "
+        "'shapes' (pretrained on coloured shapes, 32 px, learns a concept offline on a CPU in minutes), "
+        "'tiny' (random weights, runs every flow in seconds) (default: %(default)s)",
     )
     parser.add_argument(
         "--seed",
@@ -56,8 +57,23 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_subject_arguments(parser: argparse.ArgumentParser, script: str) -> None:
+    """--class-noun, --prompt and --output of the one-subject scripts (`script`: the script's __file__)."""
+    parser.add_argument(
+        "--class-noun", default="person", metavar="NOUN", help="the subject's class, e.g. dog, backpack, person (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        metavar="TEXT",
+        help=f"prompt to generate (repeatable); {{token}} and {{class_noun}} are filled in (default: {' | '.join(DEFAULT_PROMPTS)})",
+    )
+    parser.add_argument("--output", type=Path, default=default_output(script), metavar="DIR", help="output folder (default: %(default)s)")
+
+
 def add_training_arguments(parser: argparse.ArgumentParser, steps_help: str) -> None:
     parser.add_argument("--steps", type=int, metavar="N", help=steps_help)
+    parser.add_argument("--lr", type=float, metavar="LR", help="learning rate (default: each method's paper value)")
     parser.add_argument("--token", default="sks", help="rare identifier word bound to the subject (DreamBooth) (default: %(default)s)")
     parser.add_argument(
         "--option",
@@ -117,9 +133,10 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--embedders",
         default="default",
-        choices=("default", "tiny"),
-        help="'default': the real DINO/CLIP/Inception backbones (downloaded once); 'tiny': random "
-        "offline stand-ins whose numbers mean nothing, for smoke tests (default: %(default)s)",
+        choices=("default", "shapes", "tiny"),
+        help="'default': the real DINO/CLIP/Inception backbones (downloaded once); 'shapes': the shapes-world "
+        "judge, for the built-in 'shapes' model; 'tiny': random offline stand-ins whose numbers mean nothing, "
+        "for smoke tests (default: %(default)s)",
     )
 
 
@@ -206,6 +223,8 @@ def train_config(
     )
     if args.steps is not None:
         overrides["steps"] = args.steps
+    if args.lr is not None:
+        overrides["lr"] = args.lr
     return load_config(args.train_config, **overrides)
 
 

@@ -47,18 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LIST",
         help="comma-separated adapter methods to compare (default: all registered: %(default)s)",
     )
-    parser.add_argument(
-        "--class-noun", default="person", metavar="NOUN", help="the subject's class, e.g. dog, backpack, person (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--prompt",
-        action="append",
-        metavar="TEXT",
-        help=f"prompt to generate (repeatable); {{token}} and {{class_noun}} are filled in (default: {' | '.join(common.DEFAULT_PROMPTS)})",
-    )
-    parser.add_argument(
-        "--output", type=Path, default=common.default_output(__file__), metavar="DIR", help="output folder (default: %(default)s)"
-    )
+    common.add_subject_arguments(parser, __file__)
     parser.add_argument("--resume", action="store_true", help="continue each method's training run in --output from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace the runs in --output")
     common.add_model_arguments(parser)

@@ -20,6 +20,8 @@ from personalize.models import load_pipeline
 EPILOG = """examples:
   python examples/train_and_generate.py photos/my_dog --class-noun dog
   python examples/train_and_generate.py photos/my_dog --class-noun dog --method svfit --prompt "a {token} {class_noun} on the moon"
+  python examples/train_and_generate.py examples/shapes-pink-heart --base-model shapes --embedders shapes --class-noun shape \
+      --steps 150 --lr 1e-3 --no-prior-preservation --prompt "a {token} {class_noun} on a teal background"   # offline, CPU
   python examples/train_and_generate.py photos/ --base-model tiny --embedders tiny --steps 5 --no-prior-preservation   # smoke test
 """
 
@@ -28,18 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = common.make_parser(__doc__, EPILOG)
     parser.add_argument("images", metavar="IMAGES", help="folder with 3-5 photos of the subject")
     parser.add_argument("--method", default="lora", choices=personalize.METHODS, help="adapter method (default: %(default)s)")
-    parser.add_argument(
-        "--class-noun", default="person", metavar="NOUN", help="the subject's class, e.g. dog, backpack, person (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--prompt",
-        action="append",
-        metavar="TEXT",
-        help=f"prompt to generate (repeatable); {{token}} and {{class_noun}} are filled in (default: {' | '.join(common.DEFAULT_PROMPTS)})",
-    )
-    parser.add_argument(
-        "--output", type=Path, default=common.default_output(__file__), metavar="DIR", help="output folder (default: %(default)s)"
-    )
+    common.add_subject_arguments(parser, __file__)
     parser.add_argument(
         "--resume", action="store_true", help="continue the training run in --output from its last checkpoint, then generate anew"
     )

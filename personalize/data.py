@@ -99,8 +99,10 @@ def many_images_note(count: int) -> str | None:
     )
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decode `path` into an 8-bit sRGB image, upright (EXIF orientation applied)."""
+def load_image(path: str | os.PathLike, min_side: int = MIN_SIDE) -> Image.Image:
+    """Decode `path` into an 8-bit sRGB image, upright (EXIF orientation applied); each side must be
+    at least `min_side` px (training passes the smaller of MIN_SIDE and its resolution, so a 32 px
+    model such as `shapes` can learn from its own 32 px class images)."""
     path = Path(path)
     try:
         handle = open(path, "rb")
@@ -123,8 +125,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         width, height = image.size
         if width * height > MAX_PIXELS:
             raise _too_large(path, image.size)
-        if min(width, height) < MIN_SIDE:
-            raise UserError(f"image '{path}' is {width}x{height} px; each side must be at least {MIN_SIDE} px")
+        if min(width, height) < min_side:
+            raise UserError(f"image '{path}' is {width}x{height} px; each side must be at least {min_side} px")
         try:
             image.load()
         except Image.DecompressionBombError as exc:
@@ -213,7 +215,7 @@ def load_training_images(files: Sequence[str | os.PathLike], resolution: int) ->
     on them: `original_size` and `crops_coords_top_left`, as its training scripts pass them)."""
     images, geometry = [], []
     for file in files:
-        image = load_image(file)
+        image = load_image(file, min(MIN_SIDE, resolution))
         (_, _), (left, top) = square_crop(image.width, image.height, resolution)
         images.append(image_to_tensor(fit_square(image, resolution)))
         geometry.append([image.height, image.width, top, left])

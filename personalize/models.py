@@ -1,10 +1,12 @@
 """Load a base model: a hub id, a local diffusers folder, a single checkpoint file, or a built-in one.
 
-Built-in models (offline, random weights, deterministic: the same weights in every process):
-- `tiny`: a complete Stable Diffusion pipeline small enough to run every flow on a CPU in seconds,
-  with the real CLIP BPE tokenizer built from the vocabulary open_clip ships.
-- `sd15-random`: the SD 1.5 UNet architecture (859.5M parameters) for benchmarks, in a pipeline
-  with small random text encoder and VAE.
+Built-in models (offline, deterministic: the same weights in every process):
+- `shapes`: a complete 32 px pipeline pretrained by this project on the procedural shapes world
+  (`personalize/shapes/`), shipped inside the package: where behaviour is judged offline.
+- `tiny`: a complete Stable Diffusion pipeline with random weights, small enough to run every flow
+  on a CPU in seconds, with the real CLIP BPE tokenizer built from the vocabulary open_clip ships.
+- `sd15-random`: the SD 1.5 UNet architecture (859.5M parameters, random weights) for benchmarks,
+  in a pipeline with small random text encoder and VAE.
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-BUILTIN_MODELS = ("tiny", "sd15-random")
+BUILTIN_MODELS = ("shapes", "tiny", "sd15-random")
+# What a user sees of each built-in model (the app's banner names the one it runs).
+BUILTIN_DESCRIPTIONS = {
+    "shapes": "pretrained by this project on a procedural world of coloured shapes, 32x32 images; "
+    "a demo concept trains on a CPU in about a minute: try it in the Train tab",
+    "tiny": "random weights, 64x64 images: every flow works, the pictures are noise",
+    "sd15-random": "the SD 1.5 UNet with random weights, for speed benchmarks: the pictures are noise",
+}
 BUILTIN_SEED = 0  # fixed seed: built-in weights are identical in every process
 
 # SD 1.5's scheduler settings (PNDM as shipped in the hub repository's scheduler_config.json).
@@ -219,6 +228,10 @@ def _random_vae(blocks: int):
 def _builtin_pipeline(name: str):
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
+    if name == "shapes":
+        from .shapes.model import shapes_pipeline
+
+        return shapes_pipeline()
     if name == "tiny":
         unet, text_encoder, vae = tiny_unet("sd1"), _random_text_encoder(32, 2, 4), _random_vae(2)
     else:
@@ -320,6 +333,10 @@ def load_unet(base_model: str, device: str | torch.device | None = None, dtype: 
         unet = sd15_random_unet()
     elif base_model == "tiny":
         unet = tiny_unet("sd1")
+    elif base_model == "shapes":
+        from .shapes.model import shapes_unet
+
+        unet = shapes_unet()
     else:
         return load_pipeline(base_model, device, dtype).unet
     unet.to(device)

@@ -13,7 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
-from personalize.data import MAX_PIXELS, MIN_SIDE, fit_square, image_to_tensor, list_image_files, load_image, validate_instance_images
+from personalize.data import (
+    MAX_PIXELS,
+    MIN_SIDE,
+    fit_square,
+    image_to_tensor,
+    list_image_files,
+    load_image,
+    load_training_images,
+    validate_instance_images,
+)
 from personalize.errors import UserError
 
 
@@ -100,6 +109,16 @@ def test_too_small_image(tmp_path):
     save(Image.new("RGB", (MIN_SIDE - 1, 200)), tmp_path / "small.png")
     with pytest.raises(UserError, match=rf"'.*small\.png' is {MIN_SIDE - 1}x200 px; each side must be at least {MIN_SIDE} px"):
         validate_instance_images(tmp_path)
+
+
+def test_a_small_model_trains_on_images_of_its_own_size(tmp_path):
+    """`shapes` (32 px) makes 32 px class images: training at 32 px accepts them, at 64 px it does not."""
+    path = tmp_path / "class.png"
+    Image.new("RGB", (32, 32), "red").save(path)
+    images, geometry = load_training_images([path], 32)
+    assert images.shape == (1, 3, 32, 32) and geometry.tolist() == [[32, 32, 0, 0]]
+    with pytest.raises(UserError, match="32x32 px; each side must be at least 64 px"):
+        load_training_images([path], 64)
 
 
 def test_decompression_bomb_is_refused_before_decoding(tmp_path):

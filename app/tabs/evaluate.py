@@ -2,8 +2,9 @@
 
 The report is written next to the run (report.json, report.md, report.png through
 `metrics.report.write_report`); the tab shows the markdown and the fidelity/alignment plot. On a
-built-in base model (offline demo) the `tiny` embedders are preselected: the real backbones need
-downloads, and random-weight images make their numbers meaningless anyway.
+built-in base model the offline embedders are preselected (`base_model.BaseModel.embedders`): the
+shapes judge for `shapes`, the random `tiny` stand-ins for the random-weight models; the real
+backbones need downloads.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..state import AppState
 from .common import refreshed_picker
 
 EMBEDDER_CHOICES = [
+    ("shapes: the shapes-world judge (for the built-in shapes model)", "shapes"),
     ("tiny: random offline embedders (demo, numbers mean nothing)", "tiny"),
     ("default: DINO, DINOv2, CLIP, Inception (downloaded on first use)", "default"),
 ]
@@ -32,9 +34,7 @@ def build(state: AppState) -> dict[str, Any]:
         concept = gr.Dropdown(label="Concept", elem_id="eval-concept")
         run = gr.Dropdown(label="Generated images (one Generate click each)", elem_id="eval-run")
     with gr.Row():
-        embedders = gr.Dropdown(
-            EMBEDDER_CHOICES, value="tiny" if state.base.is_builtin else "default", label="Embedders", elem_id="eval-embedders"
-        )
+        embedders = gr.Dropdown(EMBEDDER_CHOICES, value=state.base.embedders, label="Embedders", elem_id="eval-embedders")
         metric_names = gr.CheckboxGroup(list(METRICS), value=list(DEFAULT_METRICS), label="Metrics", elem_id="eval-metrics")
     button = gr.Button("Evaluate", variant="primary", elem_id="eval-button")
     status = gr.Markdown(elem_id="eval-status")

@@ -32,7 +32,7 @@ def build(state: AppState) -> dict[str, Any]:
     with gr.Row():
         seed = gr.Number(label="Seed", value=0, precision=0, elem_id="gen-seed")
         steps = gr.Slider(1, 150, value=30, step=1, label="Steps", elem_id="gen-steps")
-        guidance = gr.Slider(0.0, 20.0, value=7.5, step=0.5, label="Guidance")
+        guidance = gr.Slider(0.0, 20.0, value=7.5, step=0.5, label="Guidance", elem_id="gen-guidance")
         count = gr.Slider(1, MAX_IMAGES, value=2, step=1, label="Number of images", elem_id="gen-count")
     compare = gr.Checkbox(label="Compare with and without the adapter (same seeds)", value=True, elem_id="gen-compare")
     button = gr.Button("Generate", variant="primary", elem_id="gen-button")

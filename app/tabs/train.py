@@ -18,6 +18,8 @@ import pandas as pd
 from personalize import METHODS, get_method
 from personalize.data import many_images_note, validate_instance_images
 from personalize.errors import UserError
+from personalize.shapes import recipe
+from personalize.shapes.world import CLASS_NOUN as SHAPES_CLASS_NOUN
 from personalize.train import MIXED_PRECISION, TrainConfig, effective_config
 
 from ..feedback import guarded, human_count, human_duration, human_size, message_of
@@ -117,6 +119,12 @@ def build(state: AppState) -> dict[str, Any]:
         with gr.Column(scale=5):
             files = gr.File(label="Concept images", file_count="multiple", file_types=["image"], elem_id="train-files")
             upload_status = gr.Markdown("Upload 3-5 photos of your subject.", elem_id="train-upload-status")
+            demo = gr.Button(
+                "Use the demo concept (4 pictures of a pink heart, a shape this model never saw)",
+                visible=state.base.name == "shapes",
+                size="sm",
+                elem_id="train-demo",
+            )
             thumbs = gr.Gallery(label="Accepted images", columns=5, height=200, elem_id="train-thumbs", interactive=False)
             accepted = gr.State([])
         with gr.Column(scale=6):
@@ -208,6 +216,21 @@ def build(state: AppState) -> dict[str, Any]:
                         info=train_help("mixed_precision"),
                     )
                     seed = gr.Number(label="Seed", value=train_default("seed"), precision=0, info=train_help("seed"))
+                with gr.Row():
+                    instance_prompt = gr.Textbox(
+                        label="Instance prompt",
+                        value=train_default("instance_prompt"),
+                        info=train_help("instance_prompt"),
+                        elem_id="train-instance-prompt",
+                    )
+                    batch_size = gr.Number(
+                        label="Batch size",
+                        value=train_default("batch_size"),
+                        precision=0,
+                        minimum=1,
+                        info=train_help("batch_size"),
+                        elem_id="train-batch-size",
+                    )
             estimate = gr.Markdown(estimate_text(state, default_method, option_rows(default_method)), elem_id="train-estimate")
             with gr.Row():
                 start = gr.Button("Start training", variant="primary", elem_id="train-start")
@@ -227,6 +250,30 @@ def build(state: AppState) -> dict[str, Any]:
         return good, good, upload_message(good, bad)
 
     files.change(on_upload, files, [accepted, thumbs, upload_status])
+
+    @guarded
+    def on_demo(chosen: str):
+        good, bad = check_uploads([str(p) for p in recipe.demo_images(state.workspace.demo_dir)])
+        note = (
+            f"Demo concept: train, then generate `a {recipe.TOKEN} {SHAPES_CLASS_NOUN} on a teal background`. "
+            f"Steps, learning rate, batch size and instance prompt follow the `shapes` recipe ({recipe.STEPS} steps of "
+            f"{recipe.BATCH_SIZE} images at {recipe.LR_FACTOR:g}x the method's paper rate); generate with guidance {recipe.GUIDANCE:g}."
+        )
+        return (
+            good,
+            good,
+            upload_message(good, bad) + "\n\n" + note,
+            "pink heart",
+            recipe.TOKEN,
+            SHAPES_CLASS_NOUN,
+            recipe.STEPS,
+            recipe.learning_rate(chosen),
+            False,
+            recipe.INSTANCE_PROMPT,
+            recipe.BATCH_SIZE,
+        )
+
+    demo.click(on_demo, method, [accepted, thumbs, upload_status, name, token, class_noun, steps, lr, prior, instance_prompt, batch_size])
 
     @guarded
     def on_method(chosen: str):
@@ -255,6 +302,8 @@ def build(state: AppState) -> dict[str, Any]:
         size,
         precision,
         seed_value,
+        prompt_template,
+        n_batch,
     ):
         if state.jobs.busy:
             job = state.jobs.snapshot()
@@ -282,6 +331,8 @@ def build(state: AppState) -> dict[str, Any]:
             resolution=size or None,
             mixed_precision=precision,
             seed=seed_value,
+            instance_prompt=str(prompt_template).strip(),
+            batch_size=n_batch,
         )
         concept = state.workspace.create(Concept.from_config(concept_id, concept_name, config), images)
         try:
@@ -310,6 +361,8 @@ def build(state: AppState) -> dict[str, Any]:
             resolution,
             mixed_precision,
             seed,
+            instance_prompt,
+            batch_size,
         ],
         [status, progress, loss_plot, samples, timer],
     )

@@ -97,9 +97,14 @@ def write_markdown(record: dict[str, Any], path: str | Path, chart_path: str | P
     """Insert or replace this run's section of the markdown file `path` (created if missing)."""
     path = Path(path)
     chart = os.path.relpath(chart_path, path.parent if str(path.parent) else ".") if chart_path else None
-    key = section_key(record)
+    return write_section(path, section_key(record), markdown_section(record, chart))
+
+
+def write_section(path: str | Path, key: str, body: str) -> Path:
+    """Insert or replace the section `key` of the markdown file `path` (created if missing)."""
+    path = Path(path)
     start, end = f"<!-- bench:{key}:start -->", f"<!-- bench:{key}:end -->"
-    block = f"{start}\n{markdown_section(record, chart)}\n{end}"
+    block = f"{start}\n{body}\n{end}"
     text = path.read_text() if path.is_file() else TITLE
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
     if pattern.search(text):

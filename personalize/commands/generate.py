@@ -20,7 +20,8 @@ from ..prompts import MAX_SEED, check_generation
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--base-model",
-        help=f"hub id, diffusers folder, .safetensors file or 'tiny' (default: the first adapter's base model, else {DEFAULT_BASE_MODEL})",
+        help="hub id, diffusers folder, .safetensors file, or a built-in ('shapes', 'tiny') "
+        f"(default: the first adapter's base model, else {DEFAULT_BASE_MODEL})",
     )
     parser.add_argument(
         "--adapter",

@@ -44,7 +44,10 @@ class TrainConfig:
 
     instance_images: str | list[str] = field(metadata=_help("a folder or a list of image files of the subject (3-5 typical)"))
     output_dir: str = field(metadata=_help("folder for adapter.safetensors, config.json, result.json, log.jsonl, samples/, checkpoints/"))
-    base_model: str = field(default=DEFAULT_BASE_MODEL, metadata=_help("hub id, diffusers folder, .safetensors/.ckpt file, or 'tiny'"))
+    base_model: str = field(
+        default=DEFAULT_BASE_MODEL,
+        metadata=_help("hub id, diffusers folder, .safetensors/.ckpt file, or a built-in: 'shapes', 'tiny', 'sd15-random'"),
+    )
     method: str = field(default="lora", metadata=_help("adapter method (see `personalize methods`)"))
     method_options: dict[str, Any] = field(default_factory=dict, metadata=_help("the method's options, e.g. rank=8 preset=attention"))
     # DreamBooth (Ruiz et al. 2023, §3.2): a rare token bound to the subject, plus its class noun.

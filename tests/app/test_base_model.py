@@ -10,12 +10,14 @@ from personalize.adapters.slots import ADAPTER_ATTR
 from personalize.models import tiny_unet
 
 
-def test_unreachable_model_falls_back_to_tiny_with_a_banner(tmp_path):
+def test_unreachable_model_falls_back_to_shapes_with_a_banner(tmp_path):
     missing = str(tmp_path / "no-such-model")
     base = BaseModel(missing).load()
-    assert base.name == "tiny" and base.is_builtin
-    assert missing in base.banner and "tiny" in base.banner
-    assert BaseModel("tiny").load().banner == ""
+    assert base.name == "shapes" and base.embedders == "shapes"
+    assert missing in base.banner and "'shapes'" in base.banner and "coloured shapes" in base.banner
+    tiny = BaseModel("tiny").load()
+    assert tiny.banner == "" and tiny.embedders == "tiny"
+    assert BaseModel(missing).embedders == "default"  # a user's model: the real backbones
 
 
 def test_estimate_counts_sizes_and_detaches():

@@ -1,0 +1,294 @@
+"""`personalize bench --quality`: does each adapter method actually learn a subject? Measured on the
+built-in `shapes` model with its judge, offline, on a CPU.
+
+Base quality: prompts that combine a shape with the one colour pretraining never drew on it
+(`world.HELD_OUT_PAIRS`), random pattern and background; the share of images in which the judge
+sees each requested attribute.
+
+Personalization: for each concept of `world.CONCEPTS` (a shape or pattern pretraining never drew),
+4 instance images on `INSTANCE_BACKGROUNDS`; every method trains with its default options for the
+same number of steps, then renders `a {token} shape on a <colour> background` for each of
+`UNSEEN_BACKGROUNDS`. Per method (mean over concepts):
+- fidelity: share of images in which the judge sees the concept (shape, colour and pattern);
+- cosine: mean cosine of judge features between generated and instance images;
+- alignment: share of images whose background is the prompted one;
+- diversity: Vendi score of the judge features (a callable wired by the CLI from `metrics`);
+plus trainable parameters and training time; the same for the base model (no adapter) and for the
+instance images themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from ..adapters import method_names
+from ..generate import generate
+from ..shapes import judge as J
+from ..shapes import recipe
+from ..shapes import world as W
+
+log = logging.getLogger(__name__)
+
+TOKEN = recipe.TOKEN
+INSTANCE_PROMPT = recipe.INSTANCE_PROMPT
+Diversity = Callable[[torch.Tensor], float]
+
+
+@dataclass
+class QualityConfig:
+    work_dir: str = "outputs/quality"
+    methods: list[str] | None = None  # None: every registered method
+    concepts: list[str] | None = None  # None: every concept of the world
+    steps: int = recipe.STEPS
+    lr_factor: float = recipe.LR_FACTOR  # times each method's paper learning rate
+    images_per_background: int = 4
+    sample_steps: int = 25
+    guidance: float = recipe.GUIDANCE
+    seed: int = 0
+    base_images: int = 64  # held-out-pair images for the base-quality table
+
+
+@dataclass
+class Scores:
+    fidelity: float
+    cosine: float
+    alignment: float
+    diversity: float
+    images: int
+
+    @classmethod
+    def mean(cls, rows: Sequence[Scores]) -> Scores:
+        return cls(
+            *(float(np.nanmean([getattr(r, f) for r in rows])) for f in ("fidelity", "cosine", "alignment", "diversity")),
+            images=sum(r.images for r in rows),
+        )
+
+
+@dataclass
+class MethodRow:
+    label: str
+    scores: Scores
+    trainable: int = 0
+    train_s: float = 0.0
+    per_concept: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def prompts_for(concept: W.Concept) -> list[tuple[str, str]]:
+    """(prompt, background) pairs: the concept prompted on every unseen background."""
+    return [(f"a {TOKEN} {W.CLASS_NOUN} on a {bg} background", bg) for bg in W.UNSEEN_BACKGROUNDS]
+
+
+def score(
+    images: Sequence[Image.Image],
+    backgrounds: Sequence[str | None],
+    concept: W.Concept,
+    instances: Sequence[Image.Image],
+    diversity: Diversity,
+) -> Scores:
+    readings = J.predict(images)
+    feats, ref = J.embed(images), J.embed(instances)  # (n, 128), (m, 128), unit rows
+    same_set = images is instances
+    cos = feats @ ref.T
+    if same_set:
+        cos = cos[~torch.eye(len(images), dtype=torch.bool)]
+    aligned = [r["background"] == bg for r, bg in zip(readings, backgrounds) if bg is not None]
+    return Scores(
+        fidelity=float(np.mean([J.recognises(r, concept) for r in readings])),
+        cosine=float(cos.mean()),
+        alignment=float(np.mean(aligned)) if aligned else float("nan"),
+        diversity=float(diversity(feats)),
+        images=len(images),
+    )
+
+
+def render_concept(pipe, concept: W.Concept, adapter: str | None, config: QualityConfig) -> tuple[list[Image.Image], list[str]]:
+    from ..generate import AdapterSpec
+
+    images, backgrounds = [], []
+    for text, bg in prompts_for(concept):
+        out = generate(
+            pipe,
+            text,
+            adapters=[AdapterSpec(adapter)] if adapter else (),
+            num_images=config.images_per_background,
+            seed=config.seed,
+            steps=config.sample_steps,
+            guidance=config.guidance,
+        )
+        images += [g.image for g in out]
+        backgrounds += [bg] * len(out)
+    return images, backgrounds
+
+
+def train_concept(method: str, concept: W.Concept, instance_dir: Path, out: Path, config: QualityConfig):
+    from ..train import TrainConfig, train
+
+    lr = recipe.learning_rate(method, config.lr_factor)
+    return train(
+        TrainConfig(
+            instance_images=str(instance_dir),
+            output_dir=str(out),
+            base_model="shapes",
+            method=method,
+            token=TOKEN,
+            class_noun=W.CLASS_NOUN,
+            steps=config.steps,
+            lr=lr,
+            batch_size=recipe.BATCH_SIZE,
+            instance_prompt=INSTANCE_PROMPT,
+            prior_preservation=False,  # the recipe: class images would cost more than the training
+            validation_every=0,
+            checkpoint_every=0,
+            seed=config.seed,
+            overwrite=True,
+            cpu=not torch.cuda.is_available(),
+        )
+    )
+
+
+def base_quality(pipe, config: QualityConfig) -> dict[str, Any]:
+    """Share of images in which the judge sees each requested attribute, on held-out (shape, colour) pairs."""
+    rng = np.random.default_rng(config.seed)
+    pairs = sorted(W.HELD_OUT_PAIRS)
+    asked, images = [], []
+    for i in range(config.base_images):
+        shape, colour = pairs[i % len(pairs)]
+        pattern = W.PATTERNS[rng.integers(len(W.PATTERNS))]
+        background = W.BACKGROUND_NAMES[rng.integers(len(W.BACKGROUND_NAMES))]
+        text = W.prompt(shape, colour, pattern, background)
+        images += [
+            g.image for g in generate(pipe, text, num_images=1, seed=config.seed + i, steps=config.sample_steps, guidance=config.guidance)
+        ]
+        asked.append({"shape": shape, "colour": colour, "pattern": pattern, "background": background})
+    readings = J.predict(images)
+    per_attribute = {k: float(np.mean([r[k] == a[k] for r, a in zip(readings, asked)])) for k in asked[0]}
+    return {
+        "images": len(images),
+        "per_attribute": per_attribute,
+        "all_four": float(np.mean([r == a for r, a in zip(readings, asked)])),
+        "_images": images,
+    }
+
+
+def run_quality(config: QualityConfig, diversity: Diversity, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    from ..io import adapter_info
+    from ..models import load_pipeline
+
+    began = time.perf_counter()
+    work = Path(config.work_dir)
+    concepts = [W.concept_by_name(n) for n in config.concepts] if config.concepts else list(W.CONCEPTS)
+    methods = config.methods or list(method_names())
+    pipe = load_pipeline("shapes", device="cuda" if torch.cuda.is_available() else "cpu")
+    progress("base quality")
+    base = base_quality(pipe, config)
+    base_images = base.pop("_images")
+
+    instances = {c.name: [Image.open(p).convert("RGB") for p in W.write_instance_images(c, work / "instances" / c.name)] for c in concepts}
+    rows: dict[str, list[tuple[W.Concept, Scores]]] = {"instance images": [], "base model (no adapter)": []}
+    extra: dict[str, dict[str, float]] = {}
+    gallery: dict[str, dict[str, list[Image.Image]]] = {c.name: {"instances": instances[c.name]} for c in concepts}
+    for concept in concepts:
+        inst = instances[concept.name]
+        rows["instance images"].append((concept, score(inst, [None] * len(inst), concept, inst, diversity)))
+        progress(f"base model: {concept.name}")
+        images, bgs = render_concept(pipe, concept, None, config)
+        rows["base model (no adapter)"].append((concept, score(images, bgs, concept, inst, diversity)))
+        gallery[concept.name]["base"] = images[:: config.images_per_background]
+    for method in methods:
+        rows[method] = []
+        extra[method] = {"trainable": 0, "train_s": 0.0}
+        for concept in concepts:
+            progress(f"{method}: {concept.name}")
+            result = train_concept(method, concept, work / "instances" / concept.name, work / "runs" / method / concept.name, config)
+            images, bgs = render_concept(pipe, concept, result.adapter_path, config)
+            rows[method].append((concept, score(images, bgs, concept, instances[concept.name], diversity)))
+            gallery[concept.name][method] = images[:: config.images_per_background]
+            extra[method]["trainable"] = result.num_trainable
+            extra[method]["train_s"] += result.train_time / len(concepts)
+            extra[method]["file_bytes"] = adapter_info(result.adapter_path)["file_size"]
+    table = []
+    for label, scored in rows.items():
+        row = MethodRow(label, Scores.mean([s for _, s in scored]), per_concept={c.name: asdict(s) for c, s in scored})
+        if label in extra:
+            row.trainable, row.train_s = int(extra[label]["trainable"]), float(extra[label]["train_s"])
+        table.append(asdict(row) | {"file_bytes": int(extra.get(label, {}).get("file_bytes", 0))})
+    grid = work / "grid.png"
+    gallery_grid(gallery, list(rows)[1:]).save(grid)
+    base_grid(base_images).save(work / "base-grid.png")
+    return {
+        "settings": asdict(config)
+        | {"concepts": [c.name for c in concepts], "methods": methods, "token": TOKEN, "prompts": [p for p, _ in prompts_for(concepts[0])]},
+        "base_quality": base,
+        "rows": table,
+        "grid": str(grid),
+        "total_s": time.perf_counter() - began,
+    }
+
+
+def _upscaled(image: Image.Image, size: int = 64) -> Image.Image:
+    return image.convert("RGB").resize((size, size), Image.NEAREST)
+
+
+def gallery_grid(gallery: dict[str, dict[str, list[Image.Image]]], columns: list[str], cell: int = 64) -> Image.Image:
+    """One row per concept: its instance images, then per column (base, each method) one image per
+    unseen background, with the column names on top."""
+    n_inst = max(len(g["instances"]) for g in gallery.values())
+    n_bg = len(W.UNSEEN_BACKGROUNDS)
+    header = 14
+    blocks = [("instances", n_inst)] + [(c, n_bg) for c in columns]
+    width = sum(n for _, n in blocks) * cell + 4 * len(blocks)
+    canvas = Image.new("RGB", (width, header + cell * len(gallery)), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for name, n in blocks:
+        draw.text((x + 2, 1), name[: (n * cell) // 6], fill="black")
+        for row, concept in enumerate(gallery.values()):
+            for i, image in enumerate(concept.get(name, [])[:n]):
+                canvas.paste(_upscaled(image, cell), (x + i * cell, header + row * cell))
+        x += n * cell + 4
+    return canvas
+
+
+def base_grid(images: Sequence[Image.Image], cols: int = 16, cell: int = 48) -> Image.Image:
+    rows = (len(images) + cols - 1) // cols
+    canvas = Image.new("RGB", (cols * cell, rows * cell), "white")
+    for i, image in enumerate(images):
+        canvas.paste(_upscaled(image, cell), ((i % cols) * cell, (i // cols) * cell))
+    return canvas
+
+
+def markdown(record: dict[str, Any]) -> str:
+    """The base-quality and personalization tables."""
+    base = record["base_quality"]
+    lines = [
+        f"Base quality on held-out (shape, colour) pairs ({base['images']} images): "
+        "share of images in which the judge sees each requested attribute.",
+        "",
+        "| shape | colour | pattern | background | all four |",
+        "|---:|---:|---:|---:|---:|",
+        "| "
+        + " | ".join(f"{base['per_attribute'][k]:.2f}" for k in ("shape", "colour", "pattern", "background"))
+        + f" | {base['all_four']:.2f} |",
+        "",
+        "| Method | Fidelity (judge) | Cosine to instances | Alignment (background) | Diversity (Vendi) "
+        "| Trainable | File | Train time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in record["rows"]:
+        s = row["scores"]
+        align = "-" if np.isnan(s["alignment"]) else f"{s['alignment']:.2f}"
+        size = f"{row['file_bytes'] / 1024:.1f} KB" if row["file_bytes"] else "-"
+        trainable = f"{row['trainable']:,}" if row["trainable"] else "-"
+        train_s = f"{row['train_s']:.1f}" if row["train_s"] else "-"
+        scores = f"{s['fidelity']:.2f} | {s['cosine']:.2f} | {align} | {s['diversity']:.2f}"
+        lines.append(f"| {row['label']} | {scores} | {trainable} | {size} | {train_s} |")
+    return "\n".join(lines)

@@ -1,0 +1,33 @@
+"""How to personalise the built-in `shapes` model: one training recipe, chosen once for this model
+size, used by `personalize bench --quality`, the learning test and the app's demo concept.
+
+The methods' default learning rates come from their papers, for SD's 860M-parameter UNet at 512 px
+and hundreds of steps. On this 1.5M-parameter UNet at 32 px, `STEPS` steps of `BATCH_SIZE` images at
+`LR_FACTOR` times that rate, without prior preservation, gave the best concept fidelity of the
+settings tried for LoRA (BENCHMARKS.md, "Quality on `shapes`", lists them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..adapters import get_method
+from . import world as W
+
+STEPS = 300
+BATCH_SIZE = 4  # all 4 instance images in every step: less gradient noise at no cost at 32 px
+LR_FACTOR = 20.0
+GUIDANCE = 5.0  # classifier-free guidance for this model: 7.5 washes its colours out towards white
+TOKEN = "sks"
+INSTANCE_PROMPT = "a {token} {class_noun}"  # the captions' own form ("a red star ..."), not SD's "a photo of"
+DEMO_CONCEPT = "pink-heart"  # the concept the app offers as a demo (4 images also in examples/shapes-pink-heart)
+
+
+def learning_rate(method: str, factor: float = LR_FACTOR) -> float:
+    """The recipe's learning rate of `method`: its paper default times `factor`."""
+    return get_method(method).train_defaults.lr * factor
+
+
+def demo_images(folder: str | Path) -> list[Path]:
+    """Write the demo concept's 4 instance images into `folder` and return their paths."""
+    return W.write_instance_images(W.concept_by_name(DEMO_CONCEPT), folder)
