@@ -39,6 +39,7 @@ from ..shapes import world as W
 log = logging.getLogger(__name__)
 
 TOKEN = recipe.TOKEN
+INSTANCES, BASE = "instance images", "base model (no adapter)"  # the two reference rows of the table
 INSTANCE_PROMPT = recipe.INSTANCE_PROMPT
 Diversity = Callable[[torch.Tensor], float]
 
@@ -68,9 +69,15 @@ class Scores:
     @classmethod
     def mean(cls, rows: Sequence[Scores]) -> Scores:
         return cls(
-            *(float(np.nanmean([getattr(r, f) for r in rows])) for f in ("fidelity", "cosine", "alignment", "diversity")),
+            *(_mean_of_known([getattr(r, f) for r in rows]) for f in ("fidelity", "cosine", "alignment", "diversity")),
             images=sum(r.images for r in rows),
         )
+
+
+def _mean_of_known(values: Sequence[float]) -> float:
+    """Mean over the finite values; NaN when there are none (the instance images have no alignment)."""
+    known = [v for v in values if np.isfinite(v)]
+    return float(np.mean(known)) if known else float("nan")
 
 
 @dataclass
@@ -193,16 +200,16 @@ def run_quality(config: QualityConfig, diversity: Diversity, progress: Callable[
     base_images = base.pop("_images")
 
     instances = {c.name: [Image.open(p).convert("RGB") for p in W.write_instance_images(c, work / "instances" / c.name)] for c in concepts}
-    rows: dict[str, list[tuple[W.Concept, Scores]]] = {"instance images": [], "base model (no adapter)": []}
+    rows: dict[str, list[tuple[W.Concept, Scores]]] = {INSTANCES: [], BASE: []}
     extra: dict[str, dict[str, float]] = {}
     gallery: dict[str, dict[str, list[Image.Image]]] = {c.name: {"instances": instances[c.name]} for c in concepts}
     for concept in concepts:
         inst = instances[concept.name]
-        rows["instance images"].append((concept, score(inst, [None] * len(inst), concept, inst, diversity)))
+        rows[INSTANCES].append((concept, score(inst, [None] * len(inst), concept, inst, diversity)))
         progress(f"base model: {concept.name}")
         images, bgs = render_concept(pipe, concept, None, config)
-        rows["base model (no adapter)"].append((concept, score(images, bgs, concept, inst, diversity)))
-        gallery[concept.name]["base"] = images[:: config.images_per_background]
+        rows[BASE].append((concept, score(images, bgs, concept, inst, diversity)))
+        gallery[concept.name][BASE] = images[:: config.images_per_background]
     for method in methods:
         rows[method] = []
         extra[method] = {"trainable": 0, "train_s": 0.0}

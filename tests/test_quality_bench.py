@@ -1,0 +1,42 @@
+"""`personalize bench --quality` end to end on a minimal budget: one method, one concept, two steps.
+
+Checks the record's rows, the markdown tables and that every grid column holds images (the base
+model's included); the numbers themselves are measured by the full run (BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from personalize.benchmark.quality import BASE, INSTANCES, QualityConfig, gallery_grid, markdown, run_quality
+from personalize.shapes import world as W
+
+
+def test_minimal_quality_run(tmp_path):
+    config = QualityConfig(
+        work_dir=str(tmp_path), methods=["lora"], concepts=["pink-heart"], steps=2, images_per_background=1, sample_steps=2, base_images=2
+    )
+    record = run_quality(config, diversity=lambda features: float(len(features)))
+    assert [row["label"] for row in record["rows"]] == [INSTANCES, BASE, "lora"]
+    lora = record["rows"][2]
+    assert lora["trainable"] > 0 and lora["file_bytes"] > 0 and lora["scores"]["images"] == len(W.UNSEEN_BACKGROUNDS)
+    assert np.isnan(record["rows"][0]["scores"]["alignment"])  # the instance images are not prompted
+    assert set(record["base_quality"]["per_attribute"]) == {"shape", "colour", "pattern", "background"}
+    text = markdown(record)
+    assert "| lora |" in text and "| base model (no adapter) |" in text
+
+    grid = np.asarray(Image.open(record["grid"]).convert("L"))
+    cell, header = 64, 14
+    n_inst, n_bg = 4, len(W.UNSEEN_BACKGROUNDS)
+    for column in range(2):  # base, then lora: each block starts after the instances and a 4 px gap
+        left = (n_inst * cell + 4) + column * (n_bg * cell + 4)
+        block = grid[header:, left : left + n_bg * cell]
+        assert (block < 250).mean() > 0.5, f"grid column {column} is blank"
+
+
+def test_gallery_grid_places_each_column():
+    red, blue = Image.new("RGB", (32, 32), "red"), Image.new("RGB", (32, 32), "blue")
+    gallery = {"c": {"instances": [red], "x": [blue] * len(W.UNSEEN_BACKGROUNDS)}}
+    grid = gallery_grid(gallery, ["x"])
+    assert grid.size == ((1 + len(W.UNSEEN_BACKGROUNDS)) * 64 + 8, 14 + 64)
+    assert grid.getpixel((10, 40)) == (255, 0, 0) and grid.getpixel((64 + 4 + 10, 40)) == (0, 0, 255)
