@@ -26,6 +26,15 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 ACCEPTED = ", ".join(IMAGE_SUFFIXES)
 MIN_SIDE = 64  # px: below this an image carries too little of the subject to learn from (and below one SD latent tile)
+MIN_RESOLUTION = 32  # px: the smallest training / sampling size, the native size of the built-in `shapes`
+
+
+def check_resolution(resolution: int | None) -> None:
+    """UserError unless `resolution` is None (the model's native size) or a multiple of 8 >= MIN_RESOLUTION."""
+    if resolution is not None and (resolution < MIN_RESOLUTION or resolution % 8):
+        raise UserError(f"resolution must be a multiple of 8 of at least {MIN_RESOLUTION} px, got {resolution}")
+
+
 MAX_PIXELS = 150_000_000  # above the largest camera sensors (150 MP); guards against decompression bombs (~450 MB decoded)
 # DreamBooth learns a subject from 3-5 photos (Ruiz et al. 2023, §4.1). Far beyond that (more than 20)
 # the paper-default steps see each photo only a few times and preparation takes longer: warn, train anyway.

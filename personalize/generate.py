@@ -29,6 +29,7 @@ from torch import nn
 
 from .allocator import tune_cpu_allocator
 from .atomic import atomic_path, write_text_atomic
+from .data import check_resolution
 from .errors import UserError
 from .inject import check_scale, load_adapter, merged_deltas
 from .io import adapter_info
@@ -244,8 +245,7 @@ def _check_arguments(prompts, num_images, steps, guidance, batch_size, resolutio
             raise UserError(f"{name} must be a positive integer, got {value!r}")
     if not math.isfinite(guidance) or guidance < 0:
         raise UserError(f"guidance must be a non-negative number, got {guidance}")
-    if resolution is not None and (resolution < 64 or resolution % 8):
-        raise UserError(f"resolution must be a multiple of 8 of at least 64 px, got {resolution}")
+    check_resolution(resolution)
 
 
 def _fill_placeholders(prompt: str, records: list[dict[str, Any]]) -> str:

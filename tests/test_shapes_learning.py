@@ -56,18 +56,10 @@ def test_a_short_run_teaches_the_concept(pipe, tmp_path):
         TrainConfig(
             instance_images=str(tmp_path / "instances"),
             output_dir=str(tmp_path / "run"),
-            base_model="shapes",
-            method=METHOD,
-            token=recipe.TOKEN,
-            class_noun=W.CLASS_NOUN,
-            instance_prompt=recipe.INSTANCE_PROMPT,
-            steps=recipe.STEPS,
-            batch_size=recipe.BATCH_SIZE,
-            lr=recipe.learning_rate(METHOD),
-            prior_preservation=False,
             validation_every=0,
             checkpoint_every=0,
             cpu=True,
+            **recipe.train_settings(METHOD),
         )
     )
     tuned = [g.image for p in PROMPTS for g in generate(pipe, p, adapters=[AdapterSpec(result.adapter_path)], **render)]

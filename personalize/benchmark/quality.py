@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 
 TOKEN = recipe.TOKEN
 INSTANCES, BASE = "instance images", "base model (no adapter)"  # the two reference rows of the table
-INSTANCE_PROMPT = recipe.INSTANCE_PROMPT
 Diversity = Callable[[torch.Tensor], float]
 
 
@@ -136,28 +135,20 @@ def render_concept(pipe, concept: W.Concept, adapter: str | None, config: Qualit
     return images, backgrounds
 
 
-def train_concept(method: str, concept: W.Concept, instance_dir: Path, out: Path, config: QualityConfig):
+def train_concept(method: str, instance_dir: Path, out: Path, config: QualityConfig):
     from ..train import TrainConfig, train
 
-    lr = recipe.learning_rate(method, config.lr_factor)
+    settings = recipe.train_settings(method, config.lr_factor) | {"steps": config.steps}
     return train(
         TrainConfig(
             instance_images=str(instance_dir),
             output_dir=str(out),
-            base_model="shapes",
-            method=method,
-            token=TOKEN,
-            class_noun=W.CLASS_NOUN,
-            steps=config.steps,
-            lr=lr,
-            batch_size=recipe.BATCH_SIZE,
-            instance_prompt=INSTANCE_PROMPT,
-            prior_preservation=False,  # the recipe: class images would cost more than the training
             validation_every=0,
             checkpoint_every=0,
             seed=config.seed,
             overwrite=True,
             cpu=not torch.cuda.is_available(),
+            **settings,
         )
     )
 
@@ -215,7 +206,7 @@ def run_quality(config: QualityConfig, diversity: Diversity, progress: Callable[
         extra[method] = {"trainable": 0, "train_s": 0.0}
         for concept in concepts:
             progress(f"{method}: {concept.name}")
-            result = train_concept(method, concept, work / "instances" / concept.name, work / "runs" / method / concept.name, config)
+            result = train_concept(method, work / "instances" / concept.name, work / "runs" / method / concept.name, config)
             images, bgs = render_concept(pipe, concept, result.adapter_path, config)
             rows[method].append((concept, score(images, bgs, concept, instances[concept.name], diversity)))
             gallery[concept.name][method] = images[:: config.images_per_background]

@@ -28,6 +28,21 @@ def learning_rate(method: str, factor: float = LR_FACTOR) -> float:
     return get_method(method).train_defaults.lr * factor
 
 
+def train_settings(method: str, lr_factor: float = LR_FACTOR) -> dict:
+    """The recipe as TrainConfig fields (add instance_images, output_dir and any others)."""
+    return dict(
+        base_model="shapes",
+        method=method,
+        token=TOKEN,
+        class_noun=W.CLASS_NOUN,
+        instance_prompt=INSTANCE_PROMPT,
+        steps=STEPS,
+        batch_size=BATCH_SIZE,
+        lr=learning_rate(method, lr_factor),
+        prior_preservation=False,
+    )
+
+
 def demo_images(folder: str | Path) -> list[Path]:
     """Write the demo concept's 4 instance images into `folder` and return their paths."""
     return W.write_instance_images(W.concept_by_name(DEMO_CONCEPT), folder)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters import get_method
+from ..data import check_resolution
 from ..errors import UserError
 from ..models import DEFAULT_BASE_MODEL
 from ..prompts import check_seed, check_template
@@ -231,10 +232,7 @@ def _check_values(c: TrainConfig) -> None:
 
     need(c.steps >= 1, f"steps must be a positive integer, got {c.steps}")
     need(math.isfinite(c.lr) and c.lr > 0, f"lr must be a positive number, got {c.lr}")
-    need(
-        c.resolution is None or (c.resolution >= 64 and c.resolution % 8 == 0),
-        f"resolution must be a multiple of 8 of at least 64 px, got {c.resolution}",
-    )
+    check_resolution(c.resolution)
     for name in (
         "batch_size",
         "gradient_accumulation_steps",
