@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("personalize.commands.export", "export an adapter as a standard LoRA file"),
     "app": ("app.command", "launch the browser app"),
     "methods": ("personalize.commands.methods", "list the adapter methods and their options"),
+    "cache": ("personalize.commands.cache", "show or clear the cache (class images, decompositions, measured layer forms)"),
 }
 
 

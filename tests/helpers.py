@@ -31,3 +31,10 @@ def unet_inputs(unet, batch: int = 2, seed: int = 0, size: int = 16) -> dict:
 
 def run_unet(unet, inputs: dict) -> torch.Tensor:
     return unet(**inputs).sample
+
+
+def force_form(monkeypatch, name: str) -> None:
+    """Every adapted layer runs form `name` where its slot offers it, else "weight" (adapters/forms.py)."""
+    from personalize.adapters import slots
+
+    monkeypatch.setattr(slots, "choose", lambda key, forms, *args: name if name in forms else "weight")

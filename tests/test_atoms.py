@@ -16,6 +16,7 @@ import personalize as P
 from personalize.adapters import filter_atoms as filter_module
 from personalize.adapters import kron_atoms as kron_module
 from personalize.adapters.filter_atoms import FilterAtomsLayer, right_singular_basis
+from personalize.adapters.forms import by_model
 from personalize.adapters.kron_atoms import KronAtomsLayer, rearrange
 from personalize.models import tiny_unet
 from tests.helpers import run_unet, unet_inputs
@@ -101,29 +102,39 @@ def test_overcomplete_exact_at_init_and_matches_paper_recomposition():
 
 @pytest.mark.parametrize("m1", [0, 3])
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("unfold_max_positions", [0, 10**6])  # grouped conv, unfold
-def test_two_stage_forward_equals_the_composed_weight(m1, stride, unfold_max_positions, monkeypatch):
-    """Where a conv sees no more positions than it has filters, own_forward runs W0 on the mixed
-    taps (unfold); it equals the conv with W0 + scale*delta, with the same atom gradients."""
-    monkeypatch.setattr(filter_module, "UNFOLD_MAX_POSITIONS", unfold_max_positions)
+@pytest.mark.parametrize("variant", ["taps_conv", "taps_unfold"])
+def test_two_stage_forward_equals_the_composed_weight(m1, stride, variant):
+    """The two-stage forms (W0 on the mixed taps, by a grouped conv or unfold) equal the conv with
+    W0 + scale*delta, with the same atom gradients."""
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 64, 3, stride=stride, padding=1)
     adapter = P.attach(nn.ModuleDict({"conv": conv}), "filter_atoms", targets=r"^conv$", m1=m1)
     randomise(adapter)
     adapter.scale = 0.7
-    layer = adapter.slots["conv"].adapter
-    x = torch.randn(2, 6, 5, 5)  # 2 x 25 positions (stride 1) <= 64 filters
-    two_stage = layer.own_forward(conv, x)
-    assert two_stage is not None
+    slot = adapter.slots["conv"]
+    layer = slot.adapter
+    x = torch.randn(2, 6, 5, 5)
+    two_stage = slot.forms(x, training=True)[variant].run(x)
     composed = conv._conv_forward(x, conv.weight + 0.7 * layer.delta_weight(), conv.bias)
     torch.testing.assert_close(two_stage, composed, atol=1e-5, rtol=1e-5)
     grads = [torch.autograd.grad(y.square().sum(), list(layer.parameters())) for y in (two_stage, composed)]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    assert layer.own_forward(conv, torch.randn(1, 6, 20, 20)) is None  # more positions than filters: compose
 
 
-def test_own_forms_follow_autocast(monkeypatch):
+def test_two_stage_cost_model():
+    """By multiply-adds, the tap mixing (positions x in x k^4) against composing (out x in x k^4): the
+    two-stage form for few positions, the composed weight for many; one unfold / conv variant costed."""
+    conv = nn.Conv2d(6, 64, 3, padding=1)
+    slot = P.attach(nn.ModuleDict({"conv": conv}), "filter_atoms", targets=r"^conv$").slots["conv"]
+    few, many = torch.randn(1, 6, 4, 4), torch.randn(4, 6, 64, 64)
+    assert by_model(slot.forms(few, training=False)) == "taps_unfold"
+    assert by_model(slot.forms(many, training=False)) == "weight"
+    forms = slot.forms(torch.randn(1, 6, 16, 16), training=True)
+    assert forms["taps_conv"].cost is not None and forms["taps_unfold"].cost is None  # 256 positions > UNFOLD_MAX_POSITIONS
+
+
+def test_own_forms_follow_autocast():
     """Under autocast the methods' own forms compute in autocast's dtype and agree with the composed
     weight run the same way (bfloat16 on CPU stands in for fp16 on CUDA)."""
     torch.manual_seed(0)
@@ -132,17 +143,16 @@ def test_own_forms_follow_autocast(monkeypatch):
     kron = P.attach(net, "kron_atoms", targets=r"^linear$", m_c=5, kc=4)
     randomise(filters)
     randomise(kron, seed=2)
-    monkeypatch.setattr(kron_module, "ACTIVATION_WIDTH_RATIO", 0)  # the activation form
     conv, linear = net["conv"], net["linear"]
     x_conv, x_linear = torch.randn(1, 6, 5, 5), torch.randn(1, 2, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         pairs = [
             (
-                filters.slots["conv"].adapter.own_forward(conv, x_conv),
+                filters.slots["conv"].forms(x_conv, training=False)["taps_unfold"].run(x_conv),
                 conv._conv_forward(x_conv, conv.weight + filters.slots["conv"].adapter.delta_weight(), conv.bias),
             ),
             (
-                kron.slots["linear"].adapter.own_forward(linear, x_linear),
+                kron.slots["linear"].forms(x_linear, training=False)["activations"].run(x_linear),
                 nn.functional.linear(x_linear, linear.weight + kron.slots["linear"].adapter.delta_weight(), linear.bias),
             ),
         ]
@@ -213,24 +223,22 @@ def test_kron_update_is_a_sum_of_kronecker_products():
             assert layer.delta_weight().shape == w.shape
 
 
-def test_kron_activation_form_equals_the_composed_weight(monkeypatch):
-    """Few tokens on a wide layer run through the activations; same output and atom gradients."""
+def test_kron_activation_form_equals_the_composed_weight():
+    """The per-block activation form: same output and atom gradients as the composed weight."""
     torch.manual_seed(0)
     linear = nn.Linear(64, 32)
     adapter = P.attach(nn.ModuleDict({"linear": linear}), "kron_atoms", targets=r"^linear$", m_c=5, kc=4)
     randomise(adapter)
     adapter.scale = 0.6
-    layer = adapter.slots["linear"].adapter
+    slot = adapter.slots["linear"]
+    layer = slot.adapter
     x = torch.randn(2, 3, 64)
-    monkeypatch.setattr(kron_module, "ACTIVATION_WIDTH_RATIO", 0)  # always the activation form
-    through_activations = layer.own_forward(linear, x)
-    assert through_activations is not None
+    through_activations = slot.forms(x, training=True)["activations"].run(x)
     composed = nn.functional.linear(x, linear.weight + 0.6 * layer.delta_weight(), linear.bias)
     torch.testing.assert_close(through_activations, composed, atol=1e-5, rtol=1e-5)
     grads = [torch.autograd.grad(y.square().sum(), [layer.delta_atoms])[0] for y in (through_activations, composed)]
     torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-4)
-    monkeypatch.setattr(kron_module, "ACTIVATION_WIDTH_RATIO", 10**6)
-    assert layer.own_forward(linear, x) is None  # many tokens per atom: the slot composes
+    assert by_model(slot.forms(torch.randn(1, 4096, 64), training=True)) == "weight"  # many tokens: compose
 
 
 def test_kron_size_not_divisible_names_the_layer():

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 import personalize as P
-from personalize.adapters.slots import DeltaSlot
+from personalize.adapters.forms import by_model
 from personalize.benchmark import BenchConfig, parse_method_spec, resolve_specs, run_benchmark, write_markdown
 from personalize.cli import main
+from tests.helpers import force_form
 
 TINY = dict(base_model="tiny", resolution=32, steps=2, warmup=1, threads=1)
 
@@ -168,7 +169,7 @@ def test_factored_forms_match_composed_weight(method, options, paths, monkeypatc
     adapter.scale = 0.7
     results = {}
     for path in ("weight", *paths):
-        monkeypatch.setattr(DeltaSlot, "plan", lambda self, x, factors, full, path=path: path)
+        force_form(monkeypatch, path)
         loss = net(tokens, image)
         results[path] = loss.detach(), torch.autograd.grad(loss, adapter.parameters())
     loss_w, grads_w = results.pop("weight")
@@ -179,16 +180,15 @@ def test_factored_forms_match_composed_weight(method, options, paths, monkeypatc
 
 
 def test_cost_model_picks_the_cheaper_form():
-    adapter = P.attach(nn.Sequential(nn.Linear(8, 8)), "svfit", targets=r"^0$")
-    slot = next(iter(adapter.slots.values()))
-    width = 1280
-    full_rank = [torch.zeros(width, width), torch.zeros(width, requires_grad=True), torch.zeros(width, width)]
-    assert slot.prefers_activations(torch.zeros(1, 64, width), full_rank)  # 64 tokens << width: per-token form
-    assert not slot.prefers_activations(torch.zeros(1, 4096, width), full_rank)  # many tokens: compose the weight
-    with torch.no_grad():  # inference: composing costs width^3, the per-token form 2 * tokens * width^2
-        assert not slot.prefers_activations(torch.zeros(1, 1024, width), full_rank)
-    low_rank = [torch.zeros(width, 4), torch.zeros(4, requires_grad=True), torch.zeros(4, width)]
-    assert slot.prefers_activations(torch.zeros(1, 4096, width), low_rank)  # LoRA-sized rank: never compose
-    full = [full_rank[0], torch.zeros(width, requires_grad=True), full_rank[2]]  # no matmul with W0 at all
-    assert slot.plan(torch.zeros(1, 64, width), full_rank, full) == "full"
-    assert slot.plan(torch.zeros(1, 4096, width), full_rank, full) == "weight"
+    """SVFit on a 256-wide layer, training: composing costs 2 * 256^3 + 3 * the layer, the per-token
+    forms tokens x (the factors' sizes), twice when training."""
+    torch.manual_seed(0)
+    full_rank = P.attach(nn.Sequential(nn.Linear(256, 256)), "svfit", targets=r"^0$").slots["0"]
+    assert by_model(full_rank.forms(torch.zeros(1, 64, 256), training=True)) == "full"  # U diag(s + ds) V^T alone
+    assert by_model(full_rank.forms(torch.zeros(1, 4096, 256), training=True)) == "weight"  # many tokens: compose
+    assert by_model(full_rank.forms(torch.zeros(1, 1024, 256), training=False)) == "weight"
+    low_rank = P.attach(nn.Sequential(nn.Linear(256, 256)), "svfit", targets=r"^0$", rank=4).slots["0"]
+    assert by_model(low_rank.forms(torch.zeros(1, 4096, 256), training=True)) == "activations"  # LoRA-sized: never compose
+    half = P.attach(nn.Sequential(nn.Linear(256, 256).half()), "svfit", targets=r"^0$").slots["0"]
+    forms = half.forms(torch.zeros(1, 64, 256, dtype=torch.half), training=True)
+    assert "full" not in forms and by_model(forms) == "activations"  # 16-bit weights keep W0 in the forward

@@ -19,7 +19,6 @@ from personalize.adapters.frod import (
     OFF_AXIS,
     ON_AXIS,
     FRoD,
-    FRoDSlot,
     _FrozenLeftMatmul,
     joint_basis,
     layer_role,
@@ -27,7 +26,7 @@ from personalize.adapters.frod import (
 )
 from personalize.io import read_adapter_file
 from personalize.models import tiny_unet
-from tests.helpers import UNET_STYLES, run_unet, unet_inputs
+from tests.helpers import UNET_STYLES, force_form, run_unet, unet_inputs
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -231,7 +230,7 @@ def test_every_form_matches_the_composed_update(style, targets, monkeypatch):
     inputs = unet_inputs(unet)
     results = []
     for form in ("weight", "activations", "full"):
-        monkeypatch.setattr(FRoDSlot, "choose_form", lambda self, x, f=form: f)
+        force_form(monkeypatch, form)
         out = run_unet(unet, inputs)
         results.append((out.detach(), torch.autograd.grad(out.pow(2).mean(), adapter.parameters())))
     (out_w, grads_w), *others = results
@@ -270,7 +269,7 @@ def test_forms_follow_autocast(form, monkeypatch):
     adapter = P.attach(unet, "frod")
     perturb(adapter)
     inputs = unet_inputs(unet)
-    monkeypatch.setattr(FRoDSlot, "choose_form", lambda self, x: form)
+    force_form(monkeypatch, form)
     with torch.no_grad():
         reference = run_unet(unet, inputs)
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -10,6 +10,7 @@ layer (or, for methods that decompose layers jointly, overrides `build_layers`),
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -19,6 +20,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..options import coerce_options
+from .forms import Form
 from .slots import DeltaSlot, Slot
 
 # Attention projections of every diffusers transformer block: self (attn1) and cross (attn2) attention.
@@ -67,7 +69,7 @@ class LayerAdapter(nn.Module):
         diagonal. SVFit returns `[U (out, r), ds (r,), V^T (r, in)]`.
 
         With it, the slot picks per call the cheaper of composing the weight and applying the factors
-        to the activations as LoRA does (`DeltaSlot.prefers_activations`). None: `delta_weight()` only.
+        to the activations as LoRA does (`DeltaSlot.forms`). None: `delta_weight()` only.
         """
         return None
 
@@ -79,12 +81,16 @@ class LayerAdapter(nn.Module):
         """
         return None
 
-    def own_forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """Optional: the adapted layer's output on `x` (at `self.scale`, bias included), computed the
-        method's own way where that costs less than composing the weight (filter atoms mix each
-        input's kernel taps instead of every filter). None: let the slot compose or use the factors.
-        """
-        return None
+    def own_forms(self, layer: nn.Module, x: torch.Tensor, training: bool) -> dict[str, Form]:
+        """Optional: forms of the adapted layer's output on `x` (at `self.scale`, bias included) of the
+        method's own (filter atoms mix each input's kernel taps instead of every filter), offered to
+        the slot's choice next to composing the weight (`DeltaSlot.forms`). None fit: `{}`."""
+        return {}
+
+    def compose_cost(self) -> int:
+        """Multiply-adds of `delta_weight()` (used where there are no `delta_factors`): one per weight entry
+        unless the method says otherwise."""
+        return math.prod(self.weight_shape)
 
     def param_group(self, name: str) -> str:
         """Learning-rate group of the trainable tensor `name` (see `Method.group_lr_ratio`)."""
@@ -204,13 +210,6 @@ def get_method(name: str) -> type[Method]:
     if name not in METHOD_REGISTRY:
         raise UserError(f"unknown method '{name}'; accepted: {', '.join(sorted(METHOD_REGISTRY))}")
     return METHOD_REGISTRY[name]
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matmuls on `x` run in: autocast's where it is on for x's device, else x's own. Casting
-    a method's tensors to it once avoids a float32 copy that autocast would cast back to 16 bits."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def weight_2d(layer: nn.Module) -> torch.Tensor:

@@ -22,16 +22,15 @@ Variants, each in delta form (`delta(theta_init) == 0` exactly, no residual is s
   the update gains `dalpha @ D(theta)`. The paper shows it overfits (Table 2, diversity 3.17):
   an explicit option only.
 
-Running the layer (`own_forward`): the adapted filter is `w (I + M)` with `M = V_m @ dD (k*k, k*k)`,
+Running the layer (`own_forms`): the adapted filter is `w (I + M)` with `M = V_m @ dD (k*k, k*k)`,
 so the conv is `W0 (out, in*k*k) @ ((I + M) @ patches(x))`: every input channel's `k*k`
-neighbourhood values (im2col, `F.unfold`; a grouped conv on larger images) are mixed by `I + M`
-(per input channel `M_i` when overcomplete), then W0 multiplies them as one matrix. This is the
-paper's two-stage convolution: no composed weight, no weight gradient, `k^4` extra multiply-adds
-per input value. It runs wherever a conv has at most as many output positions as filters (the
-low-resolution blocks, where mkldnn's small-image kernels are slow; run on every conv of SD 1.5
-at 256 px, forward + backward, two CPU threads, it took 250 ms against 326 ms for the frozen convs
-alone). Elsewhere,
-and with tuned coefficients, the slot composes `W0 + delta` and runs one `F.conv2d`.
+neighbourhood values (im2col, `F.unfold`, or a grouped conv) are mixed by `I + M` (per input
+channel `M_i` when overcomplete), then W0 multiplies them as one matrix. This is the paper's
+two-stage convolution: no composed weight, no weight gradient, `k^4` extra multiply-adds per input
+value. The slot weighs it against composing `W0 + delta` for one `F.conv2d` (`forms.py`: measured,
+or by multiply-adds); with tuned coefficients it always composes. Measured earlier with a fixed rule
+(two-stage where a conv has at most as many output positions as filters, on every conv of SD 1.5 at
+256 px, forward + backward, two CPU threads): 250 ms against 326 ms for the frozen convs alone.
 
 The basis `V_m` is stored in the adapter file: SVD vectors are defined only up to sign (and up to
 rotation for tied singular values), and a sign rule on a 9-entry vector is fragile for
@@ -47,7 +46,9 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import AdapterConfig, LayerAdapter, Method, TrainDefaults, compute_dtype, join_patterns, register
+from .base import AdapterConfig, LayerAdapter, Method, TrainDefaults, join_patterns, register
+from .forms import Form
+from .slots import compute_dtype
 
 # 3x3 convs of the UNet's ResNet blocks and resamplers (every diffusers UNet2DConditionModel).
 CONVS = r"(resnets\.\d+\.conv[12]|(down|up)samplers\.\d+\.conv)$"
@@ -58,10 +59,10 @@ CONV_IO = r"^(conv_in|conv_out)$"
 TRAIN_DEFAULTS = TrainDefaults(lr=1e-3, steps=1000, source="filter-atoms.txt §4.3: AdamW lr 1e-3, 1000 steps (SD few-shot)")
 
 
-# The two-stage form's tap mixing runs as im2col (`unfold`) + matmul on small images and as a grouped
-# conv + 1x1 conv above this many output positions per image. Measured per layer, forward + backward
-# (SD 1.5 convs, CPU): at 8x8 and 4x4 unfold is 2-5x faster with two threads; at 16x16 the convs
-# are (640x640: 19.0 against 20.8 ms, 640x1280: 37 against 46 ms).
+# Which variant of the two-stage form the multiply-add model offers (`forms.py`; measuring times
+# both): im2col (`unfold`) + matmul up to this many output positions per image, else a grouped conv +
+# 1x1 conv. Measured per layer, forward + backward (SD 1.5 convs, CPU): at 8x8 and 4x4 unfold is 2-5x
+# faster with two threads; at 16x16 the convs are (640x640: 19.0 against 20.8 ms, 640x1280: 37 against 46 ms).
 UNFOLD_MAX_POSITIONS = 128
 
 
@@ -163,21 +164,38 @@ class FilterAtomsLayer(LayerAdapter):
         eye = torch.eye(self.basis.shape[0], device=change.device)
         return eye + self.scale * (self.basis @ change)
 
-    def own_forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    def compose_cost(self) -> int:
+        return self._base_weight[0].numel() * self.basis.shape[0]  # W_flat (out*in, k*k) @ (I + M) (k*k, k*k)
+
+    def own_forms(self, layer: nn.Module, x: torch.Tensor, training: bool) -> dict[str, Form]:
+        """The two-stage convolution, as im2col + matmul ("taps_unfold") or as a grouped conv + 1x1
+        conv ("taps_conv"): the same multiply-adds, `positions x in x k^4` for the tap mixing plus the
+        frozen conv, no weight gradient. The model offers the variant UNFOLD_MAX_POSITIONS picks."""
         if self.tune_coefficients or layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-            return None  # tuned coefficients (dalpha is W0-sized) or an unusual conv: compose the weight
-        w0 = self._base_weight[0].detach()  # (out, in, kh, kw)
-        out, cin, kh, kw = w0.shape
+            return {}  # tuned coefficients (dalpha is W0-sized) or an unusual conv: compose the weight
+        out, cin, kh, kw = self._base_weight[0].shape
         batch, _, height, width = x.shape
         rows, cols = (
             (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
             for size, pad, dil, k, stride in zip((height, width), layer.padding, layer.dilation, (kh, kw), layer.stride)
         )
-        if batch * rows * cols > out:
-            return None  # composing the weight once costs less than mixing every position's taps
+        positions, taps = batch * rows * cols, kh * kw
+        mixing, conv = positions * cin * taps * taps, positions * out * cin * taps
+        cost = 3 * mixing + 2 * conv if training else mixing + conv  # forward, input gradient, mixing's gradient
+        unfold = rows * cols <= UNFOLD_MAX_POSITIONS
+        return {
+            "taps_unfold": Form(lambda x: self.two_stage(layer, x, rows, cols, unfold=True), cost if unfold else None),
+            "taps_conv": Form(lambda x: self.two_stage(layer, x, rows, cols, unfold=False), None if unfold else cost),
+        }
+
+    def two_stage(self, layer: nn.Module, x: torch.Tensor, rows: int, cols: int, unfold: bool) -> torch.Tensor:
+        """`W0 @ ((I + scale M) @ patches(x))`: each input's kernel taps mixed, then the frozen filters."""
+        w0 = self._base_weight[0].detach()  # (out, in, kh, kw)
+        out, cin, kh, kw = w0.shape
+        batch = x.shape[0]
         dtype = compute_dtype(x)
         x, mix, taps = x.to(dtype), self.tap_mixing().to(dtype), kh * kw
-        if rows * cols > UNFOLD_MAX_POSITIONS:  # mixed copies by a grouped conv, then W0 as a 1x1 conv
+        if not unfold:  # mixed copies by a grouped conv, then W0 as a 1x1 conv
             kernel = mix.expand(cin, taps, taps).reshape(cin * taps, 1, kh, kw)  # row i*k*k + t: copy t of channel i
             copies = nn.functional.conv2d(x, kernel, None, layer.stride, layer.padding, layer.dilation, cin)  # (B, in*k*k, H', W')
             return nn.functional.conv2d(copies, w0.view(out, -1, 1, 1).to(dtype), layer.bias)

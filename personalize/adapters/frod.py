@@ -15,9 +15,9 @@ A layer keeps `B_i = W_i P = U_i diag(Sigma_i)` (P = V^{-T}; as large as W_i, in
 
     delta_i = B_i @ K_i @ V^T,   K_i = diag(1/Sigma_i) (diag(dsigma_i) + S_i),   S_i sparse,
 
-and runs, per call, the cheapest of composing the weight, `B_i ((I + K_i) V^T x)` alone (where
+and runs, per call, the fastest of composing the weight, `B_i ((I + K_i) V^T x)` alone (where
 `B_i V^T` rebuilds W_i to float32 rounding) or the frozen layer plus `B_i K_i V^T x`
-(`FRoDSlot.choose_form`; docs/frod-memory.md has the measured sizes, costs and conditioning).
+(`FRoDSlot.forms`, chosen by `forms.choose`; docs/frod-memory.md has the measured sizes, costs and conditioning).
 
 How the decomposition is computed (the same result as the literal steps, checked against them in
 tests/test_frod.py, without a QR of the tall stack; for six 1280-wide layers that QR takes 5.1 s on
@@ -44,8 +44,10 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import SHARED_KEY, AdapterConfig, LayerAdapter, Method, TrainDefaults, compute_dtype, register, weight_2d
-from .slots import DeltaSlot, Slot, cheapest
+from .base import SHARED_KEY, AdapterConfig, LayerAdapter, Method, TrainDefaults, register, weight_2d
+from .decompositions import cached, find, weights_digest
+from .forms import Form
+from .slots import DeltaSlot, Slot, compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +178,7 @@ class FRoDLayer(LayerAdapter):
         weight: torch.Tensor,  # W_i as the layer holds it: (out, n) or (out, in, k, k)
         b: torch.Tensor,  # (out, n) float32: W_i P
         inv_sigma: torch.Tensor,  # (n,) 1/Sigma_i, 0 for dead directions
+        rebuilds_w0: bool,  # B_i V^T is W_i to float32 rounding (FULL_FORM_TOLERANCE)
         s_index: torch.Tensor,  # (nnz,) flat off-diagonal positions of S_i's trainable entries
     ) -> None:
         super().__init__()
@@ -203,11 +206,9 @@ class FRoDLayer(LayerAdapter):
         self.register_buffer("kt_cols", rows[t_order], persistent=False)
         self.dsigma = nn.Parameter(torch.zeros(n, device=device))  # (n,) on-axis
         self.s_values = nn.Parameter(torch.zeros(s_index.numel(), device=device))  # (nnz,) off-axis
-        # B_i V^T is W_i up to rounding; where that rounding is at float32 level the layer may run as
-        # B_i (I + scale K_i) V^T alone (`FRoDSlot.choose_form`), skipping the matmul with W_i.
-        rebuilt = self.b.float() @ basis.vt.to(device)  # (out, n)
-        w = weight.detach().reshape(self.out, n).float()
-        self.rebuilds_w0 = bool((rebuilt - w).norm() <= FULL_FORM_TOLERANCE * w.norm())
+        # Where B_i V^T rebuilds W_i to float32 rounding the layer may run as B_i (I + scale K_i) V^T
+        # alone (`FRoDSlot.forms`), skipping the matmul with W_i.
+        self.rebuilds_w0 = rebuilds_w0
 
     def k_matrix(self, values: torch.Tensor) -> torch.Tensor:
         """K_i with `values` (in the pattern's order) as a sparse CSR (n, n) matrix."""
@@ -285,32 +286,10 @@ FULL_FORM_TOLERANCE = 1e-6  # relative |B_i V^T - W_i| below which the layer may
 
 
 class FRoDSlot(DeltaSlot):
-    """Runs one FRoD layer in the cheapest of three exact forms (`choose_form`)."""
+    """Runs one FRoD layer in one of three exact forms (`forms`), as `forms.choose` picks."""
 
-    def _adapted(self, x: torch.Tensor) -> torch.Tensor:
-        base, adapter = self.base, self.adapter
-        form = self.choose_form(x)
-        if form == "weight":
-            with torch.autocast(device_type=base.weight.device.type, enabled=False):  # compose in float32
-                delta = adapter.delta_weight()
-            return self._composed(x, delta)
-        conv = isinstance(base, nn.Conv2d)
-        rows = x.movedim(1, -1) if conv else x  # channels last: (..., n)
-        dtype = compute_dtype(x)
-        h = adapter.basis.vt.to(dtype) @ rows.reshape(-1, adapter.n).T.to(dtype)  # V^T x: (n, N)
-        b = adapter.b.to(dtype)  # no copy where the weights are stored in the compute dtype
-        if form == "full":  # B (I + scale K) V^T x, W0 = B V^T
-            y = nn.functional.linear(adapter.apply_k(h, adapter.scale, plus_identity=True).T, b)  # (N, out)
-            return self._add_bias(self._channels_first(y.view(rows.shape[:-1] + (-1,)), conv))
-        update = nn.functional.linear(adapter.apply_k(h, adapter.scale).T, b)  # scale B K V^T x: (N, out)
-        return self._run(x, base.weight) + self._channels_first(update.view(rows.shape[:-1] + (-1,)), conv)
-
-    @staticmethod
-    def _channels_first(y: torch.Tensor, conv: bool) -> torch.Tensor:
-        return y.movedim(-1, 1) if conv else y
-
-    def choose_form(self, x: torch.Tensor) -> str:
-        """The form `cheapest` picks from FRoD's per-form multiply-adds for the `N` tokens of `x`:
+    def forms(self, x: torch.Tensor, training: bool) -> dict[str, Form]:
+        """FRoD's forms with their multiply-adds for the `N` tokens of `x`:
 
         - "weight": compose `W0 + scale B K V^T` (`out n^2`), one matmul (`N out n`); training adds the
           composition's backward and the weight gradient;
@@ -320,23 +299,68 @@ class FRoDSlot(DeltaSlot):
         K is sparse: its share is small in every form.
         """
         base, adapter = self.base, self.adapter
-        if isinstance(base, nn.Conv2d) and (base.kernel_size != (1, 1) or base.stride != (1, 1) or base.groups != 1):
-            return "weight"  # only 1x1 convs are matrices over the channels
         n, out = adapter.n, adapter.out
         tokens = x.numel() // n
-        training = torch.is_grad_enabled() and any(p.requires_grad for p in adapter.parameters())
         passes = 2 if training else 1
-        costs = {
-            "weight": passes * out * n * n + tokens * out * n * (3 if training else 1),
-            "activations": passes * tokens * (2 * out * n + n * n),
-        }
+        forms = {"weight": Form(self._composed_update, passes * out * n * n + tokens * out * n * (3 if training else 1))}
+        if isinstance(base, nn.Conv2d) and (base.kernel_size != (1, 1) or base.stride != (1, 1) or base.groups != 1):
+            return forms  # only 1x1 convs are matrices over the channels
+        forms["activations"] = Form(lambda x: self._through_basis(x, full=False), passes * tokens * (2 * out * n + n * n))
         if adapter.rebuilds_w0:
-            costs["full"] = passes * tokens * (out * n + n * n)
-        return cheapest(costs)
+            forms["full"] = Form(lambda x: self._through_basis(x, full=True), passes * tokens * (out * n + n * n))
+        return forms
+
+    def _through_basis(self, x: torch.Tensor, full: bool) -> torch.Tensor:
+        """`B ((I + scale K) V^T x)` (full: W0 = B V^T) or the frozen layer plus `scale B K V^T x`."""
+        base, adapter = self.base, self.adapter
+        conv = isinstance(base, nn.Conv2d)
+        rows = x.movedim(1, -1) if conv else x  # channels last: (..., n)
+        dtype = compute_dtype(x)
+        h = adapter.basis.vt.to(dtype) @ rows.reshape(-1, adapter.n).T.to(dtype)  # V^T x: (n, N)
+        b = adapter.b.to(dtype)  # no copy where the weights are stored in the compute dtype
+        if full:
+            y = nn.functional.linear(adapter.apply_k(h, adapter.scale, plus_identity=True).T, b)  # (N, out)
+            return self._add_bias(self._channels_first(y.view(rows.shape[:-1] + (-1,)), conv))
+        update = nn.functional.linear(adapter.apply_k(h, adapter.scale).T, b)  # scale B K V^T x: (N, out)
+        return self._run(x, base.weight) + self._channels_first(update.view(rows.shape[:-1] + (-1,)), conv)
+
+    @staticmethod
+    def _channels_first(y: torch.Tensor, conv: bool) -> torch.Tensor:
+        return y.movedim(-1, 1) if conv else y
 
 
 def decomposition_device(device: torch.device) -> torch.device:
     return torch.device("cpu") if device.type == "mps" else device  # MPS has no float64
+
+
+def group_decomposition(layers: list[nn.Module], pi: float, vt: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """One group's `vt (n, n)` (float32; given from a file, or the joint basis) and per layer i
+    `b.i = W_i P (out, n)`, `inv_sigma.i (n,)`, `rebuilds_w0.i` (a bool tensor), from the cache when there.
+    A basis from a file is served by the cached entry when it is the same bit for bit."""
+
+    def compute(given: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        weights = [weight_2d(layer) for layer in layers]  # (out, n) each
+        work = decomposition_device(weights[0].device)
+        basis_t = joint_basis([w.to(work) for w in weights], pi).float() if given is None else given.to(work).float()  # (n, n)
+        p = inverse_transpose(basis_t)  # (n, n)
+        p_norms = torch.linalg.vector_norm(p, dim=0)  # (n,)
+        parts = {"vt": basis_t}
+        for i, w in enumerate(weights):
+            w32 = w.to(work).float()
+            b = w32 @ p  # B_i = W_i P: (out, n)
+            parts[f"b.{i}"] = b
+            parts[f"inv_sigma.{i}"] = inverse_scales(b, w.to(work), p_norms)
+            rebuilt = b.to(w.dtype).float() @ basis_t  # B_i V^T as the layer will hold B_i (in W_i's dtype)
+            parts[f"rebuilds_w0.{i}"] = (rebuilt - w32).norm() <= FULL_FORM_TOLERANCE * w32.norm()
+        return parts
+
+    weights = [layer.weight for layer in layers]
+    if vt is None:
+        return cached("frod", {"pi": pi, "basis": "joint"}, weights, compute)
+    parts = find("frod", {"pi": pi, "basis": "joint"}, weights)
+    if parts is not None and torch.equal(parts["vt"].cpu(), vt.float().cpu()):
+        return parts
+    return cached("frod", {"pi": pi, "basis": weights_digest([vt.float()])}, weights, lambda: compute(vt))
 
 
 @register
@@ -381,29 +405,25 @@ class FRoD(Method):
                     f"frod keeps (n, n) matrices per layer group; layer '{names[0]}' has n = {n} inputs "
                     f"(in * k * k for a convolution); accepted: n <= {MAX_WIDTH}, e.g. attention projections"
                 )
-            work = decomposition_device(device)
             if shared is None:
-                vt = joint_basis([w.to(work) for w in weights], config.pi)
+                parts = group_decomposition([layers[name] for name in names], config.pi, None)
             else:
                 vt = shared.get(f"{group}.vt")
                 if vt is None or tuple(vt.shape) != (n, n):
                     raise UserError(
                         f"adapter file has no FRoD basis of shape ({n}, {n}) for layer group '{group}'; was it saved for another model?"
                     )
-            basis = FRoDBasis(vt.to(work))
-            p = inverse_transpose(basis.vt)  # (n, n)
-            p_norms = torch.linalg.vector_norm(p, dim=0)  # (n,)
-            bs = [w.to(work).float() @ p for w in weights]  # B_i = W_i P: (out, n) each
-            inv_sigmas = [inverse_scales(b, w.to(work), p_norms) for b, w in zip(bs, weights)]
-            basis = basis.to(device)
+                parts = group_decomposition([layers[name] for name in names], config.pi, vt)
+            basis = FRoDBasis(parts["vt"].to(device))
             count = num_off_axis(n, config.density)
             log.debug("frod group %s: %d layer(s), n=%d", group, len(names), n)
-            for name, b, inv_sigma in zip(names, bs, inv_sigmas):
+            for i, name in enumerate(names):
                 if shared is None:
                     s_index = sample_off_diagonal(n, count, layer_generator(config.seed, name))
                 else:
                     s_index = check_index(saved.get(name, {}).get("s_index"), n, count, name)
-                adapters[name] = FRoDLayer(group, basis, layers[name].weight, b, inv_sigma, s_index)
+                b, inv_sigma, rebuilds_w0 = parts[f"b.{i}"], parts[f"inv_sigma.{i}"], bool(parts[f"rebuilds_w0.{i}"])
+                adapters[name] = FRoDLayer(group, basis, layers[name].weight, b, inv_sigma, rebuilds_w0, s_index)
         return adapters
 
     @classmethod

@@ -16,6 +16,7 @@ defined only up to sign).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,12 +30,13 @@ from .base import (
     AdapterConfig,
     LayerAdapter,
     Method,
-    compute_dtype,
     join_patterns,
     register,
     weight_2d,
 )
 from .filter_atoms import TRAIN_DEFAULTS, check_saved_basis, is_spatial_conv, require_int, right_singular_basis
+from .forms import Form
+from .slots import compute_dtype
 
 
 @dataclass
@@ -43,13 +45,11 @@ class KronAtomsConfig(AdapterConfig):
     kc: int = 8  # atom size kc x kc; C2 (Table 9); divides every SD 1.x/2.x/XL attention width
 
 
-# The activation form costs about `2 * m_c / kc` times the frozen matmul per token and saves the
-# composition, the weight gradient and half a dozen weight-sized memory passes. Measured per layer
-# (SD 1.5 projections, CPU, one thread, forward + backward) it wins only where a wide layer sees few
-# tokens: 8.6 ms instead of 11.8 for 1280x1280 at 64 tokens, 3.0 instead of 9.9 at 16, but 2.8
-# instead of 2.3 for 640x640 at 64 and 10 instead of 5 for 640x640 at 256 (smaller weights stay in
-# cache, so composing them is cheap). Rule: activations where tokens * m_c / kc < out / 16.
-ACTIVATION_WIDTH_RATIO = 16
+# Measured per layer with a fixed rule before forms were timed (SD 1.5 projections, CPU, one thread,
+# forward + backward): the activation form wins only where a wide layer sees few tokens: 8.6 ms
+# instead of 11.8 for 1280x1280 at 64 tokens, 3.0 instead of 9.9 at 16, but 2.8 instead of 2.3 for
+# 640x640 at 64 and 10 instead of 5 at 256 (smaller weights stay in cache, so composing them is
+# cheap). Multiply-adds alone favour composing almost everywhere; measuring (`forms.py`) finds these.
 
 
 def rearrange(w: torch.Tensor, kc: int) -> torch.Tensor:
@@ -69,7 +69,7 @@ class KronAtomsLayer(LayerAdapter):
 
     With the coefficients `C = R(W0) @ V_mc` kept as a buffer (`m_c / kc^2` of W0's size: 9/64 for
     C2), the update is `R(delta) = C @ dB`, i.e. `delta = sum_j A_j kron dB_j` with `A_j = C[:, :, j]`.
-    The slot runs it either as a composed weight or, where fewer tokens pass than composing costs,
+    The slot runs it either as a composed weight or, where `forms.choose` finds it faster,
     through the activations: `delta x = sum_j vec(A_j X dB_j^T)` for `X (in/kc, kc)`, with no
     weight-sized temporary and no weight gradient.
     """
@@ -97,14 +97,26 @@ class KronAtomsLayer(LayerAdapter):
         blocks = self.coefficients.view(-1, m_c) @ self.delta_atoms  # (out/kc * in/kc, kc*kc) = R(delta)
         return unrearrange(blocks, blocks_out * self.kc, blocks_in * self.kc, self.kc).reshape(self.weight_shape)
 
-    def own_forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    def compose_cost(self) -> int:
+        return math.prod(self.weight_shape) * self.coefficients.shape[-1]  # C (out/kc * in/kc, m_c) @ dB (m_c, kc*kc)
+
+    def own_forms(self, layer: nn.Module, x: torch.Tensor, training: bool) -> dict[str, Form]:
+        """ "activations": the frozen layer plus `sum_j vec(A_j X dB_j^T)`, `tokens x in x m_c x (kc + out/kc)`
+        multiply-adds (about 3x when training: the input and atom gradients), no weight gradient."""
         if isinstance(layer, nn.Conv2d):
-            return None  # a 1x1 conv's channels are not the last axis: compose
+            return {}  # a 1x1 conv's channels are not the last axis: compose
         blocks_out, blocks_in, m_c = self.coefficients.shape
         kc = self.kc
         tokens = x.numel() // x.shape[-1]
-        if tokens * m_c * ACTIVATION_WIDTH_RATIO >= blocks_out * kc * kc:
-            return None  # composing the weight is cheaper (see ACTIVATION_WIDTH_RATIO)
+        update = tokens * blocks_in * kc * m_c * (kc + blocks_out)
+        frozen = tokens * blocks_out * blocks_in * kc * kc
+        cost = 3 * update + 2 * frozen if training else update + frozen
+        return {"activations": Form(lambda x: self.through_activations(layer, x), cost)}
+
+    def through_activations(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        blocks_out, blocks_in, m_c = self.coefficients.shape
+        kc = self.kc
+        tokens = x.numel() // x.shape[-1]
         dtype = compute_dtype(x)
         atoms = (self.delta_atoms * self.scale).view(m_c * kc, kc).to(dtype)  # rows (j, r), columns c
         blocks = x.to(dtype).reshape(tokens, blocks_in, kc)  # X per token: (N, in/kc, kc)

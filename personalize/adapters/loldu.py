@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import UserError
 from .base import AdapterConfig, LayerAdapter, Method, TrainDefaults, register, weight_2d
+from .decompositions import cached
 from .factors import compose
 
 log = logging.getLogger(__name__)
@@ -45,14 +46,13 @@ class LoLDULayer(LayerAdapter):
 
     def __init__(self, layer: nn.Module, config: LoLDUConfig, saved: dict[str, torch.Tensor]) -> None:
         super().__init__()
-        w = weight_2d(layer).double()  # (out, in)
+        w = weight_2d(layer)  # (out, in)
         rank = min(config.rank, min(w.shape))
-        perm = saved.get("perm")
-        pl, unit_u, diag = ldu_factors(w, None if perm is None else perm.to(w.device))
-        self.register_buffer("perm", pl[1], persistent=False)  # (out,) rows of L forming P @ L
-        self.register_buffer("pl", pl[0][:, :rank].float().contiguous(), persistent=False)  # (out, r)
-        self.register_buffer("u", unit_u[:rank].float().contiguous(), persistent=False)  # (r, in)
-        z0 = diag[:rank].float()  # (r,)
+        factors = truncated_ldu(layer, rank, saved.get("perm"))
+        self.register_buffer("perm", factors["perm"], persistent=False)  # (out,) rows of L forming P @ L
+        self.register_buffer("pl", factors["pl"], persistent=False)  # (out, r)
+        self.register_buffer("u", factors["u"], persistent=False)  # (r, in)
+        z0 = factors["d"]  # (r,)
         sigma0 = torch.tensor(config.alpha / rank, device=w.device)
         self.register_buffer("z0", z0, persistent=False)
         self.register_buffer("sigma0", sigma0, persistent=False)
@@ -67,6 +67,27 @@ class LoLDULayer(LayerAdapter):
 
     def delta_weight(self) -> torch.Tensor:
         return compose(self.delta_factors()).reshape(self.weight_shape)  # (out, r) @ (r, in)
+
+
+def truncated_ldu(layer: nn.Module, rank: int, perm: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The first `rank` columns of `P @ L` ("pl", float32), rows of the unit upper `U` ("u"), entries of
+    `D` ("d") and the row order ("perm") of the layer's weight, from the cache when there. A pivot
+    order saved with an adapter is honoured: the cached factors serve it when their order is the same."""
+
+    def compute(order: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        w = weight_2d(layer).double()
+        (pl, row_order), unit_u, diag = ldu_factors(w, None if order is None else order.to(w.device))
+        return {
+            "perm": row_order,
+            "pl": pl[:, :rank].float().contiguous(),
+            "u": unit_u[:rank].float().contiguous(),
+            "d": diag[:rank].float().contiguous(),
+        }
+
+    factors = cached("ldu", {"rank": rank}, [layer.weight], compute)
+    if perm is None or torch.equal(factors["perm"].cpu(), perm.cpu().to(factors["perm"].dtype)):
+        return factors
+    return compute(perm)
 
 
 def ldu_factors(w: torch.Tensor, perm: torch.Tensor | None) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]:

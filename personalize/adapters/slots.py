@@ -1,10 +1,10 @@
-"""Slots: how an adapter's update is installed on a layer and run in its cheapest exact form.
+"""Slots: how an adapter's update is installed on a layer and run in its fastest exact form.
 
 A slot holds one target layer (`nn.Linear` / `nn.Conv2d` owning the frozen `W0`) and its live
 update. `DeltaSlot` installs a `LayerAdapter` as the submodule `personalize_adapter` and replaces
 the layer's `forward` (an instance attribute, so removing it restores the class's forward); the
-layer then computes `W0 + scale * delta` in whichever form `cheapest` finds to cost the fewest
-multiply-adds. A method names its slot class (`Method.slot_cls`).
+layer then computes `W0 + scale * delta` in the form (`forms`) that `forms.choose` measured fastest
+on this machine, or that costs the fewest multiply-adds. A method names its slot class (`Method.slot_cls`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import UserError
 from .factors import activation_cost, chain_cost, compose, scaled
+from .forms import Form, choose
 
 if TYPE_CHECKING:
     from .base import LayerAdapter
@@ -23,9 +24,11 @@ if TYPE_CHECKING:
 ADAPTER_ATTR = "personalize_adapter"  # the submodule name a DeltaSlot installs its adapter under
 
 
-def cheapest(costs: dict[str, int]) -> str:
-    """The one planner: the form with the fewest multiply-adds (on a tie, the first listed)."""
-    return min(costs, key=costs.__getitem__)
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on `x` run in: autocast's where it is on for x's device, else x's own. Casting
+    a method's tensors to it once avoids a float32 copy that autocast would cast back to 16 bits."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 class Slot:
@@ -69,14 +72,16 @@ class Slot:
 
 class DeltaSlot(Slot):
     """Installs a LayerAdapter on its layer. The forward runs the layer with `W0 + scale * delta`
-    (one F.linear / conv) or, when the adapter has a factored form and that costs less (`plan`),
-    `layer(x, W0) + x @ (scale * delta)^T` through the factors, or x through the whole weight's factors.
-    Slots of methods with their own forms (FRoD) override `_adapted` and pick with `cheapest` too."""
+    (one F.linear / conv) or, where the adapter has a factored form, `layer(x, W0) + x @ (scale * delta)^T`
+    through the factors, or x through the whole weight's factors, or a form of the method's own,
+    whichever `forms.choose` picks. Slots of methods with other forms (FRoD) override `forms`."""
 
     def __init__(self, base: nn.Module, adapter: LayerAdapter) -> None:
         super().__init__(base)
         self.adapter = adapter.to(base.weight.device)
         self.live = True
+        self.form = ""  # the form the last adapted call ran (forms.py), for reports
+        self._signature: str | None = None
         self.install()
 
     def install(self) -> None:
@@ -91,22 +96,73 @@ class DeltaSlot(Slot):
         return self._adapted(x)
 
     def _adapted(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer's output on `x` with the update at `adapter.scale`, in the cheapest exact form."""
+        """The layer's output on `x` with the update at `adapter.scale`, in the form `choose` picks."""
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.adapter.parameters())
+        forms = self.forms(x, training)
+        self.form = choose(self.form_key(x, training), forms, x, list(self.adapter.parameters()), training)
+        return forms[self.form].run(x)
+
+    def form_key(self, x: torch.Tensor, training: bool) -> str:
+        """What decides which form is fastest: the layer, the adapter's tensor shapes, the input."""
+        if self._signature is None:
+            base = self.base
+            layer = f"{type(base).__name__}{tuple(base.weight.shape)} {base.weight.dtype}"
+            if isinstance(base, nn.Conv2d):
+                layer += f" stride {base.stride} padding {base.padding} dilation {base.dilation} groups {base.groups}"
+            tensors = ",".join(f"{n}{tuple(t.shape)}" for n, t in [*self.adapter.named_parameters(), *self.adapter.named_buffers()])
+            self._signature = f"{type(self.adapter).__name__} on {layer} [{tensors}]"
+        return f"{self._signature} x{tuple(x.shape)} {x.dtype} in {compute_dtype(x)} {'training' if training else 'inference'}"
+
+    def forms(self, x: torch.Tensor, training: bool) -> dict[str, Form]:
+        """The exact forms of the adapted layer on `x`, with their multiply-add costs:
+
+        - the method's own forms (`LayerAdapter.own_forms`), listed first;
+        - "weight": compose `W0 + scale * delta`, one matmul; training adds the composition's backward
+          and the weight gradient `G^T X` (tokens x out x fan_in);
+        - "activations" (with `delta_factors`): the frozen layer plus `x` through the update's
+          factors, as LoRA: tokens x (the factors' sizes), about twice that when training;
+        - "full" (with `weight_factors`): `x` through the whole adapted weight's factors alone.
+        """
         base, adapter = self.base, self.adapter
-        own = adapter.own_forward(base, x)
-        if own is not None:
-            return own
+        tokens, layer = self.layer_cost(x)
+        passes = 2 if training else 1
+        factors = adapter.delta_factors()  # for the costs; each form builds its own (a form may run several times)
+        full = None if factors is None or not self.runs_factors() else adapter.weight_factors(adapter.scale)
+        compose_cost = chain_cost(factors) if factors is not None else adapter.compose_cost()
+        weight_cost = passes * compose_cost + (3 if training else 1) * layer
+        forms = adapter.own_forms(base, x, training)
+        forms["weight"] = Form(self._composed_update, weight_cost)
+        if factors is not None and self.runs_factors():
+            forms["activations"] = Form(
+                lambda x: self._run(x, base.weight) + self._run_factors(x, scaled(adapter.delta_factors(), adapter.scale)),
+                activation_cost(tokens, factors, training) + passes * layer,
+            )
+            if full is not None:
+                forms["full"] = Form(
+                    lambda x: self._add_bias(self._run_factors(x, adapter.weight_factors(adapter.scale))),
+                    activation_cost(tokens, full, training),
+                )
+        return forms
+
+    def layer_cost(self, x: torch.Tensor) -> tuple[int, int]:
+        """(tokens, multiply-adds of the frozen layer) for input `x`: a conv's tokens are its output positions."""
+        base = self.base
+        if isinstance(base, nn.Conv2d):
+            tokens = x.numel() // x.shape[1] // (base.stride[0] * base.stride[1])
+        else:
+            tokens = x.numel() // x.shape[-1]
+        return tokens, tokens * base.weight.numel()
+
+    def runs_factors(self) -> bool:
+        """Whether `_run_factors` can run this layer (a plain conv or a linear)."""
+        base = self.base
+        return not isinstance(base, nn.Conv2d) or (base.groups == 1 and base.padding_mode == "zeros")
+
+    def _composed_update(self, x: torch.Tensor) -> torch.Tensor:
+        adapter = self.adapter
         factors = adapter.delta_factors()
-        if factors is not None:
-            full = adapter.weight_factors(adapter.scale)
-            path = self.plan(x, factors, full)
-            if path == "full":
-                assert full is not None
-                return self._add_bias(self._run_factors(x, full))
-            if path == "activations":
-                return self._run(x, base.weight) + self._run_factors(x, scaled(factors, adapter.scale))
-        with torch.autocast(device_type=base.weight.device.type, enabled=False):  # compose in float32
-            delta = adapter.delta_weight() if factors is None else compose(factors).view(base.weight.shape)
+        with torch.autocast(device_type=self.base.weight.device.type, enabled=False):  # compose in float32
+            delta = adapter.delta_weight() if factors is None else compose(factors).view(self.base.weight.shape)
         return self._composed(x, delta)
 
     def _composed(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -145,39 +201,6 @@ class DeltaSlot(Slot):
                 h = nn.functional.linear(h, factor)
                 first = False
         return h
-
-    def prefers_activations(self, x: torch.Tensor, factors: list[torch.Tensor]) -> bool:
-        """True when applying the update's factors to `x` costs less than composing the update."""
-        return self.plan(x, factors, None) == "activations"
-
-    def plan(self, x: torch.Tensor, factors: list[torch.Tensor], full: list[torch.Tensor] | None) -> str:
-        """The cheapest way to run the layer on `x`, in multiply-adds: "weight" (compose W0 + delta,
-        one matmul), "activations" (the frozen layer plus x through the update's factors, as LoRA)
-        or "full" (x through `weight_factors` alone).
-
-        Composing costs the chain's matmuls and, when training, the weight gradient `G^T X` (tokens x
-        out x fan_in) plus the chain's backward; the factor forms cost tokens x (the factors' sizes),
-        about twice that when training. LoRA-sized ranks always take the activation forms; full-rank
-        factors take them where the layer sees fewer tokens than about its width.
-        """
-        base = self.base
-        if isinstance(base, nn.Conv2d):
-            if base.groups != 1 or base.padding_mode != "zeros":
-                return "weight"
-            tokens = x.numel() // x.shape[1] // (base.stride[0] * base.stride[1])
-        else:
-            tokens = x.numel() // x.shape[-1]
-        matrices = [f for f in factors if f.dim() == 2]
-        out, fan_in = matrices[0].shape[0], matrices[-1].shape[1]
-        training = torch.is_grad_enabled() and any(f.requires_grad for f in factors)
-        layer = tokens * out * fan_in  # the frozen layer's matmul
-        costs = {
-            "weight": (2 * chain_cost(factors) + 3 * layer) if training else chain_cost(factors) + layer,
-            "activations": activation_cost(tokens, factors, training) + (2 if training else 1) * layer,
-        }
-        if full is not None:
-            costs["full"] = activation_cost(tokens, full, training)
-        return cheapest(costs)
 
     def delta(self) -> torch.Tensor:
         return self.adapter.delta_weight() * self.adapter.scale

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import UserError
 from .base import AdapterConfig, LayerAdapter, Method, TrainDefaults, register, weight_2d
+from .decompositions import cached
 from .factors import compose
 
 
@@ -26,9 +27,9 @@ class SVFitConfig(AdapterConfig):
 class SVFitLayer(LayerAdapter):
     def __init__(self, layer: nn.Module, config: SVFitConfig, saved: dict[str, torch.Tensor]) -> None:
         super().__init__()
-        w = weight_2d(layer).float()  # (out, in)
+        w = weight_2d(layer)  # (out, in)
         rank = effective_rank(w.shape, config.rank)
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)  # (out, k), (k,), (k, in)
+        u, s, vh = singular_value_decomposition(layer)  # (out, k), (k,), (k, in)
         self.register_buffer("u", u[:, :rank].contiguous(), persistent=False)  # (out, r)
         self.register_buffer("vh", vh[:rank].contiguous(), persistent=False)  # (r, in)
         # Full rank: U diag(s) V^T is W0 up to float32 rounding, so the layer may run as U diag(s + ds) V^T
@@ -49,6 +50,16 @@ class SVFitLayer(LayerAdapter):
 
     def delta_weight(self) -> torch.Tensor:
         return compose(self.delta_factors()).reshape(self.weight_shape)  # (out, r) @ (r, in)
+
+
+def singular_value_decomposition(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD `U (out, k), s (k,), V^T (k, in)` of the layer's weight in float32, from the cache when there."""
+
+    def compute() -> dict[str, torch.Tensor]:
+        return dict(zip(("u", "s", "vh"), torch.linalg.svd(weight_2d(layer).float(), full_matrices=False)))
+
+    parts = cached("svd", {}, [layer.weight], compute)
+    return parts["u"], parts["s"], parts["vh"]
 
 
 def effective_rank(shape: tuple[int, ...], rank: int | None) -> int:

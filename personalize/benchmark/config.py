@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import torch
 
 from ..adapters import get_method, method_names
+from ..adapters.forms import MODES as FORM_MODES
 from ..errors import UserError
 
 FLOOR = "none"  # frozen UNet, gradients to the input latents only: the cheapest training step possible
@@ -90,6 +91,7 @@ class BenchConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward (the delta is then composed twice)
     threads: int | None = None  # CPU threads for torch; None = torch's default
     seed: int = 0  # inputs and random UNet weights
+    forms: str = "measure"  # how each layer's forward form is chosen: measure (timed per machine) | model (multiply-adds)
     profile_dir: str | None = None  # folder for per-method profiles: operators and per-layer replay (after the timed rounds)
 
     def validate(self) -> None:
@@ -105,6 +107,8 @@ class BenchConfig:
             raise UserError(f"unknown precision '{self.precision}'; accepted: auto, {', '.join(PRECISIONS)}")
         if self.profile_dir is not None and Path(self.profile_dir).exists() and not Path(self.profile_dir).is_dir():
             raise UserError(f"bench profile folder '{self.profile_dir}' is a file; accepted: a folder (created if missing)")
+        if self.forms not in FORM_MODES:
+            raise UserError(f"unknown form choice '{self.forms}'; accepted: {', '.join(FORM_MODES)}")
         resolve_specs(self.methods)
 
     def torch_device(self) -> torch.device:

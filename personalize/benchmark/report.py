@@ -39,11 +39,28 @@ def _label(r: dict[str, Any]) -> str:
     return r["label"]
 
 
+def _attach(r: dict[str, Any]) -> str:
+    warm = r.get("attach_warm_s")  # records before the decomposition cache have one attach time
+    return f"{r['attach_s']:.1f}" if warm is None else f"{r['attach_s']:.1f} / {warm:.1f}"
+
+
+def forms_table(record: dict[str, Any]) -> str:
+    """Which forward form each method's layers ran in training (adapters/forms.py), one row per method."""
+    names = sorted({name for r in record["results"] for name in r.get("forms", {})})
+    if not names:
+        return ""
+    rows = ["| Method | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for r in record["results"]:
+        if r.get("forms"):
+            rows.append(f"| {_label(r)} | " + " | ".join(str(r["forms"].get(name, "")) for name in names) + " |")
+    return "\n".join(rows)
+
+
 def markdown_table(record: dict[str, Any]) -> str:
     """One row per method; on CPU also the LoRA ratio of process CPU time (robust on a shared machine)."""
     cpu = record["environment"]["device"] == "cpu"
     rows = [
-        "| Method | Trainable | File | Attach (s) | Train step (s) | vs LoRA | vs floor |"
+        "| Method | Trainable | File | Attach cold / warm (s) | Train step (s) | vs LoRA | vs floor |"
         + (" vs LoRA, CPU time |" if cpu else "")
         + " Memory (MB) | Merged infer. (s) | vs base |",
         "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if cpu else "") + "---:|---:|---:|",
@@ -52,7 +69,7 @@ def markdown_table(record: dict[str, Any]) -> str:
         floor = r["label"] == FLOOR
         rows.append(
             f"| {_label(r)} | {r['trainable']:,} | {_size(r['file_bytes'])} | "
-            f"{'-' if floor else format(r['attach_s'], '.1f')} | {r['train_median_s']:.3f} | "
+            f"{'-' if floor else _attach(r)} | {r['train_median_s']:.3f} | "
             f"{r['train_ratio_lora']:.2f} | {r['train_ratio_floor']:.2f} |"
             + (f" {r['train_cpu_ratio_lora']:.2f} |" if cpu else "")
             + f" {r['memory_mb']:,.0f} | {r['inference_median_s']:.3f} | {r['inference_ratio_base']:.2f} |"
@@ -88,6 +105,16 @@ def markdown_section(record: dict[str, Any], chart: str | None) -> str:
         "",
         markdown_table(record),
     ]
+    forms = forms_table(record)
+    if forms:
+        lines += [
+            "",
+            f"Forward forms in training, layers per form (chosen by {s.get('forms', 'model')}; adapters/forms.py): "
+            "weight = W0 + delta composed, activations = frozen layer + x through the update's factors, "
+            "full = x through the adapted weight's factors alone, taps_* = filter atoms' two-stage conv.",
+            "",
+            forms,
+        ]
     if chart:
         lines += ["", f"![train-step and merged-inference ratios]({chart})"]
     return "\n".join(lines)

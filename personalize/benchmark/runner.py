@@ -1,13 +1,14 @@
 """Run the benchmark: one UNet, every method attached in turn, timings interleaved across methods.
 
-Set-up, per method: attach (timed: the decomposition), count, save (file size), warm-up training
-steps (the first one measures peak memory); then the adapter is parked (its layers are unhooked,
-its tensors kept). Training rounds: every method in turn (the order rotating each round) is
-re-installed and runs one timed training step, so machine drift (thermal, other jobs) hits all
-methods alike. Inference rounds, likewise: an untimed and a timed forward of the base UNet, then
-merge, an untimed and a timed forward, unmerge; the ratio pairs each merged forward with the base
-forward just before it (kept apart from the training rounds, so no forward is timed in the
-aftermath of a training step).
+Set-up, per method: attach cold (timed: the decompositions computed and cached), detach, attach
+warm (timed: read from the cache), count, save (file size), one training step that chooses each
+layer's forward form (adapters/forms.py), warm-up training steps (the first one measures peak
+memory); then the adapter is parked (its layers are unhooked, its tensors kept).
+Training rounds: every method in turn (the order rotating each round) is re-installed and runs one
+timed training step, so machine drift (thermal, other jobs) hits all methods alike.
+Inference rounds, likewise: an untimed and a timed forward of the base UNet, then merge, an untimed
+and a timed forward, unmerge; the ratio pairs each merged forward with the base forward just before
+it (kept apart from the training rounds, so no forward is timed in the aftermath of a training step).
 Only one UNet is ever held.
 """
 
@@ -18,12 +19,15 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from ..adapters.decompositions import decomposition_cache
+from ..adapters.forms import form_choice
 from ..adapters.slots import Slot
 from ..allocator import tune_cpu_allocator
 from ..inject import Adapter, attach
@@ -47,7 +51,9 @@ class MethodResult:
     options: dict[str, Any]
     trainable: int = 0
     file_bytes: int = 0
-    attach_s: float = 0.0
+    attach_s: float = 0.0  # cold: decompositions computed (and written to the cache)
+    attach_warm_s: float = 0.0  # warm: decompositions read from the cache (adapters/decompositions.py)
+    forms: dict[str, int] = field(default_factory=dict)  # layers per forward form in the last training step (adapters/forms.py)
     memory_mb: float = 0.0  # peak over the frozen model at rest: adapter tensors, optimiser state, activations
     train_s: list[float] = field(default_factory=list)
     inference_s: list[float] = field(default_factory=list)
@@ -72,8 +78,8 @@ class Candidate:
         self.parked = False
         self.result = MethodResult(spec.label, spec.name, dict(spec.options))
 
-    def attach(self) -> None:
-        with warnings.catch_warnings():
+    def attach(self, cache: str = "use") -> None:
+        with warnings.catch_warnings(), decomposition_cache(cache):
             # peft leaves its config on the model after a detach and warns when LoRA is attached again
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             self.adapter = attach(self.unet, self.spec.name, **self.spec.options)
@@ -119,6 +125,7 @@ class Candidate:
             return
         self.activate()
         self.adapter.detach()
+        self.adapter = self.optimiser = None
 
 
 def run_benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:
@@ -130,7 +137,7 @@ def run_benchmark(config: BenchConfig, progress: Progress | None = None) -> dict
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), form_choice(config.forms):
             torch.manual_seed(config.seed)
             return _run(config, progress)
     finally:
@@ -179,6 +186,7 @@ def _run(config: BenchConfig, progress: Progress | None) -> dict[str, Any]:
         wall, cpu = work.timed(lambda candidate=candidate: work.train_step(candidate.optimiser))
         candidate.result.train_s.append(wall)
         candidate.result.train_cpu_s.append(cpu)
+        candidate.result.forms = forms_used(candidate)
         candidate.park()
         done += 1
     for round_index, candidate in rounds:
@@ -231,21 +239,38 @@ def set_up(candidate: Candidate, work: Workload, device: torch.device, folder: P
     peak = PeakMemory(device)
     peak.mark()
     if not candidate.spec.is_floor:
-        result.attach_s = work.timed(candidate.attach)[0]
+        result.attach_s = work.timed(lambda: candidate.attach("refresh"))[0]
+        candidate.detach()
+        result.attach_warm_s = work.timed(candidate.attach)[0]
         assert candidate.adapter is not None
         result.trainable = candidate.adapter.num_trainable
         path = folder / "adapter.safetensors"
         candidate.adapter.save(str(path))
         result.file_bytes = path.stat().st_size
         log.debug(
-            "%s: attached in %.1f s, %d trainable, %d bytes saved", result.label, result.attach_s, result.trainable, result.file_bytes
+            "%s: attached in %.1f s cold, %.1f s warm, %d trainable, %d bytes saved",
+            result.label,
+            result.attach_s,
+            result.attach_warm_s,
+            result.trainable,
+            result.file_bytes,
         )
+    work.train_step(candidate.optimiser)  # untimed, outside the memory peak: the first step chooses each layer's form
     with peak:
         work.train_step(candidate.optimiser)
     result.memory_mb = round(peak.bytes / MB, 1)
     for _ in range(warmup - 1):
         work.train_step(candidate.optimiser)
     candidate.park()
+
+
+def forms_used(candidate: Candidate) -> dict[str, int]:
+    """How many layers ran each forward form (slots without a choice, e.g. peft's, are left out)."""
+    if candidate.adapter is None:
+        return {}
+    used = Counter(getattr(slot, "form", "") for slot in candidate.adapter.slots.values())
+    used.pop("", None)
+    return dict(sorted(used.items()))
 
 
 def _rotated(candidates: list[Candidate], round_index: int) -> list[Candidate]:

@@ -48,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute activations in backward, as low-memory training does"
     )
+    parser.add_argument(
+        "--forms",
+        default=BenchConfig.forms,
+        choices=["measure", "model"],
+        help="how each adapted layer's forward form is chosen: timed once per machine and cached, or by multiply-add counts "
+        "(default: %(default)s)",
+    )
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=BenchConfig.seed, help="inputs and built-in weights (default: %(default)s)")
     parser.add_argument(
@@ -91,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         gradient_checkpointing=args.gradient_checkpointing,
         threads=args.threads,
+        forms=args.forms,
         seed=args.seed,
         profile_dir=args.profile,
     )

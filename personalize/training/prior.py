@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from PIL.PngImagePlugin import PngInfo
 
 from ..atomic import atomic_path
+from ..cache import cache_dir
 from ..data import IMAGE_SUFFIXES, list_image_files
 
 log = logging.getLogger(__name__)
@@ -27,17 +27,10 @@ log = logging.getLogger(__name__)
 CLASS_SEED_BASE = 1_000_000  # class image i uses seed CLASS_SEED_BASE + i: fixed, so caches are reusable across runs
 
 
-def cache_root() -> Path:
-    """$PERSONALIZE_CACHE, else $XDG_CACHE_HOME/personalize, else ~/.cache/personalize."""
-    if os.environ.get("PERSONALIZE_CACHE"):
-        return Path(os.environ["PERSONALIZE_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "personalize"
-
-
 def default_class_dir(base_model: str, class_prompt: str, resolution: int, sample_steps: int) -> Path:
     key = json.dumps([base_model, class_prompt, resolution, sample_steps])
     slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{class_prompt}-{resolution}px").strip("-")[:60]
-    return cache_root() / "class_images" / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    return cache_dir("class_images") / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def existing_class_images(folder: Path) -> list[Path]:
