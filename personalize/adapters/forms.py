@@ -61,7 +61,6 @@ class Form:
 _override: str | None = None
 _choices: dict[str, str] = {}  # machine|key -> form name, this process
 _files: dict[str, dict[str, str]] = {}  # machine -> the choices its cache file held when read
-last_timings: dict[str, dict[str, float]] = {}  # machine|key -> seconds per form, for reports
 
 
 def form_mode() -> str:
@@ -103,7 +102,6 @@ def choose(key: str, forms: dict[str, Form], x: torch.Tensor, trainables: list[t
     if name not in forms:
         timings = {form_name: time_form(form, x, trainables, training) for form_name, form in forms.items()}
         name = min(timings, key=timings.__getitem__)
-        last_timings[full_key] = timings
         _write(machine, key, name)
         log.debug("form for %s: %s (%s)", key, name, ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in timings.items()))
     _choices[full_key] = name
@@ -173,4 +171,3 @@ def forget() -> None:
     """Drop the choices held in memory (the disk cache is read again on the next call)."""
     _choices.clear()
     _files.clear()
-    last_timings.clear()

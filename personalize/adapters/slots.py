@@ -82,6 +82,7 @@ class DeltaSlot(Slot):
         self.live = True
         self.form = ""  # the form the last adapted call ran (forms.py), for reports
         self._signature: str | None = None
+        self._factor_meta: tuple[list[torch.Tensor] | None, list[torch.Tensor] | None] | None = None
         self.install()
 
     def install(self) -> None:
@@ -126,8 +127,7 @@ class DeltaSlot(Slot):
         base, adapter = self.base, self.adapter
         tokens, layer = self.layer_cost(x)
         passes = 2 if training else 1
-        factors = adapter.delta_factors()  # for the costs; each form builds its own (a form may run several times)
-        full = None if factors is None or not self.runs_factors() else adapter.weight_factors(adapter.scale)
+        factors, full = self._factor_shapes()
         compose_cost = chain_cost(factors) if factors is not None else adapter.compose_cost()
         weight_cost = passes * compose_cost + (3 if training else 1) * layer
         forms = adapter.own_forms(base, x, training)
@@ -143,6 +143,23 @@ class DeltaSlot(Slot):
                     activation_cost(tokens, full, training),
                 )
         return forms
+
+    def _factor_shapes(self) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
+        """Meta-device stand-ins (shape, requires_grad) of `delta_factors()` and `weight_factors()`, made
+        once: the costs need only shapes, and each form builds its own factors when it runs."""
+        if self._factor_meta is None:
+            adapter = self.adapter
+
+            def meta(tensors: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+                if tensors is None:
+                    return None
+                return [torch.empty(t.shape, device="meta").requires_grad_(t.requires_grad) for t in tensors]
+
+            with torch.enable_grad():  # whether each factor is trained, even when the first call is a no-grad one
+                factors = adapter.delta_factors()
+                full = adapter.weight_factors(adapter.scale) if factors is not None and self.runs_factors() else None
+            self._factor_meta = (meta(factors), meta(full))
+        return self._factor_meta
 
     def layer_cost(self, x: torch.Tensor) -> tuple[int, int]:
         """(tokens, multiply-adds of the frozen layer) for input `x`: a conv's tokens are its output positions."""
