@@ -23,8 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from hashlib import sha256
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from ..atomic import atomic_path
 from ..cache import cache_dir
 from ..errors import UserError
+from ..modes import Mode
 
 log = logging.getLogger(__name__)
 
@@ -44,27 +44,9 @@ SIZE_ENV = "PERSONALIZE_DECOMPOSITIONS_GB"
 DEFAULT_GB = 20.0
 FORMAT = "personalize.decomposition/1"
 
-_override: str | None = None
-
-
-def cache_mode() -> str:
-    mode = _override or os.environ.get(ENV) or "use"
-    if mode not in MODES:
-        raise UserError(f"{ENV}={mode!r} is not a decomposition cache mode; accepted: {', '.join(MODES)}")
-    return mode
-
-
-@contextmanager
-def decomposition_cache(mode: str) -> Iterator[None]:
-    """Use the cache in `mode` ("use", "refresh" or "off") inside the block."""
-    global _override
-    if mode not in MODES:
-        raise UserError(f"unknown decomposition cache mode '{mode}'; accepted: {', '.join(MODES)}")
-    previous, _override = _override, mode
-    try:
-        yield
-    finally:
-        _override = previous
+CACHE_MODE = Mode(ENV, MODES, "use", "decomposition cache mode")
+cache_mode = CACHE_MODE.get
+decomposition_cache = CACHE_MODE.using  # use the cache in a mode ("use", "refresh" or "off") inside a block
 
 
 def weights_digest(weights: list[torch.Tensor]) -> str:

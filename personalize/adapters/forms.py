@@ -28,10 +28,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
@@ -40,8 +38,8 @@ import torch
 
 from ..atomic import write_json_atomic
 from ..cache import cache_dir
-from ..errors import UserError
 from ..machine import device_name
+from ..modes import Mode
 
 log = logging.getLogger(__name__)
 
@@ -58,29 +56,11 @@ class Form:
     cost: float | None  # the multiply-add model's cost; None: offered only when measuring
 
 
-_override: str | None = None
+FORM_CHOICE = Mode(ENV, MODES, "measure", "form choice")
+form_mode = FORM_CHOICE.get
+form_choice = FORM_CHOICE.using  # choose forms by a mode ("measure" or "model") inside a block
 _choices: dict[str, str] = {}  # machine|key -> form name, this process
 _files: dict[str, dict[str, str]] = {}  # machine -> the choices its cache file held when read
-
-
-def form_mode() -> str:
-    mode = _override or os.environ.get(ENV) or "measure"
-    if mode not in MODES:
-        raise UserError(f"{ENV}={mode!r} is not a form choice; accepted: {', '.join(MODES)}")
-    return mode
-
-
-@contextmanager
-def form_choice(mode: str) -> Iterator[None]:
-    """Choose forms by `mode` ("measure" or "model") inside the block."""
-    global _override
-    if mode not in MODES:
-        raise UserError(f"unknown form choice '{mode}'; accepted: {', '.join(MODES)}")
-    previous, _override = _override, mode
-    try:
-        yield
-    finally:
-        _override = previous
 
 
 def by_model(forms: dict[str, Form]) -> str:
