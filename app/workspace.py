@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from personalize.atomic import atomic_path, write_json_atomic
+from personalize.atomic import atomic_path, write_json_atomic, write_text_atomic
+from personalize.data import IMAGE_SUFFIXES, caption_file
 from personalize.errors import UserError
 from personalize.train import TrainConfig
 
@@ -188,7 +189,8 @@ class Workspace:
         samples = self.samples(concept_id)
         if samples:
             return samples[-1]
-        images = sorted(self.images_dir(concept_id).glob("*")) if self.images_dir(concept_id).is_dir() else []
+        folder = self.images_dir(concept_id)
+        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []  # not captions
         return images[0] if images else None
 
     # --- reading ------------------------------------------------------------------------------
@@ -223,9 +225,10 @@ class Workspace:
     def save(self, concept: Concept) -> None:
         write_json_atomic(self.folder(concept.id) / CONCEPT_FILE, dataclasses.asdict(concept))
 
-    def create(self, concept: Concept, images: list[str]) -> Concept:
-        """Store a new concept: a fresh folder, copies of `images`, concept.json; sets created, and the id
-        unless one was reserved with `new_id`."""
+    def create(self, concept: Concept, images: list[str], captions: list[str] | None = None) -> Concept:
+        """Store a new concept: a fresh folder, copies of `images` (with `captions[i]`, where not empty, as
+        image i's caption file, read by training), concept.json; sets created, and the id unless one was
+        reserved with `new_id`."""
         concept.name = check_name(concept.name)
         if self.find_by_name(concept.name):
             raise UserError(f"a concept named '{concept.name}' already exists; choose another name or delete it first")
@@ -239,6 +242,8 @@ class Workspace:
             name = f"{index:02d}-{re.sub(r'[^A-Za-z0-9._-]+', '_', source.name)}"
             with atomic_path(target / name) as tmp:
                 shutil.copyfile(source, tmp)
+            if captions and index < len(captions) and captions[index].strip():
+                write_text_atomic(caption_file(target / name), captions[index].strip() + "\n")
             names.append(name)
         concept.images = names
         self.save(concept)

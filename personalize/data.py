@@ -39,6 +39,7 @@ MAX_PIXELS = 150_000_000  # above the largest camera sensors (150 MP); guards ag
 # DreamBooth learns a subject from 3-5 photos (Ruiz et al. 2023, §4.1). Far beyond that (more than 20)
 # the paper-default steps see each photo only a few times and preparation takes longer: warn, train anyway.
 MANY_IMAGES = 20
+CAPTION_SUFFIX = ".txt"
 BACKGROUND = (255, 255, 255)  # transparent pixels become white: cut-out product/subject photos are meant on white
 
 
@@ -69,12 +70,37 @@ def _images_in_folder(folder: Path, what: str) -> list[Path]:
     except OSError as exc:
         raise UserError(f"{what}: cannot read folder '{folder}': {exc.strerror or exc}") from exc
     images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    skipped = [p.name for p in entries if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES]
+    captions = {caption_file(p) for p in images}
+    skipped = [p.name for p in entries if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES and p not in captions]
     if skipped:
         log.info("%s: skipping %d non-image file(s) in %s: %s", what, len(skipped), folder, ", ".join(skipped[:5]))
     if not images:
         raise UserError(f"no {what} found in folder '{folder}'; accepted files: {ACCEPTED}")
     return images
+
+
+def caption_file(image: str | os.PathLike) -> Path:
+    """Where an image's caption lives: the same name with `.txt` (kohya sd-scripts' default extension)."""
+    return Path(image).with_suffix(CAPTION_SUFFIX)
+
+
+def read_captions(images: Sequence[str | os.PathLike]) -> dict[str, str]:
+    """`{image: caption}` for the images that have a non-empty `<image>.txt` (whitespace collapsed);
+    a caption that cannot be read, or is not UTF-8 text, is a UserError naming the file."""
+    captions = {}
+    for image in images:
+        path = caption_file(image)
+        if not path.is_file():
+            continue
+        try:
+            text = " ".join(path.read_text(encoding="utf-8-sig").split())
+        except UnicodeDecodeError as exc:
+            raise UserError(f"caption file '{path}' is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        except OSError as exc:
+            raise UserError(f"cannot read caption file '{path}': {exc.strerror or exc}") from exc
+        if text:
+            captions[str(image)] = text
+    return captions
 
 
 def validate_instance_images(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:

@@ -40,3 +40,13 @@ def test_gallery_grid_places_each_column():
     grid = gallery_grid(gallery, ["x"])
     assert grid.size == ((1 + len(W.UNSEEN_BACKGROUNDS)) * 64 + 8, 14 + 64)
     assert grid.getpixel((10, 40)) == (255, 0, 0) and grid.getpixel((64 + 4 + 10, 40)) == (0, 0, 255)
+
+
+def test_instance_captions_name_each_background(tmp_path):
+    from personalize.benchmark.quality import write_instances
+    from personalize.data import read_captions
+
+    paths = write_instances(W.concept_by_name("pink-heart"), tmp_path)
+    captions = read_captions([str(p) for p in paths])
+    expected = [f"a {{token}} {{class_noun}} on a {bg} background" for bg in W.INSTANCE_BACKGROUNDS]
+    assert [captions[str(p)] for p in paths] == expected

@@ -18,6 +18,7 @@ import pandas as pd
 from personalize import METHODS, get_method
 from personalize.data import many_images_note, validate_instance_images
 from personalize.errors import UserError
+from personalize.prompts import check_template
 from personalize.shapes import recipe
 from personalize.shapes.world import CLASS_NOUN as SHAPES_CLASS_NOUN
 from personalize.train import MIXED_PRECISION, TrainConfig, effective_config
@@ -59,6 +60,24 @@ def check_uploads(files: list[str] | None) -> tuple[list[str], list[str]]:
         except UserError as exc:  # name the file as the user knows it, not by its upload path
             rejected.append(str(exc).replace(str(path), Path(path).name))
     return accepted, rejected
+
+
+CAPTION_HEADERS = ("image", "caption")
+
+
+def caption_rows(images: list[str]) -> pd.DataFrame:
+    """One editable row per accepted image: its file name and an empty caption."""
+    return pd.DataFrame([[Path(p).name, ""] for p in images], columns=list(CAPTION_HEADERS))
+
+
+def image_captions(table: Any, count: int) -> list[str]:
+    """The captions typed for the `count` accepted images, in upload order, each checked as a template."""
+    rows = table.values.tolist() if isinstance(table, pd.DataFrame) else list(table or [])
+    texts = [" ".join(str(row[1] if len(row) > 1 and row[1] is not None else "").split()) for row in rows[:count]]
+    for row, text in zip(rows, texts):
+        if text:
+            check_template(f"caption of {row[0]}", text)
+    return texts + [""] * (count - len(texts))
 
 
 def upload_message(accepted: list[str], rejected: list[str]) -> str:
@@ -126,6 +145,18 @@ def build(state: AppState) -> dict[str, Any]:
                 elem_id="train-demo",
             )
             thumbs = gr.Gallery(label="Accepted images", columns=5, height=200, elem_id="train-thumbs", interactive=False)
+            captions = gr.Dataframe(
+                value=caption_rows([]),
+                headers=list(CAPTION_HEADERS),
+                datatype=["str", "str"],
+                column_count=2,
+                static_columns=[0],
+                interactive=True,
+                wrap=True,
+                label="Captions (optional): a photo's own training prompt, e.g. 'a {token} {class_noun} asleep on a red sofa'; "
+                "empty = the instance prompt",
+                elem_id="train-captions",
+            )
             accepted = gr.State([])
         with gr.Column(scale=6):
             name = gr.Textbox(label="Concept name", placeholder="e.g. my dog", elem_id="train-name")
@@ -247,9 +278,9 @@ def build(state: AppState) -> dict[str, Any]:
         good, bad = check_uploads(paths)
         if bad:
             gr.Warning("Rejected: " + "; ".join(bad), duration=15)
-        return good, good, upload_message(good, bad)
+        return good, good, upload_message(good, bad), caption_rows(good)
 
-    files.change(on_upload, files, [accepted, thumbs, upload_status])
+    files.change(on_upload, files, [accepted, thumbs, upload_status, captions])
 
     @guarded
     def on_demo(chosen: str):
@@ -263,6 +294,7 @@ def build(state: AppState) -> dict[str, Any]:
             good,
             good,
             upload_message(good, bad) + "\n\n" + note,
+            caption_rows(good),
             "pink heart",
             recipe.TOKEN,
             SHAPES_CLASS_NOUN,
@@ -273,7 +305,9 @@ def build(state: AppState) -> dict[str, Any]:
             recipe.BATCH_SIZE,
         )
 
-    demo.click(on_demo, method, [accepted, thumbs, upload_status, name, token, class_noun, steps, lr, prior, instance_prompt, batch_size])
+    demo.click(
+        on_demo, method, [accepted, thumbs, upload_status, captions, name, token, class_noun, steps, lr, prior, instance_prompt, batch_size]
+    )
 
     @guarded
     def on_method(chosen: str):
@@ -304,6 +338,7 @@ def build(state: AppState) -> dict[str, Any]:
         seed_value,
         prompt_template,
         n_batch,
+        caption_table,
     ):
         if state.jobs.busy:
             job = state.jobs.snapshot()
@@ -334,7 +369,8 @@ def build(state: AppState) -> dict[str, Any]:
             instance_prompt=str(prompt_template).strip(),
             batch_size=n_batch,
         )
-        concept = state.workspace.create(Concept.from_config(concept_id, concept_name, config), images)
+        texts = image_captions(caption_table, len(images))
+        concept = state.workspace.create(Concept.from_config(concept_id, concept_name, config), images, texts)
         try:
             state.jobs.start(concept, config)
         except Exception:
@@ -363,6 +399,7 @@ def build(state: AppState) -> dict[str, Any]:
             seed,
             instance_prompt,
             batch_size,
+            captions,
         ],
         [status, progress, loss_plot, samples, timer],
     )

@@ -6,7 +6,8 @@ Base quality: prompts that combine a shape with the one colour pretraining never
 sees each requested attribute.
 
 Personalization: for each concept of `world.CONCEPTS` (a shape or pattern pretraining never drew),
-4 instance images on `INSTANCE_BACKGROUNDS`; every method trains with its default options for the
+4 instance images on `INSTANCE_BACKGROUNDS` (with `captions`, each captioned with its background);
+every method trains with its default options for the
 same number of steps, then renders `a {token} shape on a <colour> background` for each of
 `UNSEEN_BACKGROUNDS`. Per method (mean over concepts):
 - fidelity: share of images in which the judge sees the concept (shape, colour and pattern);
@@ -55,6 +56,7 @@ class QualityConfig:
     guidance: float = recipe.GUIDANCE
     seed: int = 0
     base_images: int = 64  # held-out-pair images for the base-quality table
+    captions: bool = False  # train on captions naming each instance image's background (written next to it)
 
 
 @dataclass
@@ -116,6 +118,16 @@ def score(
     )
 
 
+def write_instances(concept: W.Concept, folder: Path) -> list[Path]:
+    """The concept's instance images, each with a caption naming its background, as a user would write
+    it (`{token}` for the subject; training reads it only with `captions`)."""
+    paths = W.write_instance_images(concept, folder)
+    for i, path in enumerate(paths):
+        background = W.INSTANCE_BACKGROUNDS[i % len(W.INSTANCE_BACKGROUNDS)]
+        path.with_suffix(".txt").write_text(f"a {{token}} {{class_noun}} on a {background} background\n", encoding="utf-8")
+    return paths
+
+
 def render_concept(pipe, concept: W.Concept, adapter: str | None, config: QualityConfig) -> tuple[list[Image.Image], list[str]]:
     from ..generate import AdapterSpec
 
@@ -146,6 +158,7 @@ def train_concept(method: str, instance_dir: Path, out: Path, config: QualityCon
             validation_every=0,
             checkpoint_every=0,
             seed=config.seed,
+            captions=config.captions,
             overwrite=True,
             cpu=not torch.cuda.is_available(),
             **settings,
@@ -190,7 +203,7 @@ def run_quality(config: QualityConfig, diversity: Diversity, progress: Callable[
     base = base_quality(pipe, config)
     base_images = base.pop("_images")
 
-    instances = {c.name: [Image.open(p).convert("RGB") for p in W.write_instance_images(c, work / "instances" / c.name)] for c in concepts}
+    instances = {c.name: [Image.open(p).convert("RGB") for p in write_instances(c, work / "instances" / c.name)] for c in concepts}
     rows: dict[str, list[tuple[W.Concept, Scores]]] = {INSTANCES: [], BASE: []}
     extra: dict[str, dict[str, float]] = {}
     gallery: dict[str, dict[str, list[Image.Image]]] = {c.name: {"instances": instances[c.name]} for c in concepts}

@@ -82,6 +82,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="--quality: instance images, runs, generated grids (default: %(default)s)",
     )
     parser.add_argument("--concepts", nargs="+", metavar="NAME", help="--quality: concepts to use (default: all)")
+    parser.add_argument(
+        "--captions",
+        action="store_true",
+        help="--quality: train on captions naming each instance image's background (<image>.txt) instead of one prompt",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -147,7 +152,7 @@ def run_quality_command(args: argparse.Namespace) -> int:
         if name not in known:
             raise UserError(f"unknown concept '{name}'; accepted: {', '.join(known)}")
     methods = [m.partition(":")[0] for m in args.methods] if args.methods else None
-    config = QualityConfig(work_dir=args.quality_dir, methods=methods, concepts=args.concepts, seed=args.seed)
+    config = QualityConfig(work_dir=args.quality_dir, methods=methods, concepts=args.concepts, seed=args.seed, captions=args.captions)
     vendi = importlib.import_module("metrics.vendi").vendi_score
     with tqdm(desc="quality", unit="run") as bar:
         record = run_quality(config, vendi, lambda label: (bar.set_description(label), bar.update()))
@@ -158,11 +163,10 @@ def run_quality_command(args: argparse.Namespace) -> int:
     write_json(record, output)
     table = markdown(record)
     if args.markdown:
-        write_section(
-            args.markdown,
-            "quality-shapes",
-            f"### Quality on `shapes`\n\nCommand: `{record['command']}` ({record['total_s'] / 60:.0f} min)\n\n{table}",
-        )
+        key, title = ("quality-shapes", "Quality on `shapes`")
+        if args.captions:
+            key, title = "quality-shapes-captions", "Quality on `shapes`, captions naming the background"
+        write_section(args.markdown, key, f"### {title}\n\nCommand: `{record['command']}` ({record['total_s'] / 60:.0f} min)\n\n{table}")
     print(table)
     print(f"wrote {output}, {record['grid']}" + (f", {args.markdown}" if args.markdown else ""))
     return 0

@@ -55,6 +55,14 @@ class TrainConfig:
     token: str = field(default="sks", metadata=_help("rare identifier token bound to the subject (DreamBooth §3.2)"))
     class_noun: str = field(default="person", metadata=_help("the subject's class, e.g. dog, backpack, person"))
     instance_prompt: str = field(default="a photo of {token} {class_noun}", metadata=_help("training prompt template (DreamBooth §3.2)"))
+    # kohya sd-scripts, OneTrainer and ai-toolkit read a caption file per image; <image>.txt is kohya's default extension.
+    captions: bool = field(
+        default=True,
+        metadata=_help(
+            "use <image>.txt next to an image as its training prompt ({token}/{class_noun} or the literal token); "
+            "images without one use instance_prompt (kohya's caption convention)"
+        ),
+    )
     class_prompt: str = field(
         default="a photo of {class_noun}", metadata=_help("prompt of the prior-preservation class images (DreamBooth §3.3)")
     )
@@ -129,6 +137,7 @@ RUN_DEFINING = (
     "token",
     "class_noun",
     "instance_prompt",
+    "captions",
     "class_prompt",
     "lr",
     "resolution",

@@ -29,6 +29,7 @@ from ..inject import attach, load_adapter
 from ..models import load_pipeline
 from . import checkpoint as ckpt
 from .callbacks import CallbackList, Progress, TrainCallback, TrainResult
+from .captions import instance_prompts
 from .conditioning import Conditioning, encode_prompts
 from .config import TrainConfig, resolve
 from .latents import encode_files, epoch_indices
@@ -72,6 +73,7 @@ class Trainer:
         self.instance_files = [str(Path(f).absolute()) for f in validate_instance_images(self.config.instance_images)]
         if note := many_images_note(len(self.instance_files)):
             log.warning(note)
+        self.prompts = instance_prompts(self.config, self.instance_files)  # one training prompt per photo
         self.output_dir = Path(self.config.output_dir).expanduser().resolve()
         self.mixed_precision = resolve_mixed_precision(self.config.mixed_precision, self.config.cpu)
         self.optimizer_cls = self.optimizer_class()
@@ -155,7 +157,9 @@ class Trainer:
         pipe.vae.requires_grad_(False)
 
         device = acc.device
-        self.instance_cond, _ = encode_prompts(pipe, [c.prompt(c.instance_prompt)], device, self.resolution)
+        distinct = list(dict.fromkeys(self.prompts))
+        self.instance_cond, _ = encode_prompts(pipe, distinct, device, self.resolution)  # one row per distinct prompt
+        self.prompt_rows = torch.tensor([distinct.index(p) for p in self.prompts])  # photo -> its row
         if c.validation_every and c.validation_prompts:
             self.validation_cond = encode_prompts(pipe, [c.prompt(p) for p in c.validation_prompts], device, self.resolution)
         self.instance = encode_files(
@@ -205,7 +209,7 @@ class Trainer:
 
         # at most eval_images photos, evenly spaced (unflipped rows), each with its own SDXL size/crop ids
         chosen = evaluation_images(len(self.instance_files), c.eval_images)
-        conditioning = self.instance_cond.take(torch.zeros(len(chosen), dtype=torch.long))
+        conditioning = self.instance_conditioning(chosen)
         self.eval_set = EvalSet.build(
             self.scheduler,
             self.instance.means()[chosen.to(self.instance.mean.device)],
@@ -251,7 +255,7 @@ class Trainer:
         slot = (step * c.gradient_accumulation_steps + micro) * self.num_processes + self.rank  # global micro-batch index
         index = epoch_indices(len(self.instance), slot * c.batch_size, c.batch_size, c.seed)
         latents = self.instance.sample(index, self.generator)  # (b, c, h, w)
-        conditioning = self.instance_cond.take(torch.zeros(c.batch_size, dtype=torch.long))
+        conditioning = self.instance_conditioning(index)
         conditioning = conditioning.with_time_ids(self.instance.time_ids(index, self.resolution))  # SDXL: each photo's size/crop
         if self.classes is not None:
             class_index = epoch_indices(len(self.classes), slot * c.batch_size, c.batch_size, c.seed + 1)
@@ -259,6 +263,10 @@ class Trainer:
             class_cond = self.class_cond.take(torch.zeros(c.batch_size, dtype=torch.long))
             conditioning = conditioning.cat(class_cond.with_time_ids(self.classes.time_ids(class_index, self.resolution)))
         return latents, conditioning
+
+    def instance_conditioning(self, index: torch.Tensor) -> Conditioning:
+        """The prompt conditioning of latent rows `index` (mirrored copies follow the originals: row % photos)."""
+        return self.instance_cond.take(self.prompt_rows[index.cpu() % len(self.instance_files)])
 
     def loss(self, latents: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         c, device = self.config, latents.device
@@ -324,6 +332,7 @@ class Trainer:
             "token": c.token,
             "class_noun": c.class_noun,
             "instance_prompt": c.prompt(c.instance_prompt),
+            "captions": {Path(f).name: p for f, p in zip(self.instance_files, self.prompts) if p != c.prompt(c.instance_prompt)},
             "base_model": c.base_model,
             "steps": step,
             "train_config": c.to_dict(),

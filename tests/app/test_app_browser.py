@@ -134,6 +134,11 @@ def test_train_generate_delete_in_browser(running_app, page, tmp_path):
     page.locator("#train-files input[type=file]").set_input_files(subject_images(tmp_path, 4))
     expect(page.locator("#train-upload-status")).to_contain_text("4 image(s) accepted")
     expect(page.locator("#train-thumbs img")).to_have_count(4)
+    # the second photo gets its own caption (an editable cell per accepted photo)
+    expect(page.locator("#train-captions [role=gridcell][aria-colindex='1']")).to_have_count(4)
+    page.locator("#train-captions [role=row][aria-rowindex='3'] [role=gridcell][aria-colindex='2']").dblclick()
+    page.keyboard.type("a {token} {class_noun} on a red sofa")
+    page.keyboard.press("Enter")
 
     page.get_by_label("Concept name").fill("test dog")
     page.get_by_label("Class noun").fill("dog")
@@ -152,6 +157,9 @@ def test_train_generate_delete_in_browser(running_app, page, tmp_path):
     concept = state.workspace.find_by_name("test dog")
     assert concept is not None and concept.status == "done" and concept.steps_done == 5
     assert state.workspace.adapter_path(concept.id).is_file()
+    (caption,) = state.workspace.images_dir(concept.id).glob("*.txt")
+    assert caption.name == Path(concept.images[1]).with_suffix(".txt").name
+    assert caption.read_text().strip() == "a {token} {class_noun} on a red sofa"
 
     page.get_by_role("tab", name="Generate").click()
     pick(page, "#gen-concept", "test dog")

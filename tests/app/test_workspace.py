@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -125,3 +126,25 @@ def test_concept_record_comes_from_the_effective_config(tmp_path):
     defaults = get_method("svfit").train_defaults
     assert concept.id == concept_id and (stored.steps, stored.lr) == (defaults.steps, defaults.lr)  # no 0 placeholders
     assert stored.method_options["rank"] == 4 and stored.class_noun == "cat" and stored.base_model == "tiny"
+
+
+def test_captions_are_stored_next_to_the_copies_and_read_by_training(tmp_path):
+    import pandas as pd
+
+    from app.tabs.train import caption_rows, image_captions
+    from personalize.data import list_image_files, read_captions
+
+    images = make_images(tmp_path)
+    table = caption_rows(images)
+    assert table.values.tolist() == [["photo 0.png", ""], ["photo 1.png", ""], ["photo 2.png", ""]]
+    table.iloc[1, 1] = "  a {token} dog\n on a sofa "
+    texts = image_captions(table, len(images))
+    assert texts == ["", "a {token} dog on a sofa", ""]
+    space = Workspace(tmp_path / "ws")
+    concept = space.create(new_concept(), images, texts)
+    folder = space.images_dir(concept.id)
+    files = [str(p) for p in list_image_files(folder)]
+    assert [Path(f).name for f in files] == concept.images  # captions are not images
+    assert read_captions(files) == {files[1]: "a {token} dog on a sofa"}
+    with pytest.raises(UserError, match=r"caption of photo 2\.png .*unknown placeholder \{dog\}"):
+        image_captions(pd.DataFrame([["photo 2.png", "a {dog}"]], columns=["image", "caption"]), 1)
