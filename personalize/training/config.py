@@ -30,7 +30,10 @@ VALIDATION_PROMPTS = [
     "a watercolor painting of {token} {class_noun}",
 ]
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+# Prodigy (Mishchenko & Defazio 2023) estimates the step size itself; its lr is a multiplier of that estimate, 1.0
+# as its authors and the kohya / OneTrainer / SimpleTuner guides set it.
+PRODIGY_LR = 1.0
 SCHEDULES = ("constant", "cosine", "linear")
 REPORT_TO = ("none", "tensorboard")
 
@@ -95,7 +98,13 @@ class TrainConfig:
     mixed_precision: str = field(default="auto", metadata=_help("auto (fp16 on CUDA GPUs, none elsewhere) | no | fp16 | bf16"))
     # Off as in both anchors: it trades ~30% speed for memory; docs/training.md turns it on for 8 GB GPUs.
     gradient_checkpointing: bool = field(default=False, metadata=_help("recompute activations in backward to save GPU memory"))
-    optimizer: str = field(default="adamw", metadata=_help("adamw | adamw8bit (needs bitsandbytes)"))
+    optimizer: str = field(
+        default="adamw",
+        metadata=_help(
+            "adamw | adamw8bit (needs bitsandbytes) | prodigy (needs prodigyopt; learns its step size: lr defaults to 1.0, "
+            "with bias correction and safeguard warm-up on)"
+        ),
+    )
     adam_beta1: float = field(default=0.9, metadata=_help("AdamW beta1 (Loshchilov & Hutter 2019 default)"))
     adam_beta2: float = field(default=0.999, metadata=_help("AdamW beta2 (default)"))
     adam_epsilon: float = field(default=1e-8, metadata=_help("AdamW epsilon (default)"))
@@ -228,7 +237,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
     method = get_method(config.method)
     adapter_config = method.make_config(dict(config.method_options))  # raises on unknown options
     steps = method.train_defaults.steps if config.steps is None else config.steps
-    lr = method.train_defaults.lr if config.lr is None else config.lr
+    default_lr = PRODIGY_LR if config.optimizer == "prodigy" else method.train_defaults.lr
+    lr = default_lr if config.lr is None else config.lr
     resolved = dataclasses.replace(config, steps=steps, lr=lr, method_options=adapter_config.to_dict())
     _check_values(resolved)
     return resolved

@@ -9,6 +9,7 @@ the UNet in DDP. Only the main process writes files and calls the callbacks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -247,6 +248,13 @@ class Trainer:
             except ImportError as exc:
                 raise UserError("optimizer 'adamw8bit' needs bitsandbytes: pip install bitsandbytes (or use 'adamw')") from exc
             return bnb.optim.AdamW8bit
+        if self.config.optimizer == "prodigy":
+            try:
+                from prodigyopt import Prodigy
+            except ImportError as exc:
+                raise UserError("optimizer 'prodigy' needs prodigyopt: pip install prodigyopt (or use 'adamw')") from exc
+            # bias correction and safeguard warm-up: the settings its authors give for diffusion fine-tuning
+            return functools.partial(Prodigy, use_bias_correction=True, safeguard_warmup=True)
         return torch.optim.AdamW
 
     # --- one step ------------------------------------------------------------------------------
