@@ -22,6 +22,7 @@ from personalize.prompts import check_template
 from personalize.shapes import recipe
 from personalize.shapes.world import CLASS_NOUN as SHAPES_CLASS_NOUN
 from personalize.train import MIXED_PRECISION, TrainConfig, effective_config
+from personalize.training.config import OPTIMIZERS, PRODIGY_LR
 
 from ..feedback import guarded, human_count, human_duration, human_size, message_of
 from ..jobs import JobState
@@ -60,6 +61,11 @@ def check_uploads(files: list[str] | None) -> tuple[list[str], list[str]]:
         except UserError as exc:  # name the file as the user knows it, not by its upload path
             rejected.append(str(exc).replace(str(path), Path(path).name))
     return accepted, rejected
+
+
+def default_lr(method: str, optimizer: str) -> float:
+    """The learning rate the form shows: the method's paper rate, or Prodigy's multiplier 1.0."""
+    return PRODIGY_LR if optimizer == "prodigy" else get_method(method).train_defaults.lr
 
 
 CAPTION_HEADERS = ("image", "caption")
@@ -262,6 +268,13 @@ def build(state: AppState) -> dict[str, Any]:
                         info=train_help("batch_size"),
                         elem_id="train-batch-size",
                     )
+                    optimizer = gr.Dropdown(
+                        list(OPTIMIZERS),
+                        value=train_default("optimizer"),
+                        label="Optimizer",
+                        info=train_help("optimizer"),
+                        elem_id="train-optimizer",
+                    )
             estimate = gr.Markdown(estimate_text(state, default_method, option_rows(default_method)), elem_id="train-estimate")
             with gr.Row():
                 start = gr.Button("Start training", variant="primary", elem_id="train-start")
@@ -303,20 +316,30 @@ def build(state: AppState) -> dict[str, Any]:
             False,
             recipe.INSTANCE_PROMPT,
             recipe.BATCH_SIZE,
+            "adamw",  # the recipe's learning rate is AdamW's
         )
 
     demo.click(
-        on_demo, method, [accepted, thumbs, upload_status, captions, name, token, class_noun, steps, lr, prior, instance_prompt, batch_size]
+        on_demo,
+        method,
+        [accepted, thumbs, upload_status, captions, name, token, class_noun, steps, lr, prior, instance_prompt, batch_size, optimizer],
     )
 
     @guarded
-    def on_method(chosen: str):
+    def on_method(chosen: str, opt: str):
         method_cls = get_method(chosen)
         rows = option_rows(chosen)
         paper = method_cls.train_defaults
-        return (paper.steps, paper.lr, rows, f"Paper defaults: {html.escape(paper.source)}", estimate_text(state, chosen, rows))
+        return (
+            paper.steps,
+            default_lr(chosen, opt),
+            rows,
+            f"Paper defaults: {html.escape(paper.source)}",
+            estimate_text(state, chosen, rows),
+        )
 
-    method.change(on_method, method, [steps, lr, options, defaults_note, estimate])
+    method.change(on_method, [method, optimizer], [steps, lr, options, defaults_note, estimate])
+    optimizer.change(default_lr, [method, optimizer], lr)  # Prodigy's lr is a multiplier: 1.0
     options.input(lambda chosen, rows: estimate_text(state, chosen, rows), [method, options], estimate)
 
     @guarded
@@ -339,6 +362,7 @@ def build(state: AppState) -> dict[str, Any]:
         prompt_template,
         n_batch,
         caption_table,
+        opt,
     ):
         if state.jobs.busy:
             job = state.jobs.snapshot()
@@ -368,6 +392,7 @@ def build(state: AppState) -> dict[str, Any]:
             seed=seed_value,
             instance_prompt=str(prompt_template).strip(),
             batch_size=n_batch,
+            optimizer=opt,
         )
         texts = image_captions(caption_table, len(images))
         concept = state.workspace.create(Concept.from_config(concept_id, concept_name, config), images, texts)
@@ -400,6 +425,7 @@ def build(state: AppState) -> dict[str, Any]:
             instance_prompt,
             batch_size,
             captions,
+            optimizer,
         ],
         [status, progress, loss_plot, samples, timer],
     )

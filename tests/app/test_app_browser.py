@@ -147,6 +147,10 @@ def test_train_generate_delete_in_browser(running_app, page, tmp_path):
     set_number(page, "#train-validation", "5")
     set_number(page, "#train-sample-steps", "2")
     page.locator("#train-prior input[type=checkbox]").uncheck()
+    pick(page, "#train-optimizer", "prodigy")  # Prodigy's lr is a multiplier of its own estimate: 1.0
+    expect(page.locator("#train-lr input")).to_have_value("1")
+    pick(page, "#train-optimizer", "adamw")
+    expect(page.locator("#train-lr input")).not_to_have_value("1")
     expect(page.locator("#train-estimate")).to_contain_text("Trainable parameters")
     page.get_by_role("button", name="Start training").click()
 
@@ -203,6 +207,7 @@ def test_offline_demo_learns_the_concept_in_browser(page, tmp_path):
     from personalize.shapes import judge, recipe
     from personalize.shapes import world as W
 
+    expect.set_options(timeout=TIMEOUT_MS)  # also when this test runs alone
     with launched(tmp_path / "workspace", str(tmp_path / "no-such-model")) as (url, state):
         page.goto(url)
         expect(page.locator("#banner")).to_contain_text("could not be loaded")
