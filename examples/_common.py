@@ -22,6 +22,7 @@ from personalize.errors import USER_ERRORS, UserError, user_message
 from personalize.generate import AdapterSpec, GeneratedImage, generate
 from personalize.models import DEFAULT_BASE_MODEL
 from personalize.train import TrainConfig, TrainResult, load_config, train
+from personalize.training.config import PRIORS
 
 INFO_LOGGERS = ("personalize", "metrics", "examples")  # their progress notes are shown; other libraries' only from WARNING
 
@@ -84,10 +85,11 @@ def add_training_arguments(parser: argparse.ArgumentParser, steps_help: str) -> 
         "gets it, so each must accept it (`personalize methods NAME` lists a method's options)",
     )
     parser.add_argument(
-        "--prior-preservation",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="train with DreamBooth's class-prior loss on generated class images (default: on)",
+        "--prior",
+        choices=PRIORS,
+        default="images",
+        help="class prior preservation: images (generated class images), model (the frozen model's own "
+        "prediction, no class images) or none (default: %(default)s)",
     )
     parser.add_argument(
         "--class-images",
@@ -215,7 +217,7 @@ def train_config(
         method=method,
         token=args.token,
         class_noun=class_noun,
-        prior_preservation=args.prior_preservation,
+        prior=args.prior,
         class_images=args.class_images,
         seed=args.seed,
         method_options=parse_options(args.option),

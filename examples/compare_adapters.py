@@ -24,7 +24,7 @@ from personalize.models import load_pipeline
 EPILOG = """examples:
   python examples/compare_adapters.py photos/my_dog --class-noun dog
   python examples/compare_adapters.py photos/my_dog --class-noun dog --methods lora,svfit,loldu --steps 500
-  python examples/compare_adapters.py photos/ --base-model tiny --embedders tiny --steps 5 --no-prior-preservation   # smoke test
+  python examples/compare_adapters.py photos/ --base-model tiny --embedders tiny --steps 5 --prior none   # smoke test
 """
 
 

@@ -51,7 +51,7 @@ EPILOG = """examples:
   python examples/dreambench.py dreambench/dataset --adapters runs/lora runs/svfit
   # smoke test on the built-in tiny model, two CPU processes
   accelerate launch --multi_gpu --num_processes 2 examples/dreambench.py subjects/ --methods lora \\
-      --base-model tiny --embedders tiny --steps 2 --no-prior-preservation \\
+      --base-model tiny --embedders tiny --steps 2 --prior none \\
       --prompts-per-subject 2 --images-per-prompt 2 --sample-steps 2
 """
 

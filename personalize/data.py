@@ -12,7 +12,7 @@ import io
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,7 @@ MAX_PIXELS = 150_000_000  # above the largest camera sensors (150 MP); guards ag
 # the paper-default steps see each photo only a few times and preparation takes longer: warn, train anyway.
 MANY_IMAGES = 20
 CAPTION_SUFFIX = ".txt"
+MASK_SUFFIX = ".mask.png"  # `photo.jpg` -> `photo.mask.png`: white = subject (masked loss)
 BACKGROUND = (255, 255, 255)  # transparent pixels become white: cut-out product/subject photos are meant on white
 
 
@@ -69,9 +70,9 @@ def _images_in_folder(folder: Path, what: str) -> list[Path]:
         entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     except OSError as exc:
         raise UserError(f"{what}: cannot read folder '{folder}': {exc.strerror or exc}") from exc
-    images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    captions = {caption_file(p) for p in images}
-    skipped = [p.name for p in entries if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES and p not in captions]
+    images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not is_mask_file(p)]
+    companions = {caption_file(p) for p in images}
+    skipped = [p.name for p in entries if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES and p not in companions]
     if skipped:
         log.info("%s: skipping %d non-image file(s) in %s: %s", what, len(skipped), folder, ", ".join(skipped[:5]))
     if not images:
@@ -82,6 +83,45 @@ def _images_in_folder(folder: Path, what: str) -> list[Path]:
 def caption_file(image: str | os.PathLike) -> Path:
     """Where an image's caption lives: the same name with `.txt` (kohya sd-scripts' default extension)."""
     return Path(image).with_suffix(CAPTION_SUFFIX)
+
+
+def mask_file(image: str | os.PathLike) -> Path:
+    """Where an image's loss mask lives: `photo.jpg` -> `photo.mask.png` in the same folder."""
+    path = Path(image)
+    return path.with_name(path.stem + MASK_SUFFIX)
+
+
+def is_mask_file(path: str | os.PathLike) -> bool:
+    """A `*.mask.png` file: another image's mask, never an instance image of its own in a folder."""
+    return Path(path).name.lower().endswith(MASK_SUFFIX)
+
+
+def load_mask(path: str | os.PathLike, size: tuple[int, int]) -> Image.Image:
+    """The mask at `path` as an 8-bit grayscale image of `size` (width, height): white = subject.
+
+    Colour masks become grayscale, a mask with transparency uses its alpha channel (painted = subject),
+    and a mask of another size than its image is resized to it (logged). Unreadable files are a
+    UserError naming the file."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                opened.load()
+                mask = ImageOps.exif_transpose(opened)
+    except FileNotFoundError as exc:
+        raise UserError(f"mask '{path}' does not exist") from exc
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise UserError(f"mask '{path}' cannot be read as an image ({exc}); save it as a black-and-white PNG") from exc
+    if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
+        mask = mask.convert("RGBA").getchannel("A")
+    elif mask.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        mask = _to_8bit(mask)
+    mask = mask.convert("L")
+    if mask.size != tuple(size):
+        log.info("resizing mask %s from %dx%d to its image's %dx%d px", path.name, *mask.size, *size)
+        mask = mask.resize(tuple(size), Image.Resampling.BILINEAR)
+    return mask
 
 
 def read_captions(images: Sequence[str | os.PathLike]) -> dict[str, str]:
@@ -221,21 +261,22 @@ def _to_srgb(image: Image.Image, icc: bytes) -> Image.Image:
     return converted
 
 
-def square_crop(width: int, height: int, resolution: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Where `fit_square` cuts: the resized (width, height) and the crop's (left, top) in it, px."""
-    factor = resolution / min(width, height)
-    size = (max(resolution, round(width * factor)), max(resolution, round(height * factor)))
-    return size, ((size[0] - resolution) // 2, (size[1] - resolution) // 2)
+def cover_crop(width: int, height: int, size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Where `fit_crop` cuts a `width` x `height` image for a target `size` (width, height): the resized
+    (width, height) that covers the target, and the centred crop's (left, top) in it, px."""
+    target_width, target_height = size
+    factor = max(target_width / width, target_height / height)
+    resized = (max(target_width, round(width * factor)), max(target_height, round(height * factor)))
+    return resized, ((resized[0] - target_width) // 2, (resized[1] - target_height) // 2)
 
 
-def fit_square(image: Image.Image, resolution: int) -> Image.Image:
-    """Resize so the shorter side is `resolution`, then crop the centre square."""
+def fit_crop(image: Image.Image, size: tuple[int, int], resample: Image.Resampling = Image.Resampling.LANCZOS) -> Image.Image:
+    """Resize until the image covers `size` (width, height), then crop its centre to it."""
     width, height = image.size
-    if min(width, height) < resolution:
-        log.info("upscaling a %dx%d image to %d px; photos at least as large as the training size work better", width, height, resolution)
-    size, (left, top) = square_crop(width, height, resolution)
-    resized = image.resize(size, Image.Resampling.LANCZOS)
-    return resized.crop((left, top, left + resolution, top + resolution))
+    resized, (left, top) = cover_crop(width, height, size)
+    if resized[0] > width or resized[1] > height:
+        log.info("upscaling a %dx%d image to %dx%d px; photos at least as large as the training size work better", width, height, *resized)
+    return image.resize(resized, resample).crop((left, top, left + size[0], top + size[1]))
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -244,14 +285,25 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
 
 
-def load_training_images(files: Sequence[str | os.PathLike], resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, 3, resolution, resolution) tensors of the images, ready for the VAE, and (n, 4) the geometry
-    of each crop: original height and width, crop top and left in the resized image (SDXL conditions
-    on them: `original_size` and `crops_coords_top_left`, as its training scripts pass them)."""
-    images, geometry = [], []
+def load_training_images(
+    files: Sequence[str | os.PathLike], size: tuple[int, int], masks: Mapping[str, Image.Image] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The images cropped to `size` (width, height) and ready for the VAE, (n, 3, height, width); the (n, 4)
+    geometry of each crop: original height and width, crop top and left in the resized image (SDXL
+    conditions on them: `original_size` and `crops_coords_top_left`, as its training scripts pass them);
+    and, when `masks` (`{file: mask}`) names any of the files, (n, 1, height, width) subject masks in
+    [0, 1] cut the same way (1 for files without a mask), else None."""
+    images, geometry, cut_masks = [], [], []
     for file in files:
-        image = load_image(file, min(MIN_SIDE, resolution))
-        (_, _), (left, top) = square_crop(image.width, image.height, resolution)
-        images.append(image_to_tensor(fit_square(image, resolution)))
+        image = load_image(file, min(MIN_SIDE, *size))
+        (_, _), (left, top) = cover_crop(image.width, image.height, size)
+        images.append(image_to_tensor(fit_crop(image, size)))
         geometry.append([image.height, image.width, top, left])
-    return torch.stack(images), torch.tensor(geometry, dtype=torch.float32)
+        mask = (masks or {}).get(str(file))
+        if mask is None:
+            cut_masks.append(torch.ones(1, size[1], size[0]))
+        else:
+            array = np.asarray(fit_crop(mask.resize(image.size), size, Image.Resampling.BILINEAR), dtype=np.float32)  # (H, W)
+            cut_masks.append(torch.from_numpy(array)[None] / 255.0)
+    named = masks is not None and any(str(f) in masks for f in files)
+    return torch.stack(images), torch.tensor(geometry, dtype=torch.float32), torch.stack(cut_masks) if named else None

@@ -177,6 +177,20 @@ class Adapter:
         """scale * delta (float32, shaped like each target's weight), per target layer name."""
         return {name: slot.delta() for name, slot in self.slots.items()}
 
+    @contextmanager
+    def switched_off(self) -> Iterator[None]:
+        """Inside, every adapted layer runs its frozen weight alone (the base model, exactly); the
+        adapter's tensors and scale are untouched (training's prior from the model uses this)."""
+        if self.merged:
+            raise UserError("unmerge the adapter before switching it off")
+        for slot in self.slots.values():
+            slot.set_live(False)
+        try:
+            yield
+        finally:
+            for slot in self.slots.values():
+                slot.set_live(True)
+
     def merge(self) -> None:
         """Fold `scale * delta` into the weights (`add_deltas`); the live branch is switched off."""
         if self.merged:

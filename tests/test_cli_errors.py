@@ -69,7 +69,8 @@ def train_argv(photos, output) -> list[str]:
         str(output),
         "--base-model",
         "tiny",
-        "--no-prior-preservation",
+        "--prior",
+        "none",
         "--steps",
         "2",
     ]

@@ -16,7 +16,7 @@ from PIL import Image
 from personalize.data import (
     MAX_PIXELS,
     MIN_SIDE,
-    fit_square,
+    fit_crop,
     image_to_tensor,
     list_image_files,
     load_image,
@@ -115,10 +115,10 @@ def test_a_small_model_trains_on_images_of_its_own_size(tmp_path):
     """`shapes` (32 px) makes 32 px class images: training at 32 px accepts them, at 64 px it does not."""
     path = tmp_path / "class.png"
     Image.new("RGB", (32, 32), "red").save(path)
-    images, geometry = load_training_images([path], 32)
-    assert images.shape == (1, 3, 32, 32) and geometry.tolist() == [[32, 32, 0, 0]]
+    images, geometry, masks = load_training_images([path], (32, 32))
+    assert images.shape == (1, 3, 32, 32) and geometry.tolist() == [[32, 32, 0, 0]] and masks is None
     with pytest.raises(UserError, match="32x32 px; each side must be at least 64 px"):
-        load_training_images([path], 64)
+        load_training_images([path], (64, 64))
 
 
 def test_decompression_bomb_is_refused_before_decoding(tmp_path):
@@ -173,14 +173,14 @@ def test_inputs_are_not_modified(tmp_path):
     before = {p: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) for p in paths}
     validate_instance_images(tmp_path)
     for p in paths:
-        fit_square(load_image(p), 64)
+        fit_crop(load_image(p), (64, 64))
     assert {p: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) for p in paths} == before
     assert sorted(tmp_path.iterdir()) == sorted(paths)
 
 
-def test_fit_square_and_tensor_range():
+def test_fit_crop_and_tensor_range():
     image = two_colour((200, 100))
-    square = fit_square(image, 64)
+    square = fit_crop(image, (64, 64))
     assert square.size == (64, 64)
     tensor = image_to_tensor(square)
     assert tensor.shape == (3, 64, 64) and tensor.dtype == torch.float32

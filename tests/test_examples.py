@@ -22,7 +22,7 @@ EXAMPLES = ROOT / "examples"
 BIN = Path(sys.executable).parent
 # Smallest settings that still run every stage: 1-2 steps, no class images, no periodic samples.
 FAST_TRAINING = "validation_every = 0\neval_timesteps = 1\ncheckpoint_every = 0\n"
-TINY = ["--base-model", "tiny", "--embedders", "tiny", "--no-prior-preservation", "--sample-steps", "1"]
+TINY = ["--base-model", "tiny", "--embedders", "tiny", "--prior", "none", "--sample-steps", "1"]
 
 
 def example(name: str):

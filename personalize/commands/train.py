@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..train import Progress, TrainCallback, TrainConfig, TrainResult, effective_config, train
-from ..training.config import FIELDS
+from ..training.config import FIELDS, RENAMED
 
 SHORT = {"output_dir": ["--output"]}  # extra spellings of some flags
 
@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             kwargs["type"] = int if int in kinds else float if float in kinds else str
         parser.add_argument(*flags, **kwargs)
+    for old in RENAMED:  # flags of earlier versions keep working, unlisted
+        flag = "--" + old.replace("_", "-")
+        parser.add_argument(flag, dest=old, default=argparse.SUPPRESS, action=argparse.BooleanOptionalAction, help=argparse.SUPPRESS)
 
 
 def _help(field: dataclasses.Field) -> str:
@@ -119,7 +122,7 @@ class TqdmProgress(TrainCallback):
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = {name: value for name, value in vars(args).items() if name in FIELDS}
+    overrides = {name: value for name, value in vars(args).items() if name in FIELDS or name in RENAMED}
     overrides["method_options"] = parse_options(args.option)
     config = effective_config(args.config, **overrides)
     cancel = threading.Event()

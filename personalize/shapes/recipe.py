@@ -39,7 +39,7 @@ def train_settings(method: str, lr_factor: float = LR_FACTOR) -> dict:
         steps=STEPS,
         batch_size=BATCH_SIZE,
         lr=learning_rate(method, lr_factor),
-        prior_preservation=False,
+        prior="none",
     )
 
 

@@ -1,7 +1,10 @@
 """Resumable checkpoints: adapter, optimiser, lr schedule, grad scaler, RNG states and step.
 
-Layout: `checkpoints/step_000100/` holding adapter.safetensors, optimizer.pt, scheduler.pt,
-scaler.pt (fp16 only), rng_<rank>.pt (one per process) and state.json (written last). A checkpoint
+Layout: `checkpoints/step_000100/` holding adapter.safetensors (the live training weights, which
+resume loads), optimizer.pt, scheduler.pt, scaler.pt (fp16 only), rng_<rank>.pt (one per process),
+with ema_decay > 0 ema.safetensors (the EMA shadows, float32, keyed by tensor name; metadata
+`updates` = the update count) and adapter_ema.safetensors (an adapter file holding the EMA weights,
+for `load_adapter`), and state.json (written last). A checkpoint
 is assembled in a hidden temporary folder and renamed into place, so a crash never leaves a
 half-written one; only the last K are kept.
 """
@@ -20,11 +23,14 @@ import numpy as np
 import torch
 
 from ..atomic import write_json_atomic
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 STATE_FILE = "state.json"
+EMA_FILE = "ema.safetensors"  # the EMA state: shadows and update count
+EMA_ADAPTER_FILE = "adapter_ema.safetensors"  # the EMA weights as an adapter file
 
 
 def checkpoint_name(step: int) -> str:
@@ -104,9 +110,14 @@ def finish_checkpoint(
     scaler,
     state: dict[str, Any],
     keep: int,
+    ema=None,
 ) -> Path:
     """Main process: write the shared files into `staging`, rename it into place, prune old checkpoints."""
     adapter.save(staging / "adapter.safetensors", metadata=adapter_metadata)
+    if ema is not None:
+        write_ema(staging, ema)
+        with ema.applied():
+            adapter.save(staging / EMA_ADAPTER_FILE, metadata=adapter_metadata)
     torch.save(optimizer.state_dict(), staging / "optimizer.pt")
     torch.save(scheduler.state_dict(), staging / "scheduler.pt")
     if scaler is not None:
@@ -133,3 +144,27 @@ def load_training_state(checkpoint: Path, optimizer, scheduler, scaler) -> dict[
     if scaler is not None and (checkpoint / "scaler.pt").is_file():
         scaler.load_state_dict(torch.load(checkpoint / "scaler.pt", weights_only=True))
     return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def write_ema(staging: Path, ema) -> None:
+    """The EMA state (`ema.AdapterEMA.state_dict`) as safetensors: shadows, and the update count as metadata."""
+    from safetensors.torch import save_file
+
+    state = ema.state_dict()
+    tensors = {name: t.detach().cpu().contiguous() for name, t in state["shadow"].items()}
+    save_file(tensors, staging / EMA_FILE, metadata={"updates": str(state["updates"])})
+
+
+def read_ema(checkpoint: Path, ema) -> None:
+    """Restore the EMA state written by `write_ema`; a checkpoint without one is refused."""
+    from safetensors import safe_open
+
+    path = checkpoint / EMA_FILE
+    if not path.is_file():
+        raise UserError(f"checkpoint {checkpoint} has no {EMA_FILE} to resume the EMA (ema_decay) from; start again with overwrite")
+    with safe_open(str(path), framework="pt") as f:
+        shadow = {name: f.get_tensor(name) for name in f.keys()}
+        updates = (f.metadata() or {}).get("updates")
+    if updates is None or not updates.isdigit():
+        raise UserError(f"{path} has no valid update count (metadata 'updates': {updates!r}); start again with overwrite")
+    ema.load_state_dict({"shadow": shadow, "updates": int(updates)})

@@ -34,6 +34,8 @@ OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 # Prodigy (Mishchenko & Defazio 2023) estimates the step size itself; its lr is a multiplier of that estimate, 1.0
 # as its authors and the kohya / OneTrainer / SimpleTuner guides set it.
 PRODIGY_LR = 1.0
+PRIORS = ("images", "model", "none")
+MASKS = ("files", "auto", "off")
 SCHEDULES = ("constant", "cosine", "linear")
 REPORT_TO = ("none", "tensorboard")
 
@@ -77,9 +79,17 @@ class TrainConfig:
     # Batch 1: the DreamBooth-LoRA examples of diffusers and kohya train 3-5 images at batch size 1.
     batch_size: int = field(default=1, metadata=_help("instance images per step and process (plus as many class images)"))
     gradient_accumulation_steps: int = field(default=1, metadata=_help("micro-batches per optimiser step"))
-    # Prior preservation on: DreamBooth's class-specific prior loss (§3.3) keeps the class from drifting.
-    prior_preservation: bool = field(default=True, metadata=_help("add the class-prior loss on generated class images (DreamBooth §3.3)"))
-    class_images: int = field(default=100, metadata=_help("class images to generate or reuse (diffusers' default 100)"))
+    # Prior preservation on by default with class images: DreamBooth's class-specific prior loss (§3.3) keeps the
+    # class from drifting. 'model' is the variant of OneTrainer, ai-toolkit and SimpleTuner: the frozen model's own
+    # prediction on the instance latents with the class prompt is the target, so no class images are generated.
+    prior: str = field(
+        default="images",
+        metadata=_help(
+            "class prior preservation (DreamBooth §3.3): images (loss on generated class images) | model (pull the adapted "
+            "model's class-prompt prediction on each instance latent towards the frozen model's; no class images) | none"
+        ),
+    )
+    class_images: int = field(default=100, metadata=_help("class images to generate or reuse with prior 'images' (diffusers' default 100)"))
     prior_loss_weight: float = field(default=1.0, metadata=_help("weight of the prior loss (DreamBooth: lambda = 1)"))
     class_data_dir: str | None = field(
         default=None, metadata=_help("folder of class images; default: a cache shared by runs with the same model, prompt, size")
@@ -119,6 +129,36 @@ class TrainConfig:
     )
     noise_offset: float = field(default=0.0, metadata=_help("offset noise strength (Guttenberg 2023; 0.05-0.1 typical); off by default"))
     random_flip: bool = field(default=False, metadata=_help("also train on mirrored images (off: subjects are often asymmetric)"))
+    # Masked loss as in kohya sd-scripts (--masked_loss) and OneTrainer (masked training): the background does not teach.
+    masks: str = field(
+        default="files",
+        metadata=_help(
+            "loss masks: files (<image>.mask.png next to an image, white = subject; images without one train unmasked) | "
+            "auto (a segmentation model prompted with class_noun masks the images that have no file) | off"
+        ),
+    )
+    mask_model: str = field(
+        default="CIDAS/clipseg-rd64-refined",
+        metadata=_help("segmentation model of masks 'auto': a CLIPSeg hub id or folder, or 'tiny' (random weights, for tests)"),
+    )
+    # OneTrainer's "unmasked weight" default 0.1: at 0 the background gets no gradient at all and drifts freely
+    # (the model may paint anything there); a small weight keeps it anchored while the subject dominates.
+    mask_background_weight: float = field(
+        default=0.1, metadata=_help("loss weight outside the mask (0 = subject only; 1 = no masking); OneTrainer's 0.1")
+    )
+    # Aspect-ratio buckets (NovelAI 2022; kohya sd-scripts, OneTrainer, SimpleTuner): each photo keeps its shape.
+    buckets: bool = field(
+        default=False,
+        metadata=_help(
+            "train each image at its own aspect ratio (buckets of about resolution^2 pixels, sides multiples of 64 px, "
+            "one bucket per batch) instead of a centre square crop"
+        ),
+    )
+    # EMA of the trained weights (off, as in diffusers' DreamBooth scripts; kohya and OneTrainer offer it for long runs).
+    ema_decay: float = field(
+        default=0.0,
+        metadata=_help("exponential moving average of the trainable tensors, e.g. 0.999; the saved adapter holds the average; 0 = off"),
+    )
     eval_timesteps: int = field(default=8, metadata=_help("timesteps per instance image in the fixed evaluation set"))
     # 16 x 8 timesteps = 128 UNet passes at start and end: a stable mean (runs differ in the 3rd digit) in
     # seconds on a GPU; 500 photos would make it 4000 passes, minutes of silence, for no better estimate.
@@ -137,6 +177,19 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def default_of(name: str) -> Any:
+    """The default of TrainConfig field `name` (the form and the resume check show and use these)."""
+    f = FIELDS[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+
+
+DEFAULTS = {
+    name: default_of(name)
+    for name, f in FIELDS.items()
+    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+}
 # Fields that define what a run learns: a resumed run must agree with the saved config on them.
 RUN_DEFINING = (
     "instance_images",
@@ -152,7 +205,7 @@ RUN_DEFINING = (
     "resolution",
     "batch_size",
     "gradient_accumulation_steps",
-    "prior_preservation",
+    "prior",
     "class_images",
     "prior_loss_weight",
     "seed",
@@ -167,12 +220,20 @@ RUN_DEFINING = (
     "snr_gamma",
     "noise_offset",
     "random_flip",
+    "masks",
+    "mask_model",
+    "mask_background_weight",
+    "buckets",
+    "ema_decay",
 )
+# Settings of earlier versions, upgraded where a config is read: {old name: (new name, {old value: new value})}.
+RENAMED = {"prior_preservation": ("prior", {True: "images", False: "none"})}
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
     """A TrainConfig from a TOML/JSON file and keyword overrides (overrides win; method options merge)."""
     values: dict[str, Any] = read_config_file(path) if path else {}
+    values, overrides = upgrade_legacy(values), upgrade_legacy(overrides)  # each source renamed, then overrides win
     options = {**values.pop("method_options", {}), **overrides.pop("method_options", {})}
     values.update({k: v for k, v in overrides.items()})
     values["method_options"] = options
@@ -195,8 +256,24 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return {key.replace("-", "_"): value for key, value in values.items()}
 
 
+def upgrade_legacy(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with settings of earlier versions renamed (e.g. prior_preservation = false -> prior = 'none')."""
+    values = dict(values)
+    for old, (new, mapping) in RENAMED.items():
+        if old not in values:
+            continue
+        value = values.pop(old)
+        matches = [v for k, v in mapping.items() if type(k) is type(value) and k == value]
+        if not matches:
+            accepted = " or ".join(repr(k).lower() for k in mapping)
+            raise UserError(f"setting '{old}' (now '{new}') must be {accepted}, got {value!r}")
+        values.setdefault(new, matches[0])
+    return values
+
+
 def make_config(values: dict[str, Any], source: str = "arguments") -> TrainConfig:
     """Check names and types of `values`, then build the config."""
+    values = upgrade_legacy(values)
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise UserError(f"unknown training setting(s) {', '.join(unknown)} in {source}; accepted: {', '.join(FIELDS)}")
@@ -265,10 +342,15 @@ def _check_values(c: TrainConfig) -> None:
         need(getattr(c, name) >= 1, f"{name} must be a positive integer, got {getattr(c, name)}")
     for name in ("validation_every", "checkpoint_every", "lr_warmup_steps"):
         need(getattr(c, name) >= 0, f"{name} must be 0 or a positive integer, got {getattr(c, name)}")
-    need(not c.prior_preservation or c.class_images >= 1, f"class_images must be at least 1 with prior preservation, got {c.class_images}")
+    need(c.prior != "images" or c.class_images >= 1, f"class_images must be at least 1 with prior 'images', got {c.class_images}")
     for name in ("prior_loss_weight", "weight_decay", "max_grad_norm", "noise_offset", "validation_guidance", "adam_epsilon"):
         value = getattr(c, name)
         need(math.isfinite(value) and value >= 0, f"{name} must be a non-negative number, got {value}")
+    need(
+        math.isfinite(c.mask_background_weight) and 0 <= c.mask_background_weight <= 1,
+        f"mask_background_weight must lie in [0, 1], got {c.mask_background_weight}",
+    )
+    need(0 <= c.ema_decay < 1, f"ema_decay must lie in [0, 1) (0 = off; 0.999 is typical), got {c.ema_decay}")
     need(0 <= c.adam_beta1 < 1 and 0 <= c.adam_beta2 < 1, f"adam betas must lie in [0, 1), got {c.adam_beta1}, {c.adam_beta2}")
     check_seed(c.seed)
     need(c.snr_gamma is None or c.snr_gamma > 0, f"snr_gamma must be a positive number (or unset), got {c.snr_gamma}")
@@ -277,6 +359,8 @@ def _check_values(c: TrainConfig) -> None:
         ("optimizer", OPTIMIZERS),
         ("lr_scheduler", SCHEDULES),
         ("report_to", REPORT_TO),
+        ("prior", PRIORS),
+        ("masks", MASKS),
     ):
         need(getattr(c, name) in accepted, f"{name} '{getattr(c, name)}' is not supported; accepted: {', '.join(accepted)}")
     need(bool(c.token.strip()), "token must not be empty (DreamBooth binds the subject to it, e.g. 'sks')")

@@ -7,7 +7,7 @@ The target follows the scheduler config of the base model: the noise for epsilon
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -73,9 +73,43 @@ def evaluation_images(count: int, limit: int) -> torch.Tensor:
     return torch.linspace(0, count - 1, limit).round().long()
 
 
-def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(b,) mean squared error of each sample, in float32."""
-    return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=tuple(range(1, prediction.ndim)))
+def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(b,) mean squared error of each sample, in float32; with (b, 1, h, w) pixel `weights` (masked
+    loss, broadcast over channels) the weighted mean sum(w * e) / sum(w)."""
+    squared = F.mse_loss(prediction.float(), target.float(), reduction="none")  # (b, c, h, w)
+    dims = tuple(range(1, prediction.ndim))
+    if weights is None:
+        return squared.mean(dim=dims)
+    weights = weights.to(squared.device, torch.float32).expand_as(squared)
+    return (squared * weights).sum(dim=dims) / weights.sum(dim=dims).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+@dataclass
+class Batch:
+    """One micro-batch: instance rows (with their loss masks) and any class-image rows (prior 'images')."""
+
+    latents: torch.Tensor  # (b, c, h, w) instance rows
+    conditioning: Conditioning  # b rows
+    masks: torch.Tensor | None = None  # (b, 1, h, w) subject share per latent pixel; None = unmasked
+    class_latents: torch.Tensor | None = None  # (k, c, h', w'); other sizes than the instances' with aspect buckets
+    class_conditioning: Conditioning | None = None  # k rows
+
+    @property
+    def instances(self) -> int:
+        return len(self.latents)
+
+    def parts(self, background_weight: float) -> list[tuple[torch.Tensor, Conditioning, torch.Tensor | None]]:
+        """(latents, conditioning, (rows, 1, h, w) loss weights or None) per UNet call, instance rows first:
+        one call when the class rows have the instances' shape, else two. The weights are
+        `mask + background_weight * (1 - mask)` on instance rows and 1 on class rows; None without masks."""
+        weights = None if self.masks is None else self.masks + background_weight * (1.0 - self.masks)
+        if self.class_latents is None:
+            return [(self.latents, self.conditioning, weights)]
+        class_weights = None if weights is None else torch.ones((len(self.class_latents), 1) + tuple(self.class_latents.shape[2:]))
+        if self.class_latents.shape[1:] != self.latents.shape[1:]:
+            return [(self.latents, self.conditioning, weights), (self.class_latents, self.class_conditioning, class_weights)]
+        joined = None if weights is None else torch.cat([weights, class_weights.to(weights.device)])
+        return [(torch.cat([self.latents, self.class_latents]), self.conditioning.cat(self.class_conditioning), joined)]
 
 
 @dataclass
@@ -99,9 +133,12 @@ class EvalSet:
         noise = torch.randn((len(index),) + tuple(latents.shape[1:]), generator=generator).to(latents.device)
         return cls(latents[index.to(latents.device)], noise, timesteps.to(latents.device), conditioning.take(index))
 
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
     @torch.no_grad()
-    def loss(self, unet, scheduler, batch_size: int, autocast, progress: Callable[[int, int], None] | None = None) -> float:
-        """Mean error over the set; `progress(done, total)` after each batch (rows = images x timesteps)."""
+    def error_sum(self, unet, scheduler, batch_size: int, autocast, progress: Callable[[int, int], None] | None = None) -> float:
+        """Sum of the per-row errors; `progress(done, total)` after each batch (rows = images x timesteps)."""
         total, count = 0.0, 0
         for start in range(0, len(self.timesteps), batch_size):
             part = slice(start, start + batch_size)
@@ -115,4 +152,16 @@ class EvalSet:
             count += len(errors)
             if progress is not None:
                 progress(count, len(self.timesteps))
-        return total / count
+        return total
+
+
+def evaluation_loss(
+    sets: Sequence[EvalSet], unet, scheduler, batch_size: int, autocast, progress: Callable[[int, int], None] | None = None
+) -> float:
+    """Mean error over every row of `sets` (one set per image size: aspect buckets make several)."""
+    rows, done, total = sum(len(s) for s in sets), 0, 0.0
+    for part in sets:
+        step = None if progress is None else (lambda d, _t, base=done: progress(base + d, rows))
+        total += part.error_sum(unet, scheduler, batch_size, autocast, step)
+        done += len(part)
+    return total / rows

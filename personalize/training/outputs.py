@@ -16,7 +16,7 @@ from typing import Any
 
 from ..atomic import write_text_atomic
 from ..errors import UserError
-from .config import RUN_DEFINING
+from .config import DEFAULTS, RUN_DEFINING, upgrade_legacy
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,8 @@ def check_output_dir(folder: Path, effective: dict[str, Any], resume: bool, over
     saved_path = folder / CONFIG_FILE
     if not saved_path.is_file():
         return
-    saved = json.loads(saved_path.read_text(encoding="utf-8"))
+    saved = upgrade_legacy(json.loads(saved_path.read_text(encoding="utf-8")))
+    saved = {**DEFAULTS, **saved}  # a setting added since that run was saved has its default there
     effective = json.loads(json.dumps(effective))  # tuples -> lists, as in the saved file
     # settings resolved from the model (resolution) are compared only when they are given
     differ = [

@@ -8,6 +8,7 @@ the UNet in DDP. Only the main process writes files and calls the callbacks.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -29,12 +30,25 @@ from ..errors import UserError
 from ..inject import attach, load_adapter
 from ..models import load_pipeline
 from . import checkpoint as ckpt
+from .buckets import BucketedLatents, bucket_sizes, encode_bucketed, granularity
 from .callbacks import CallbackList, Progress, TrainCallback, TrainResult
 from .captions import instance_prompts
 from .conditioning import Conditioning, encode_prompts
 from .config import TrainConfig, resolve
-from .latents import encode_files, epoch_indices
-from .objective import EvalSet, dreambooth_loss, evaluation_images, min_snr_weights, per_sample_mse, target_for, training_scheduler
+from .ema import AdapterEMA
+from .latents import LatentSet, encode_files
+from .masks import loss_masks
+from .objective import (
+    Batch,
+    EvalSet,
+    dreambooth_loss,
+    evaluation_images,
+    evaluation_loss,
+    min_snr_weights,
+    per_sample_mse,
+    target_for,
+    training_scheduler,
+)
 from .outputs import (
     ADAPTER_FILE,
     CHECKPOINTS_DIR,
@@ -163,28 +177,22 @@ class Trainer:
         self.prompt_rows = torch.tensor([distinct.index(p) for p in self.prompts])  # photo -> its row
         if c.validation_every and c.validation_prompts:
             self.validation_cond = encode_prompts(pipe, [c.prompt(p) for p in c.validation_prompts], device, self.resolution)
-        self.instance = encode_files(
-            pipe.vae,
+        masks = loss_masks(
             self.instance_files,
-            self.resolution,
-            c.eval_batch_size,
+            c.masks,
+            c.class_noun,
+            c.mask_model,
             device,
-            c.random_flip,
-            progress=lambda done, total: self.hooks.on_prepare("encoding images", done, total),
+            progress=lambda done, total: self.hooks.on_prepare("masking images", done, total),
         )
+        self.instance = self.encode(self.instance_files, "encoding images", c.random_flip, masks)
         self.classes = None
-        if c.prior_preservation:
+        if c.prior != "none":
             self.class_cond, _ = encode_prompts(pipe, [c.prompt(c.class_prompt)], device, self.resolution)
+        if c.prior == "images":
             class_files = self.class_images()
             if class_files:
-                self.classes = encode_files(
-                    pipe.vae,
-                    class_files,
-                    self.resolution,
-                    c.eval_batch_size,
-                    device,
-                    progress=lambda done, total: self.hooks.on_prepare("encoding class images", done, total),
-                )
+                self.classes = self.encode([str(f) for f in class_files], "encoding class images")
 
         set_seed(c.seed)  # adapter initialisation (LoRA's gaussian A) and anything else drawing from global RNGs
         if self.resume_from is not None:
@@ -193,6 +201,7 @@ class Trainer:
             self.adapter = attach(pipe.unet, c.method, **c.method_options)
         for param in self.adapter.parameters():
             param.data = param.data.float()  # trainable tensors stay float32 under mixed precision
+        self.ema = AdapterEMA.of(self.adapter, c.ema_decay) if c.ema_decay > 0 else None  # resume loads its state in _run
         if c.gradient_checkpointing:
             pipe.unet.enable_gradient_checkpointing()
         pipe.unet.train()
@@ -208,15 +217,31 @@ class Trainer:
         self.lr_scheduler = get_scheduler(name, optimizer, num_warmup_steps=c.lr_warmup_steps, num_training_steps=c.steps)
         self.model, self.optimizer = acc.prepare(pipe.unet, optimizer)
 
-        # at most eval_images photos, evenly spaced (unflipped rows), each with its own SDXL size/crop ids
-        chosen = evaluation_images(len(self.instance_files), c.eval_images)
-        conditioning = self.instance_conditioning(chosen)
-        self.eval_set = EvalSet.build(
-            self.scheduler,
-            self.instance.means()[chosen.to(self.instance.mean.device)],
-            conditioning.with_time_ids(self.instance.time_ids(chosen, self.resolution)),
-            c.eval_timesteps,
-        )
+        self.eval_sets = self.evaluation_sets()
+
+    def evaluation_sets(self) -> list[EvalSet]:
+        """At most eval_images photos, evenly spaced (unflipped rows), each with its own SDXL size/crop ids;
+        one set per image size (aspect buckets)."""
+        chosen = evaluation_images(len(self.instance_files), self.config.eval_images)
+        sets = []
+        for latents, rows in self.instance.groups():
+            mine = chosen[torch.isin(chosen, rows)]  # global rows of this size
+            if len(mine):
+                local = (rows[None, :] == mine[:, None]).nonzero()[:, 1]  # their rows in the set
+                conditioning = self.instance_conditioning(mine).with_time_ids(latents.time_ids(local))
+                sets.append(
+                    EvalSet.build(self.scheduler, latents.means()[local.to(latents.mean.device)], conditioning, self.config.eval_timesteps)
+                )
+        return sets
+
+    def encode(self, files: list[str], stage: str, flip: bool = False, masks=None) -> LatentSet | BucketedLatents:
+        """Latents of `files`: centre squares of the training resolution, or each at its aspect bucket's size."""
+        c, pipe, device = self.config, self.pipe, self.accelerator.device
+        progress = lambda done, total: self.hooks.on_prepare(stage, done, total)  # noqa: E731
+        if c.buckets:
+            sizes = bucket_sizes(self.resolution, granularity(pipe))
+            return encode_bucketed(pipe.vae, files, sizes, c.eval_batch_size, device, flip, progress, masks)
+        return encode_files(pipe.vae, files, (self.resolution, self.resolution), c.eval_batch_size, device, flip, progress, masks)
 
     def class_images(self) -> list[Path]:
         c, acc = self.config, self.accelerator
@@ -258,42 +283,72 @@ class Trainer:
         return torch.optim.AdamW
 
     # --- one step ------------------------------------------------------------------------------
-    def micro_batch(self, step: int, micro: int) -> tuple[torch.Tensor, Conditioning]:
+    def micro_batch(self, step: int, micro: int) -> Batch:
         c = self.config
         slot = (step * c.gradient_accumulation_steps + micro) * self.num_processes + self.rank  # global micro-batch index
-        index = epoch_indices(len(self.instance), slot * c.batch_size, c.batch_size, c.seed)
+        index = self.instance.batch(slot, c.batch_size, c.seed)
         latents = self.instance.sample(index, self.generator)  # (b, c, h, w)
         conditioning = self.instance_conditioning(index)
-        conditioning = conditioning.with_time_ids(self.instance.time_ids(index, self.resolution))  # SDXL: each photo's size/crop
+        conditioning = conditioning.with_time_ids(self.instance.time_ids(index))  # SDXL: each photo's size/crop
+        batch = Batch(latents, conditioning, self.instance.masks(index))
         if self.classes is not None:
-            class_index = epoch_indices(len(self.classes), slot * c.batch_size, c.batch_size, c.seed + 1)
-            latents = torch.cat([latents, self.classes.sample(class_index, self.generator)])  # (2b, c, h, w)
-            class_cond = self.class_cond.take(torch.zeros(c.batch_size, dtype=torch.long))
-            conditioning = conditioning.cat(class_cond.with_time_ids(self.classes.time_ids(class_index, self.resolution)))
-        return latents, conditioning
+            class_index = self.classes.batch(slot, c.batch_size, c.seed + 1)
+            batch.class_latents = self.classes.sample(class_index, self.generator)  # (b, c, h, w)
+            batch.class_conditioning = self.class_rows(self.classes.time_ids(class_index))
+        return batch
+
+    def class_rows(self, time_ids: torch.Tensor) -> Conditioning:
+        """The class prompt's conditioning, one row per entry of (b, 6) SDXL `time_ids`."""
+        return self.class_cond.take(torch.zeros(len(time_ids), dtype=torch.long)).with_time_ids(time_ids)
 
     def instance_conditioning(self, index: torch.Tensor) -> Conditioning:
         """The prompt conditioning of latent rows `index` (mirrored copies follow the originals: row % photos)."""
         return self.instance_cond.take(self.prompt_rows[index.cpu() % len(self.instance_files)])
 
-    def loss(self, latents: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
-        c, device = self.config, latents.device
-        noise = torch.randn(latents.shape, generator=self.generator).to(device)
-        if c.noise_offset:
-            noise = noise + c.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=self.generator).to(device)
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),), generator=self.generator).to(device)
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        prediction = self.model(noisy.to(self.weight_dtype), timesteps, **conditioning.unet_kwargs()).sample
-        errors = per_sample_mse(prediction, target_for(self.scheduler, latents, noise, timesteps))  # (b,) or (2b,)
-        weights = min_snr_weights(self.scheduler, timesteps, c.snr_gamma) if c.snr_gamma is not None else None
-        return dreambooth_loss(errors, weights, c.batch_size, c.prior_loss_weight)
+    def loss(self, batch: Batch) -> torch.Tensor:
+        c = self.config
+        errors, steps = [], []
+        for number, (latents, conditioning, weights) in enumerate(batch.parts(c.mask_background_weight)):
+            device = latents.device
+            noise = torch.randn(latents.shape, generator=self.generator).to(device)
+            if c.noise_offset:
+                noise = noise + c.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=self.generator).to(device)
+            timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),), generator=self.generator).to(device)
+            noisy = self.scheduler.add_noise(latents, noise, timesteps)
+            targets = target_for(self.scheduler, latents, noise, timesteps)
+            if number == 0 and c.prior == "model":  # the instance rows again with the class prompt, towards the frozen model
+                noisy, timesteps, conditioning, targets, weights = self.with_prior_rows(
+                    batch.instances, noisy, timesteps, conditioning, targets, weights
+                )
+            prediction = self.model(noisy.to(self.weight_dtype), timesteps, **conditioning.unet_kwargs()).sample
+            errors.append(per_sample_mse(prediction, targets, weights))  # (rows,)
+            steps.append(timesteps)
+        errors, timesteps = torch.cat(errors), torch.cat(steps)  # instance rows, then class or prior rows
+        snr = min_snr_weights(self.scheduler, timesteps, c.snr_gamma) if c.snr_gamma is not None else None
+        return dreambooth_loss(errors, snr, batch.instances, c.prior_loss_weight)
+
+    def with_prior_rows(self, n: int, noisy, timesteps, conditioning: Conditioning, targets, weights):
+        """Prior 'model': the first `n` noisy rows appended again with the class prompt; their targets are the
+        frozen model's predictions and their loss weights 1."""
+        prior_cond = self.class_rows(conditioning.time_ids[:n] if conditioning.time_ids is not None else torch.zeros(n, 6))
+        targets = torch.cat([targets, self.frozen_prediction(noisy[:n], timesteps[:n], prior_cond)])
+        if weights is not None:
+            weights = torch.cat([weights, torch.ones_like(weights[:n])])
+        return torch.cat([noisy, noisy[:n]]), torch.cat([timesteps, timesteps[:n]]), conditioning.cat(prior_cond), targets, weights
+
+    @torch.no_grad()
+    def frozen_prediction(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        """The base model's own prediction (adapter switched off, no gradient): prior 'model''s target."""
+        unet = self.accelerator.unwrap_model(self.model)
+        with self.adapter.switched_off(), self.accelerator.autocast():
+            return unet(noisy.to(self.weight_dtype), timesteps, **conditioning.unet_kwargs()).sample.float()
 
     def optimiser_step(self, step: int) -> float:
         c, acc = self.config, self.accelerator
         losses = []
         for micro in range(c.gradient_accumulation_steps):
             with acc.accumulate(self.model):
-                loss = self.loss(*self.micro_batch(step, micro))
+                loss = self.loss(self.micro_batch(step, micro))
                 acc.backward(loss)
                 if acc.sync_gradients and c.max_grad_norm > 0:
                     acc.clip_grad_norm_(self.adapter.parameters(), c.max_grad_norm)
@@ -302,15 +357,23 @@ class Trainer:
             losses.append(loss.detach())
         if not acc.optimizer_step_was_skipped:  # fp16 overflow skips the step; keep the schedule in line
             self.lr_scheduler.step()
+        if self.ema is not None and acc.sync_gradients and not acc.optimizer_step_was_skipped:
+            self.ema.update()
         return acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
 
     # --- evaluation, samples, checkpoints --------------------------------------------------------
+    def averaged(self) -> contextlib.AbstractContextManager:
+        """With ema_decay > 0 the adapter holds the EMA weights in the block (as diffusers' scripts
+        validate), the training weights after; otherwise nothing changes."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
     def evaluate(self, stage: str) -> float:
         unet = self.accelerator.unwrap_model(self.model)
         was_training = unet.training
         unet.eval()
         try:
-            return self.eval_set.loss(
+            return evaluation_loss(
+                self.eval_sets,
                 unet,
                 self.scheduler,
                 self.config.eval_batch_size,
@@ -325,9 +388,10 @@ class Trainer:
         if not (c.validation_every and c.validation_prompts) or not self.main:
             return
         positive, negative = self.validation_cond
-        images = render_samples(
-            self.pipe, positive, negative, c.seed, self.resolution, c.sample_steps, c.validation_guidance, self.accelerator.autocast
-        )
+        with self.averaged():
+            images = render_samples(
+                self.pipe, positive, negative, c.seed, self.resolution, c.sample_steps, c.validation_guidance, self.accelerator.autocast
+            )
         path = save_grid(images, self.output_dir / SAMPLES_DIR / f"step_{step:06d}.png")
         self.samples.append(str(path))
         self.log.write({"step": step, "event": "samples", "path": str(path)})
@@ -367,6 +431,7 @@ class Trainer:
                 acc.scaler,
                 state,
                 self.config.checkpoints_keep,
+                self.ema,
             )
             self.log.write({"step": step, "event": "checkpoint", "path": str(path)})
         acc.wait_for_everyone()
@@ -397,6 +462,8 @@ class Trainer:
         if self.resume_from is not None:
             state = ckpt.load_training_state(self.resume_from, self.optimizer, self.lr_scheduler, acc.scaler)
             step, train_time_before, eval_start = state["step"], state["train_time"], state["eval_loss_start"]
+            if self.ema is not None:
+                ckpt.read_ema(self.resume_from, self.ema)
             if not ckpt.read_rng(self.resume_from, self.rank, self.generator):
                 log.warning("checkpoint %s has no random state for process %d; its noise will differ", self.resume_from, self.rank)
             log.info("resuming from %s (step %d of %d)", self.resume_from, step, c.steps)
@@ -470,10 +537,12 @@ class Trainer:
         c, acc = self.config, self.accelerator
         adapter_path = self.output_dir / ADAPTER_FILE
         if self.main:
-            self.adapter.save(adapter_path, metadata=self.adapter_metadata(step))
+            with self.averaged():  # the saved adapter holds the EMA weights (ema_decay > 0)
+                self.adapter.save(adapter_path, metadata=self.adapter_metadata(step))
             if not cancelled:
                 self.validate(step)
-        eval_end = self.evaluate("evaluation after training")
+        with self.averaged():
+            eval_end = self.evaluate("evaluation after training")
         result = TrainResult(
             adapter_path=str(adapter_path),
             output_dir=str(self.output_dir),

@@ -46,7 +46,7 @@ def fast(photos, class_dir, tmp_path):
         base_model="tiny",
         steps=4,
         lr=1e-2,
-        prior_preservation=False,
+        prior="none",
         class_images=2,
         class_data_dir=str(class_dir),
         sample_steps=2,

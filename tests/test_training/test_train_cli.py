@@ -62,7 +62,7 @@ def test_cli_train_thirty_steps(photos, class_dir, tmp_path, capsys):
     effective = json.loads((out / "config.json").read_text())
     assert effective["steps"] == 30 and effective["lr"] == 2e-2  # flags override the TOML file
     assert effective["method_options"]["rank"] == 8 and effective["class_noun"] == "toy"
-    assert effective["prior_preservation"] and effective["resolution"] == 64
+    assert effective["prior"] == "images" and effective["resolution"] == 64
     assert effective["instance_images"] == [str(p) for p in sorted(photos.iterdir())]
     assert P.adapter_info(out / "adapter.safetensors")["metadata"]["train_config"] == effective
 

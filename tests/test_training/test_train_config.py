@@ -39,7 +39,10 @@ def test_json_config_of_an_earlier_run(tmp_path):
     [
         ('instance_images = "p"\noutput_dir = "o"\nstepz = 3\n', r"unknown training setting\(s\) stepz in .*accepted: instance_images"),
         ('instance_images = "p"\noutput_dir = "o"\nsteps = "many"\n', r"setting 'steps' in .* must be int or none, got 'many'"),
-        ('instance_images = "p"\noutput_dir = "o"\nprior_preservation = 1\n', r"'prior_preservation' .* must be bool"),
+        (
+            'instance_images = "p"\noutput_dir = "o"\nprior_preservation = 1\n',
+            r"'prior_preservation' \(now 'prior'\) must be true or false",
+        ),
         ('output_dir = "o"\n', r"missing required setting\(s\): instance_images"),
         ("steps = = 3", r"is not valid TOML"),
     ],
@@ -83,8 +86,12 @@ def test_method_defaults_fill_steps_and_lr():
         ({"seed": 2**32}, "seed must be an integer from 0 to 4294967295, got 4294967296"),
         ({"seed": -1}, "seed must be an integer from 0 to 4294967295, got -1"),
         ({"resume": True, "overwrite": True}, "either resume .* or overwrite"),
-        ({"class_images": 0}, "class_images must be at least 1 with prior preservation, got 0"),
+        ({"class_images": 0}, "class_images must be at least 1 with prior .images., got 0"),
         ({"snr_gamma": 0.0}, "snr_gamma must be a positive number"),
+        ({"prior": "class"}, r"prior 'class' is not supported; accepted: images, model, none"),
+        ({"masks": "yes"}, r"masks 'yes' is not supported; accepted: files, auto, off"),
+        ({"mask_background_weight": 1.5}, r"mask_background_weight must lie in \[0, 1\], got 1.5"),
+        ({"ema_decay": 1.0}, r"ema_decay must lie in \[0, 1\) \(0 = off; 0.999 is typical\), got 1.0"),
         ({"token": " "}, "token must not be empty"),
     ],
 )

@@ -35,7 +35,7 @@ def test_resume_reproduces_the_uninterrupted_run(fast, tmp_path, class_dir):
         "method": "lora",
         "steps": 6,
         "lr": 1e-2,
-        "prior_preservation": True,
+        "prior": "images",
         "checkpoint_every": 2,
         "checkpoints_keep": 2,
         "lr_scheduler": "cosine",

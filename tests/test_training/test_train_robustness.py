@@ -24,9 +24,9 @@ from .test_train_options import save_tiny_pipeline
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(fast, monkeypatch):
     original, calls = Trainer.loss, []
 
-    def failing(self, latents, conditioning):
+    def failing(self, batch):
         calls.append(1)
-        loss = original(self, latents, conditioning)
+        loss = original(self, batch)
         return loss * float("nan") if len(calls) == 3 else loss
 
     monkeypatch.setattr(Trainer, "loss", failing)
@@ -85,9 +85,9 @@ def test_sdxl_conditions_on_each_photos_size_and_crop(fast, tmp_path, monkeypatc
     make_photos(photos, count=1, size=(96, 80))  # (width, height)
     original, seen = Trainer.loss, []
 
-    def spy(self, latents, conditioning):
-        seen.append(conditioning.time_ids.tolist())
-        return original(self, latents, conditioning)
+    def spy(self, batch):
+        seen.append(batch.conditioning.time_ids.tolist())
+        return original(self, batch)
 
     monkeypatch.setattr(Trainer, "loss", spy)
     train(TrainConfig(**{**fast, "base_model": base, "instance_images": str(photos), "steps": 1, "resolution": 64, "method": "svfit"}))

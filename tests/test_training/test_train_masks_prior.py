@@ -1,0 +1,180 @@
+"""Masked loss (`<image>.mask.png`, `masks`, `mask_background_weight`) and the prior modes
+(`prior = images | model | none`): known values, files read and cut like their images, and runs
+that use them and resume exactly."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from personalize.data import list_image_files, load_mask, mask_file
+from personalize.errors import UserError
+from personalize.inject import attach
+from personalize.models import tiny_unet
+from personalize.train import TrainConfig, train
+from personalize.training.conditioning import Conditioning
+from personalize.training.config import load_config
+from personalize.training.objective import Batch, per_sample_mse
+from personalize.training.trainer import Trainer
+from tests.test_training.conftest import make_photos
+from tests.test_training.test_train_resume import CancelAt, step_losses
+
+
+def test_masked_error_known_values():
+    prediction = torch.zeros(2, 2, 2, 2)  # (b, c, h, w)
+    target = torch.tensor([1.0, 2.0, 3.0, 4.0]).reshape(1, 1, 2, 2).expand(2, 2, 2, 2)  # squared errors 1, 4, 9, 16 per channel
+    masks = torch.tensor([1.0, 1.0, 0.0, 0.0]).reshape(1, 1, 2, 2)  # top row is the subject
+    batch = Batch(prediction[:1], Conditioning(torch.zeros(1, 3, 8)), masks, prediction[1:], Conditioning(torch.zeros(1, 3, 8)))
+    [(latents, _, weights)] = batch.parts(background_weight=0.25)  # one UNet call: instance row masked, class row not
+    assert latents.shape == (2, 2, 2, 2)
+    assert weights[0, 0].tolist() == [[1.0, 1.0], [0.25, 0.25]] and weights[1].eq(1).all()
+    errors = per_sample_mse(prediction, target, weights)
+    assert errors[0].item() == pytest.approx((1 + 4 + 0.25 * 9 + 0.25 * 16) / 2.5)
+    assert errors[1].item() == pytest.approx((1 + 4 + 9 + 16) / 4)  # unmasked: the plain mean
+    full = Batch(prediction, None, masks=torch.ones(2, 1, 2, 2)).parts(0.0)[0][2]
+    assert per_sample_mse(prediction, target, full).allclose(per_sample_mse(prediction, target))
+    # class rows of another size (aspect buckets) run as a second UNet call, weights 1
+    other = Batch(prediction[:1], None, masks, torch.zeros(3, 2, 4, 2), None).parts(0.25)
+    assert [p[0].shape[0] for p in other] == [1, 3] and other[1][2].shape == (3, 1, 4, 2) and other[1][2].eq(1).all()
+
+
+def test_mask_files_are_read_resized_and_not_images(tmp_path):
+    photo = make_photos(tmp_path, count=1, size=(96, 80))[0]
+    rgba = Image.new("RGBA", (48, 40), (0, 0, 0, 0))
+    rgba.paste((255, 0, 0, 255), (0, 0, 24, 40))  # painted left half, transparent right half
+    rgba.save(mask_file(photo))
+    assert mask_file(photo).name == "photo_0.mask.png"
+    assert list_image_files(tmp_path) == [photo]  # the mask is not an instance image of its own
+    mask = load_mask(mask_file(photo), (96, 80))
+    assert mask.mode == "L" and mask.size == (96, 80)
+    assert mask.getpixel((5, 40)) == 255 and mask.getpixel((90, 40)) == 0
+    mask_file(photo).write_bytes(b"not a png")
+    with pytest.raises(UserError, match=r"mask '.*photo_0\.mask\.png' cannot be read"):
+        load_mask(mask_file(photo), (96, 80))
+
+
+def masked_photos(folder, count: int = 3):
+    """Photos whose left half is marked as the subject."""
+    paths = make_photos(folder, count=count)
+    for path in paths:
+        mask = Image.new("L", Image.open(path).size, 0)
+        mask.paste(255, (0, 0, mask.width // 2, mask.height))
+        mask.save(mask_file(path))
+    return paths
+
+
+def test_masks_are_cut_like_their_images_and_follow_flips(tmp_path, fast):
+    masked_photos(tmp_path / "photos")
+    config = TrainConfig(**{**fast, "instance_images": str(tmp_path / "photos"), "random_flip": True, "resolution": 32})
+    trainer = Trainer(config, [], None)
+    trainer.prepare()
+    mask = trainer.instance.mask  # (2n, 1, h, w): originals, then mirrored copies
+    assert mask.shape[0] == 6 and mask.shape[1] == 1
+    half = mask.shape[-1] // 2
+    assert mask[:3, :, :, : half - 1].eq(1).all() and mask[:3, :, :, half + 1 :].eq(0).all()
+    assert torch.allclose(mask[3:], torch.flip(mask[:3], dims=[3]), atol=1e-6)
+
+
+def test_masked_runs_use_the_masks_and_resume_exactly(tmp_path, fast):
+    masked_photos(tmp_path / "photos")
+    settings = {**fast, "instance_images": str(tmp_path / "photos"), "mask_background_weight": 0.0, "checkpoint_every": 2}
+    masked = train(TrainConfig(**{**settings, "output_dir": str(tmp_path / "masked")}))
+    plain = train(TrainConfig(**{**settings, "output_dir": str(tmp_path / "plain"), "masks": "off"}))
+    assert step_losses(tmp_path / "masked") != step_losses(tmp_path / "plain")
+
+    cancel = threading.Event()
+    part = tmp_path / "part"
+    train(TrainConfig(**{**settings, "output_dir": str(part)}), [CancelAt(3, cancel)], cancel)
+    shutil.rmtree(part / "checkpoints" / "step_000003")
+    train(TrainConfig(**{**settings, "output_dir": str(part), "resume": True}))
+    assert step_losses(part) == step_losses(tmp_path / "masked")
+    resumed, full = load_file(part / "adapter.safetensors"), load_file(masked.adapter_path)
+    assert all(torch.equal(resumed[k], full[k]) for k in full)
+    assert plain.steps_done == masked.steps_done == 4
+
+
+def test_switched_off_adapter_is_the_base_model():
+    unet = tiny_unet("sd1")
+    latents, timesteps = torch.randn(1, 4, 16, 16), torch.tensor([500])
+    text = torch.randn(1, 8, unet.config.cross_attention_dim)
+    base = unet(latents, timesteps, encoder_hidden_states=text).sample
+    adapter = attach(unet, "lora")
+    with torch.no_grad():
+        for param in adapter.parameters():
+            param.add_(0.1)  # a non-zero update
+    adapted = unet(latents, timesteps, encoder_hidden_states=text).sample
+    with adapter.switched_off():
+        off = unet(latents, timesteps, encoder_hidden_states=text).sample
+    assert torch.equal(off, base) and not torch.allclose(adapted, base)
+    assert torch.equal(unet(latents, timesteps, encoder_hidden_states=text).sample, adapted)  # switched back on
+
+
+def test_prior_model_needs_no_class_images_and_resumes_exactly(tmp_path, fast):
+    settings = {**fast, "prior": "model", "class_data_dir": str(tmp_path / "classes"), "checkpoint_every": 2}
+    weightless = train(TrainConfig(**{**settings, "output_dir": str(tmp_path / "w0"), "prior_loss_weight": 0.0}))
+    assert not (tmp_path / "classes").exists()  # nothing generated
+    none = train(TrainConfig(**{**settings, "output_dir": str(tmp_path / "none"), "prior": "none"}))
+    # weight 0: the prior rows add nothing, so the run equals prior 'none' (same noise and timesteps) up to the
+    # rounding of a twice-as-large UNet batch, which Adam's normalised steps carry (measured 1e-4 on tensors of size ~1)
+    for key, value in load_file(none.adapter_path).items():
+        assert torch.allclose(load_file(weightless.adapter_path)[key], value, atol=1e-3)
+
+    full = train(TrainConfig(**{**settings, "output_dir": str(tmp_path / "full")}))
+    assert step_losses(tmp_path / "full") != step_losses(tmp_path / "none")
+    cancel = threading.Event()
+    part = tmp_path / "part"
+    train(TrainConfig(**{**settings, "output_dir": str(part)}), [CancelAt(3, cancel)], cancel)
+    shutil.rmtree(part / "checkpoints" / "step_000003")
+    train(TrainConfig(**{**settings, "output_dir": str(part), "resume": True}))
+    assert step_losses(part) == step_losses(tmp_path / "full")
+    resumed, done = load_file(part / "adapter.safetensors"), load_file(full.adapter_path)
+    assert all(torch.equal(resumed[k], done[k]) for k in done)
+
+
+def test_prior_images_generates_class_images(tmp_path, fast):
+    train(TrainConfig(**{**fast, "prior": "images", "class_data_dir": str(tmp_path / "classes"), "steps": 1}))
+    assert len(list((tmp_path / "classes").glob("*.png"))) == fast["class_images"]
+
+
+def test_old_prior_preservation_setting_still_reads():
+    assert load_config(None, instance_images="p", output_dir="o", prior_preservation=False).prior == "none"
+    assert load_config(None, instance_images="p", output_dir="o", prior_preservation=True).prior == "images"
+
+
+def test_prior_rows_target_the_frozen_model(fast, monkeypatch):
+    """Prior 'model' at LoRA's init (update zero): the adapted model is the frozen one, so the prior rows'
+    errors are 0 while the instance rows' are not; the prior rows use the class prompt."""
+    import personalize.training.trainer as trainer_module
+
+    trainer = Trainer(TrainConfig(**{**fast, "prior": "model", "batch_size": 2}), [], None)
+    trainer.prepare()
+    seen = {}
+
+    def capture(errors, weights, instances, prior_loss_weight):
+        seen.update(errors=errors.detach(), instances=instances)
+        return errors.mean()
+
+    monkeypatch.setattr(trainer_module, "dreambooth_loss", capture)
+    trainer.loss(trainer.micro_batch(0, 0))
+    errors, n = seen["errors"], seen["instances"]
+    assert n == 2 and len(errors) == 4
+    assert errors[:n].gt(0.1).all() and errors[n:].lt(1e-10).all()  # 0 up to the rounding of a 2n-row vs n-row UNet call
+
+
+def test_auto_masks_fill_the_photos_without_a_file(tmp_path):
+    from personalize.data import load_image
+    from personalize.training.masks import loss_masks
+
+    paths = [str(p) for p in make_photos(tmp_path, count=3)]
+    drawn = Image.new("L", Image.open(paths[0]).size, 0)
+    drawn.save(mask_file(paths[0]))  # all background: tells the file's mask from a segmentation
+    masks = loss_masks(paths, "auto", "circle", "tiny", torch.device("cpu"))
+    assert set(masks) == set(paths) and masks[paths[0]].getbbox() is None
+    assert all(masks[p].size == load_image(p).size and masks[p].mode == "L" for p in paths)
+    assert set(loss_masks(paths, "files", "circle", "tiny", torch.device("cpu"))) == {paths[0]}
+    assert loss_masks(paths, "off", "circle", "tiny", torch.device("cpu")) == {}
