@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("personalize.commands.generate", "generate images with one or more adapters"),
     "eval": ("metrics.command", "evaluate generated images (DINO, CLIP-I, CLIP-T, Vendi, KID, FID)"),
     "bench": ("personalize.commands.bench", "measure speed, memory and size of every adapter method"),
+    "masks": ("personalize.commands.masks", "write a loss mask (<image>.mask.png) next to each photo with a segmentation model"),
     "export": ("personalize.commands.export", "export an adapter as a standard LoRA file"),
     "app": ("app.command", "launch the browser app"),
     "methods": ("personalize.commands.methods", "list the adapter methods and their options"),
