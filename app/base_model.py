@@ -15,6 +15,7 @@ from typing import Any
 from personalize import attach, load_pipeline
 from personalize.errors import USER_ERRORS, user_message
 from personalize.models import BUILTIN_DESCRIPTIONS, BUILTIN_MODELS
+from personalize.train import TrainConfig
 
 FALLBACK_MODEL = "shapes"
 
@@ -63,6 +64,12 @@ class BaseModel:
         if self.name == "shapes":
             return "shapes"
         return "tiny" if self.name in BUILTIN_MODELS else "default"
+
+    @property
+    def mask_model(self) -> str:
+        """The segmentation model the form offers for masks: the offline random CLIPSeg on the built-in
+        models (nothing is downloaded for a demo), the trainer's default otherwise."""
+        return "tiny" if self.name in BUILTIN_MODELS else TrainConfig.mask_model
 
     def estimate(self, method: str, options: dict[str, Any]) -> tuple[int, int]:
         """(trainable parameters, adapter file bytes) of `method` with `options` on this base UNet.

@@ -3,7 +3,7 @@
 Layout of a workspace:
 
     <workspace>/concepts/<id>/concept.json     what the Concepts tab lists (name, method, status, size, ...)
-    <workspace>/concepts/<id>/images/          copies of the training images
+    <workspace>/concepts/<id>/images/          copies of the training images (with their caption .txt and .mask.png files)
     <workspace>/concepts/<id>/train/           the trainer's output folder (adapter.safetensors, result.json, samples/)
     <workspace>/concepts/<id>/generated/<run>/ generated images with manifest.jsonl, one folder per Generate click
     <workspace>/concepts/<id>/evaluations/<run>/report.json (+ .md, .png)
@@ -28,10 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PIL import ExifTags, Image
+
 from personalize.atomic import atomic_path, write_json_atomic, write_text_atomic
-from personalize.data import IMAGE_SUFFIXES, caption_file
+from personalize.data import IMAGE_SUFFIXES, caption_file, is_mask_file, mask_file
 from personalize.errors import UserError
 from personalize.train import TrainConfig
+from personalize.training.config import upgrade_legacy
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +76,7 @@ class Concept:
     steps: int  # steps asked for
     lr: float
     method_options: dict[str, Any] = field(default_factory=dict)
-    prior_preservation: bool = True
+    prior: str = "images"  # TrainConfig.prior: images | model | none
     images: list[str] = field(default_factory=list)  # file names inside images/
     created: str = ""
     status: str = TRAINING
@@ -96,7 +99,7 @@ class Concept:
             steps=config.steps,
             lr=config.lr,
             method_options=dict(config.method_options),
-            prior_preservation=config.prior_preservation,
+            prior=config.prior,
         )
 
     @property
@@ -120,6 +123,24 @@ def check_name(name: str) -> str:
 def slug(name: str) -> str:
     text = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     return text[:40] or "concept"
+
+
+def upright_size(image: Path) -> tuple[int, int]:
+    """(width, height) of `image` as training sees it: after its EXIF orientation (read from the header only)."""
+    with Image.open(image) as opened:
+        width, height = opened.size
+        turned = opened.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # rotated by 90 or 270 degrees
+    return (height, width) if turned else (width, height)
+
+
+def write_mask(image: Path, mask: Image.Image) -> None:
+    """`mask` (white = subject) as `image`'s mask file, grayscale at the image's upright size."""
+    mask = mask.convert("L")
+    size = upright_size(image)
+    if mask.size != size:
+        mask = mask.resize(size, Image.Resampling.BILINEAR)
+    with atomic_path(mask_file(image)) as tmp:
+        mask.save(tmp, format="PNG")
 
 
 class Workspace:
@@ -190,7 +211,9 @@ class Workspace:
         if samples:
             return samples[-1]
         folder = self.images_dir(concept_id)
-        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []  # not captions
+        images = (
+            sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not is_mask_file(p)) if folder.is_dir() else []
+        )
         return images[0] if images else None
 
     # --- reading ------------------------------------------------------------------------------
@@ -214,6 +237,7 @@ class Workspace:
 
     def _read(self, folder: Path) -> Concept:
         data = json.loads((folder / CONCEPT_FILE).read_text(encoding="utf-8"))
+        data = upgrade_legacy(data)  # concept.json of earlier versions: prior_preservation -> prior
         known = {f.name for f in dataclasses.fields(Concept)}
         return Concept(**{k: v for k, v in data.items() if k in known})
 
@@ -225,10 +249,12 @@ class Workspace:
     def save(self, concept: Concept) -> None:
         write_json_atomic(self.folder(concept.id) / CONCEPT_FILE, dataclasses.asdict(concept))
 
-    def create(self, concept: Concept, images: list[str], captions: list[str] | None = None) -> Concept:
+    def create(
+        self, concept: Concept, images: list[str], captions: list[str] | None = None, masks: list[Image.Image | None] | None = None
+    ) -> Concept:
         """Store a new concept: a fresh folder, copies of `images` (with `captions[i]`, where not empty, as
-        image i's caption file, read by training), concept.json; sets created, and the id unless one was
-        reserved with `new_id`."""
+        image i's caption file, and `masks[i]`, where given, as its `.mask.png`: both read by training),
+        concept.json; sets created, and the id unless one was reserved with `new_id`."""
         concept.name = check_name(concept.name)
         if self.find_by_name(concept.name):
             raise UserError(f"a concept named '{concept.name}' already exists; choose another name or delete it first")
@@ -244,6 +270,8 @@ class Workspace:
                 shutil.copyfile(source, tmp)
             if captions and index < len(captions) and captions[index].strip():
                 write_text_atomic(caption_file(target / name), captions[index].strip() + "\n")
+            if masks and index < len(masks) and masks[index] is not None:
+                write_mask(target / name, masks[index])
             names.append(name)
         concept.images = names
         self.save(concept)

@@ -39,8 +39,7 @@ def concept_details(concept: Concept) -> str:
     lines = [
         f"### {html.escape(concept.name)}",
         f"- prompt: `{concept.prompt}`",
-        f"- method: **{concept.method}** ({html.escape(options)}), lr {concept.lr:g}, "
-        f"prior preservation {'on' if concept.prior_preservation else 'off'}",
+        f"- method: **{concept.method}** ({html.escape(options)}), lr {concept.lr:g}, prior preservation: {concept.prior}",
         f"- base model: `{concept.base_model}`",
         f"- steps: {concept.steps_done} of {concept.steps}, training time {human_duration(concept.wall_time)}",
         f"- trainable parameters: {human_count(concept.num_trainable)}, adapter file: {human_size(concept.file_size)}",

@@ -1,8 +1,10 @@
 """Train tab: upload concept images, pick a method and its options, and train in the background.
 
 Callbacks stay thin: validation comes from `personalize.data`, the size estimate from the base
-UNet, the run from `personalize.train.train` (through `app.jobs`); this module turns their results
-into components.
+UNet, automatic masks from `personalize.automask`, the run from `personalize.train.train` (through
+`app.jobs`); this module turns their results into components. Masks drawn on the accepted images stay
+in the form (one per image, or None) until training starts, when the workspace writes them next to
+the image copies as `<image>.mask.png`, the files the trainer reads.
 """
 
 from __future__ import annotations
@@ -16,19 +18,21 @@ import gradio as gr
 import pandas as pd
 
 from personalize import METHODS, get_method
-from personalize.data import many_images_note, validate_instance_images
+from personalize.automask import auto_masks, load_segmenter
+from personalize.data import load_image, many_images_note, validate_instance_images
 from personalize.errors import UserError
 from personalize.prompts import check_template
 from personalize.shapes import recipe
 from personalize.shapes.world import CLASS_NOUN as SHAPES_CLASS_NOUN
 from personalize.train import MIXED_PRECISION, TrainConfig, effective_config
-from personalize.training.config import OPTIMIZERS, PRODIGY_LR
+from personalize.training.config import MASKS, OPTIMIZERS, PRIORS, PRODIGY_LR
 
 from ..feedback import guarded, human_count, human_duration, human_size, message_of
 from ..jobs import JobState
 from ..options import COLUMNS, option_rows, parse_options
 from ..state import AppState
 from ..workspace import Concept, check_name
+from .mask_editor import MASK_OPACITY, drawn_mask, editor_value, mask_choices, mask_status
 
 POLL_SECONDS = 0.5  # how often the page asks the job for progress while one runs
 
@@ -164,6 +168,29 @@ def build(state: AppState) -> dict[str, Any]:
                 elem_id="train-captions",
             )
             accepted = gr.State([])
+            masks = gr.State([])  # one mask (mode L, white = subject) or None per accepted image
+            with gr.Accordion("Loss masks (optional): paint the subject, so the background teaches less", open=False):
+                mask_pick = gr.Dropdown(
+                    choices=[], value=None, label="Image", info="or click its thumbnail", interactive=True, elem_id="train-mask-image"
+                )
+                mask_editor = gr.ImageEditor(
+                    label="Paint the subject white; the eraser takes paint away",
+                    type="pil",
+                    image_mode="RGBA",
+                    sources=(),
+                    transforms=(),
+                    layers=False,
+                    brush=gr.Brush(colors=[("#ffffff", MASK_OPACITY)], color_mode="fixed"),
+                    format="png",
+                    height=360,
+                    placeholder="Pick an image",
+                    elem_id="train-mask-editor",
+                )
+                with gr.Row():
+                    save_mask = gr.Button("Save mask", size="sm", elem_id="train-mask-save")
+                    clear_mask = gr.Button("Clear mask", size="sm", elem_id="train-mask-clear")
+                    auto_mask = gr.Button("Auto masks", size="sm", elem_id="train-mask-auto")
+                mask_info = gr.Markdown(mask_status([], []), elem_id="train-mask-status")
         with gr.Column(scale=6):
             name = gr.Textbox(label="Concept name", placeholder="e.g. my dog", elem_id="train-name")
             with gr.Row():
@@ -204,11 +231,8 @@ def build(state: AppState) -> dict[str, Any]:
                 static_columns=[0, 2],
                 elem_id="train-options",
             )
-            prior = gr.Checkbox(
-                label="Prior preservation",
-                value=train_default("prior_preservation"),
-                info=train_help("prior_preservation"),
-                elem_id="train-prior",
+            prior = gr.Dropdown(
+                list(PRIORS), value=train_default("prior"), label="Prior preservation", info=train_help("prior"), elem_id="train-prior"
             )
             with gr.Accordion("Advanced", open=False):
                 with gr.Row():
@@ -275,6 +299,35 @@ def build(state: AppState) -> dict[str, Any]:
                         info=train_help("optimizer"),
                         elem_id="train-optimizer",
                     )
+                with gr.Row():
+                    masks_mode = gr.Dropdown(
+                        list(MASKS), value=train_default("masks"), label="Masks", info=train_help("masks"), elem_id="train-masks-mode"
+                    )
+                    mask_model = gr.Textbox(
+                        label="Mask model", value=state.base.mask_model, info=train_help("mask_model"), elem_id="train-mask-model"
+                    )
+                    mask_weight = gr.Number(
+                        label="Mask background weight",
+                        value=train_default("mask_background_weight"),
+                        minimum=0,
+                        maximum=1,
+                        step=0.05,
+                        info=train_help("mask_background_weight"),
+                        elem_id="train-mask-weight",
+                    )
+                with gr.Row():
+                    buckets = gr.Checkbox(
+                        label="Aspect-ratio buckets", value=train_default("buckets"), info=train_help("buckets"), elem_id="train-buckets"
+                    )
+                    ema_decay = gr.Number(
+                        label="EMA decay",
+                        value=train_default("ema_decay"),
+                        minimum=0,
+                        maximum=0.9999,
+                        step=0.001,
+                        info=train_help("ema_decay"),
+                        elem_id="train-ema-decay",
+                    )
             estimate = gr.Markdown(estimate_text(state, default_method, option_rows(default_method)), elem_id="train-estimate")
             with gr.Row():
                 start = gr.Button("Start training", variant="primary", elem_id="train-start")
@@ -286,14 +339,91 @@ def build(state: AppState) -> dict[str, Any]:
         samples = gr.Gallery(label="Validation images", columns=3, height=260, elem_id="train-samples", interactive=False)
     timer = gr.Timer(POLL_SECONDS, active=False)
 
+    def fresh_masks(good: list[str]) -> tuple:
+        """The mask editor's parts for newly accepted images: no masks yet, the first image picked."""
+        empty = [None] * len(good)
+        first = 0 if good else None
+        return empty, gr.Dropdown(choices=mask_choices(good), value=first), editor_value(good, empty, first), mask_status(good, empty)
+
+    mask_parts = [masks, mask_pick, mask_editor, mask_info]
+
     @guarded
     def on_upload(paths: list[str] | None):
         good, bad = check_uploads(paths)
         if bad:
             gr.Warning("Rejected: " + "; ".join(bad), duration=15)
-        return good, good, upload_message(good, bad), caption_rows(good)
+        return good, good, upload_message(good, bad), caption_rows(good), *fresh_masks(good)
 
-    files.change(on_upload, files, [accepted, thumbs, upload_status, captions])
+    files.change(on_upload, files, [accepted, thumbs, upload_status, captions, *mask_parts])
+
+    @guarded
+    def on_pick(images: list[str], current: list, index: int | None):
+        return editor_value(images, current, index)
+
+    mask_pick.input(on_pick, [accepted, masks, mask_pick], mask_editor)
+
+    @guarded
+    def on_thumb(images: list[str], current: list, event: gr.SelectData):
+        return gr.Dropdown(value=event.index), editor_value(images, current, event.index)
+
+    thumbs.select(on_thumb, [accepted, masks], [mask_pick, mask_editor])
+
+    def picked(images: list[str], index: int | None) -> int:
+        if index is None or not 0 <= index < len(images):
+            raise UserError("no image picked: upload the concept images, then pick one under Loss masks")
+        return index
+
+    @guarded
+    def on_save_mask(images: list[str], current: list, index: int | None, value: dict | None):
+        index = picked(images, index)
+        mask = drawn_mask(value, images[index])
+        if mask is None:
+            raise UserError(f"nothing is painted on {Path(images[index]).name}: paint the subject with the brush, then save")
+        updated = [*current[:index], mask, *current[index + 1 :]]
+        return updated, mask_status(images, updated)
+
+    save_mask.click(on_save_mask, [accepted, masks, mask_pick, mask_editor], [masks, mask_info])
+
+    @guarded
+    def on_clear_mask(images: list[str], current: list, index: int | None):
+        index = picked(images, index)
+        updated = [*current[:index], None, *current[index + 1 :]]
+        return updated, editor_value(images, updated, index), mask_status(images, updated)
+
+    clear_mask.click(on_clear_mask, [accepted, masks, mask_pick], [masks, mask_editor, mask_info])
+
+    @guarded
+    def on_auto_masks(
+        images: list[str],
+        current: list,
+        index: int | None,
+        model_name: str,
+        noun: str,
+        progress=gr.Progress(),  # noqa: B008 (Gradio injects progress here)
+    ):
+        if not images:
+            raise UserError("no usable concept images: upload 3-5 photos of the subject first")
+        todo = [i for i, mask in enumerate(current) if mask is None]
+        if not todo:
+            gr.Info("Every image has a mask; clear one to make it again.")
+            return current, gr.skip(), mask_status(images, current)
+        prompt = " ".join(str(noun or "").split())
+        if not prompt:
+            raise UserError("the class noun is empty: auto masks look for it (e.g. dog, person, mug)")
+        progress(0, desc="loading the segmentation model")
+        segmenter = load_segmenter(str(model_name or "").strip() or state.base.mask_model)
+        made = auto_masks(
+            [load_image(images[i]) for i in todo],
+            prompt,
+            segmenter,
+            progress=lambda done, total: progress((done, total), desc="masking", unit="images"),
+        )
+        updated = list(current)
+        for i, mask in zip(todo, made):
+            updated[i] = mask
+        return updated, editor_value(images, updated, index), mask_status(images, updated)
+
+    auto_mask.click(on_auto_masks, [accepted, masks, mask_pick, mask_model, class_noun], [masks, mask_editor, mask_info])
 
     @guarded
     def on_demo(chosen: str):
@@ -308,12 +438,13 @@ def build(state: AppState) -> dict[str, Any]:
             good,
             upload_message(good, bad) + "\n\n" + note,
             caption_rows(good),
+            *fresh_masks(good),
             "pink heart",
             recipe.TOKEN,
             SHAPES_CLASS_NOUN,
             recipe.STEPS,
             recipe.learning_rate(chosen),
-            False,
+            "none",
             recipe.INSTANCE_PROMPT,
             recipe.BATCH_SIZE,
             "adamw",  # the recipe's learning rate is AdamW's
@@ -322,7 +453,22 @@ def build(state: AppState) -> dict[str, Any]:
     demo.click(
         on_demo,
         method,
-        [accepted, thumbs, upload_status, captions, name, token, class_noun, steps, lr, prior, instance_prompt, batch_size, optimizer],
+        [
+            accepted,
+            thumbs,
+            upload_status,
+            captions,
+            *mask_parts,
+            name,
+            token,
+            class_noun,
+            steps,
+            lr,
+            prior,
+            instance_prompt,
+            batch_size,
+            optimizer,
+        ],
     )
 
     @guarded
@@ -352,7 +498,7 @@ def build(state: AppState) -> dict[str, Any]:
         n_steps,
         rate,
         rows,
-        use_prior,
+        prior_mode,
         n_class,
         every,
         n_sample,
@@ -363,6 +509,12 @@ def build(state: AppState) -> dict[str, Any]:
         n_batch,
         caption_table,
         opt,
+        mask_mode,
+        mask_model_name,
+        background_weight,
+        bucketed,
+        decay,
+        drawn,
     ):
         if state.jobs.busy:
             job = state.jobs.snapshot()
@@ -383,7 +535,7 @@ def build(state: AppState) -> dict[str, Any]:
             class_noun=str(noun).strip(),
             steps=n_steps,
             lr=rate,
-            prior_preservation=bool(use_prior),
+            prior=prior_mode,
             class_images=n_class,
             validation_every=every,
             sample_steps=n_sample,
@@ -393,9 +545,14 @@ def build(state: AppState) -> dict[str, Any]:
             instance_prompt=str(prompt_template).strip(),
             batch_size=n_batch,
             optimizer=opt,
+            masks=mask_mode,
+            mask_model=str(mask_model_name or "").strip() or state.base.mask_model,
+            mask_background_weight=background_weight,
+            buckets=bool(bucketed),
+            ema_decay=decay,
         )
         texts = image_captions(caption_table, len(images))
-        concept = state.workspace.create(Concept.from_config(concept_id, concept_name, config), images, texts)
+        concept = state.workspace.create(Concept.from_config(concept_id, concept_name, config), images, texts, drawn)
         try:
             state.jobs.start(concept, config)
         except Exception:
@@ -426,6 +583,12 @@ def build(state: AppState) -> dict[str, Any]:
             batch_size,
             captions,
             optimizer,
+            masks_mode,
+            mask_model,
+            mask_weight,
+            buckets,
+            ema_decay,
+            masks,
         ],
         [status, progress, loss_plot, samples, timer],
     )

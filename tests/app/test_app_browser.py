@@ -1,7 +1,8 @@
 """End-to-end: the real app in headless Chromium, offline.
 
 On `tiny`: upload a corrupt file (visible error, app keeps working), upload 4 images, train 5 steps,
-watch progress reach the end, generate 2 images, evaluate them, delete the concept.
+watch progress reach the end, generate 2 images, evaluate them, delete the concept. Then paint a loss
+mask on one image, make the others' with Auto masks, clear one, train: the masks lie next to the copies.
 On an unreachable model: the app falls back to `shapes` and says so; the demo concept trains with
 the shapes recipe, and the judge finds the adapted images closer to the instance images than the base model's images of the same seeds.
 Screenshots of every step go to tests/app/screenshots/ (or $PERSONALIZE_SCREENSHOTS).
@@ -10,6 +11,7 @@ Screenshots of every step go to tests/app/screenshots/ (or $PERSONALIZE_SCREENSH
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import socket
@@ -19,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from personalize.data import load_mask, mask_file
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -146,7 +150,7 @@ def test_train_generate_delete_in_browser(running_app, page, tmp_path):
     page.get_by_text("Advanced").click()
     set_number(page, "#train-validation", "5")
     set_number(page, "#train-sample-steps", "2")
-    page.locator("#train-prior input[type=checkbox]").uncheck()
+    pick(page, "#train-prior", "none")
     pick(page, "#train-optimizer", "prodigy")  # Prodigy's lr is a multiplier of its own estimate: 1.0
     expect(page.locator("#train-lr input")).to_have_value("1")
     pick(page, "#train-optimizer", "adamw")
@@ -199,6 +203,60 @@ def test_train_generate_delete_in_browser(running_app, page, tmp_path):
     expect(page.locator("#concepts-table")).not_to_contain_text("test dog")
     assert state.workspace.concepts() == []
     print(f"\nscreenshots in {SCREENSHOTS.resolve()}; browser flow took {time.perf_counter() - started:.1f} s")
+
+
+def paint_stroke(page, selector: str) -> None:
+    """Drag the brush across the middle of the editor's canvas (the image is centred in it)."""
+    page.locator(f"{selector} button[aria-label='Brush']").click()
+    box = page.locator(f"{selector} canvas").first.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x - 40, y)
+    page.mouse.down()
+    page.mouse.move(x + 40, y, steps=10)
+    page.mouse.up()
+
+
+def test_masks_drawn_in_browser_reach_the_trainer(running_app, page, tmp_path):
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=TIMEOUT_MS)
+    url, state = running_app
+    page.goto(url)
+    page.locator("#train-files input[type=file]").set_input_files(subject_images(tmp_path, 4))
+    expect(page.locator("#train-upload-status")).to_contain_text("4 image(s) accepted")
+    page.get_by_text("Loss masks").click()
+    expect(page.locator("#train-mask-status")).to_contain_text("No masks")
+    page.locator("#train-thumbs img").nth(1).click()  # a thumbnail picks the image to paint
+    expect(page.locator("#train-mask-image input")).to_have_value("2. dog_1.png")
+    paint_stroke(page, "#train-mask-editor")
+    page.get_by_role("button", name="Save mask").click()
+    expect(page.locator("#train-mask-status")).to_contain_text("Masks for 1 of 4 image(s): dog_1.png")
+    shoot(page, "7-masks")
+    page.get_by_role("button", name="Auto masks").click()  # the form's mask model on `tiny`: the offline random CLIPSeg
+    expect(page.locator("#train-mask-status")).to_contain_text("Masks for 4 of 4 image(s)")
+    pick(page, "#train-mask-image", "4. dog_3.png")
+    page.get_by_role("button", name="Clear mask").click()
+    expect(page.locator("#train-mask-status")).to_contain_text("Masks for 3 of 4 image(s): dog_0.png, dog_1.png, dog_2.png.")
+
+    page.get_by_label("Concept name").fill("masked dog")
+    set_number(page, "#train-steps", "2")
+    pick(page, "#train-prior", "none")
+    page.get_by_text("Advanced").click()
+    expect(page.locator("#train-masks-mode input")).to_have_value("files")
+    set_number(page, "#train-validation", "0")
+    page.locator("#train-buckets input").check()
+    set_number(page, "#train-ema-decay", "0.9")
+    page.get_by_role("button", name="Start training").click()
+    expect(page.locator("#train-status")).to_contain_text("finished after 2 steps")
+    concept = state.workspace.find_by_name("masked dog")
+    assert concept.prior == "none"
+    effective = json.loads((state.workspace.train_dir(concept.id) / "config.json").read_text())
+    assert effective["buckets"] is True and effective["ema_decay"] == 0.9 and effective["masks"] == "files"
+    copies = [state.workspace.images_dir(concept.id) / name for name in concept.images]
+    assert [mask_file(p).is_file() for p in copies] == [True, True, True, False]
+    painted = np.asarray(load_mask(mask_file(copies[1]), (96, 96)))
+    assert painted[48, 48] == 255 and painted[2, 2] == 0 and painted[90, 90] == 0  # white where the stroke went
+    state.workspace.delete(concept.id)
 
 
 def test_offline_demo_learns_the_concept_in_browser(page, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -148,3 +149,49 @@ def test_captions_are_stored_next_to_the_copies_and_read_by_training(tmp_path):
     assert read_captions(files) == {files[1]: "a {token} dog on a sofa"}
     with pytest.raises(UserError, match=r"caption of photo 2\.png .*unknown placeholder \{dog\}"):
         image_captions(pd.DataFrame([["photo 2.png", "a {dog}"]], columns=["image", "caption"]), 1)
+
+
+def test_masks_are_stored_next_to_the_copies_at_their_size(tmp_path):
+    from app.tabs.mask_editor import drawn_mask, editor_value, mask_status
+    from personalize.data import list_image_files, load_image, load_mask, mask_file
+
+    images = make_images(tmp_path)
+    turned = tmp_path / "turned.jpg"  # 80x64 stored, shown 64x80: EXIF orientation 6 (rotated 90 degrees)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (80, 64), "gray").save(turned, exif=exif)
+    images.append(str(turned))
+    painted = Image.new("L", (64, 64), 0)
+    painted.paste(255, (10, 10, 30, 30))
+    masks = [painted, None, painted.resize((32, 32)), Image.new("L", (80, 64), 255)]
+    space = Workspace(tmp_path / "ws")
+    concept = space.create(new_concept(), images, masks=masks)
+    folder = space.images_dir(concept.id)
+    files = list_image_files(folder)
+    assert [p.name for p in files] == concept.images  # masks are not images
+    assert [mask_file(p).exists() for p in files] == [True, False, True, True]
+    first = load_mask(mask_file(files[0]), (64, 64))
+    assert first.getpixel((20, 20)) == 255 and first.getpixel((50, 50)) == 0
+    assert Image.open(mask_file(files[2])).size == (64, 64)  # resized to its image
+    assert Image.open(mask_file(files[3])).size == load_image(files[3]).size == (64, 80)  # upright size
+
+    # the editor round trip: a stored mask shows as a translucent layer and saves back unchanged
+    value = editor_value(images, masks, 0)  # files, as Gradio is handed them
+    assert editor_value(images, masks, 0) == value  # written once
+    layer = Image.open(value["layers"][0])
+    assert Image.open(value["background"]).size == (64, 64) and 0 < layer.getpixel((20, 20))[3] < 255
+    assert np.array_equal(np.asarray(drawn_mask({"layers": [layer]}, images[0])), np.asarray(painted))
+    assert drawn_mask({"layers": []}, images[1]) is None and editor_value(images, masks, 1)["layers"] == []
+    assert mask_status(images, masks) == "Masks for 3 of 4 image(s): photo 0.png, photo 2.png, turned.jpg."
+
+
+def test_concept_json_of_earlier_versions_loads(tmp_path):
+    space = Workspace(tmp_path)
+    on = space.create(new_concept("on"), make_images(tmp_path, 1))
+    off = space.create(new_concept("off"), make_images(tmp_path, 1))
+    for concept, old in ((on, True), (off, False)):
+        path = space.folder(concept.id) / "concept.json"
+        data = json.loads(path.read_text())
+        del data["prior"]
+        path.write_text(json.dumps({**data, "prior_preservation": old}))
+    assert (space.get(on.id).prior, space.get(off.id).prior) == ("images", "none")
