@@ -50,3 +50,29 @@ def test_instance_captions_name_each_background(tmp_path):
     captions = read_captions([str(p) for p in paths])
     expected = [f"a {{token}} {{class_noun}} on a {bg} background" for bg in W.INSTANCE_BACKGROUNDS]
     assert [captions[str(p)] for p in paths] == expected
+
+
+def test_one_background_masks_and_prior_settings(tmp_path):
+    """The masks/prior measurement's settings: instance images on one background, each with its object
+    mask (read back by the trainer's mask loader), and a run with prior 'model' and no base table."""
+    from personalize.benchmark.quality import write_instances
+    from personalize.data import load_mask, mask_file
+
+    concept = W.concept_by_name("pink-heart")
+    config = QualityConfig(work_dir=str(tmp_path), masks=True, instance_background="black")
+    paths = write_instances(concept, tmp_path / "instances", config)
+    for path in paths:
+        image = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        mask = np.asarray(load_mask(mask_file(path), Image.open(path).size))
+        assert 0.02 < (mask > 127).mean() < 0.9
+        assert image[mask == 0].max() < 40  # off the object (edges are antialiased): the black background only
+    assert open(paths[0].with_suffix(".txt")).read().strip().endswith("on a black background")
+
+    config = QualityConfig(
+        work_dir=str(tmp_path / "run"), methods=["lora"], concepts=["pink-heart"], steps=2, images_per_background=1, sample_steps=2,
+        base_images=0, masks=True, instance_background="black", prior="model",
+    )  # fmt: skip
+    record = run_quality(config, diversity=lambda features: float(len(features)))
+    assert record["base_quality"] is None and "Base quality" not in markdown(record) and "| lora |" in markdown(record)
+    lora = record["rows"][2]
+    assert 0 < lora["first_step_s"] < lora["wall_s"]

@@ -14,13 +14,15 @@ same number of steps, then renders `a {token} shape on a <colour> background` fo
 - cosine: mean cosine of judge features between generated and instance images;
 - alignment: share of images whose background is the prompted one;
 - diversity: Vendi score of the judge features (a callable wired by the CLI from `metrics`);
-plus trainable parameters and training time; the same for the base model (no adapter) and for the
-instance images themselves.
+plus trainable parameters, training time (the step loop), whole-run time and the time from the call
+to the first step (the slowest concept's: class images are generated then, with prior 'images'); the
+same for the base model (no adapter) and for the instance images themselves.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,6 +34,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..adapters import method_names
+from ..data import mask_file
 from ..generate import generate
 from ..shapes import judge as J
 from ..shapes import recipe
@@ -57,6 +60,9 @@ class QualityConfig:
     seed: int = 0
     base_images: int = 64  # held-out-pair images for the base-quality table
     captions: bool = False  # train on captions naming each instance image's background (written next to it)
+    masks: bool = False  # write each instance image's object mask next to it (<image>.mask.png): masked loss
+    instance_background: str | None = None  # all instance images on this one background (None: INSTANCE_BACKGROUNDS in turn)
+    prior: str = "none"  # prior preservation mode (the recipe trains without)
 
 
 @dataclass
@@ -118,12 +124,16 @@ def score(
     )
 
 
-def write_instances(concept: W.Concept, folder: Path) -> list[Path]:
+def write_instances(concept: W.Concept, folder: Path, config: QualityConfig | None = None) -> list[Path]:
     """The concept's instance images, each with a caption naming its background, as a user would write
-    it (`{token}` for the subject; training reads it only with `captions`)."""
-    paths = W.write_instance_images(concept, folder)
+    it (`{token}` for the subject; training reads it only with `captions`), and with `config.masks` the
+    object's mask (training reads `<image>.mask.png` by default)."""
+    config = config or QualityConfig()
+    backgrounds = (config.instance_background,) if config.instance_background else W.INSTANCE_BACKGROUNDS
+    shutil.rmtree(folder, ignore_errors=True)  # no masks or captions of an earlier run with other settings
+    paths = W.write_instance_images(concept, folder, backgrounds=backgrounds, mask_path=mask_file if config.masks else None)
     for i, path in enumerate(paths):
-        background = W.INSTANCE_BACKGROUNDS[i % len(W.INSTANCE_BACKGROUNDS)]
+        background = backgrounds[i % len(backgrounds)]
         path.with_suffix(".txt").write_text(f"a {{token}} {{class_noun}} on a {background} background\n", encoding="utf-8")
     return paths
 
@@ -148,10 +158,20 @@ def render_concept(pipe, concept: W.Concept, adapter: str | None, config: Qualit
 
 
 def train_concept(method: str, instance_dir: Path, out: Path, config: QualityConfig):
+    """(TrainResult, seconds from the call to the first step) of one method on one concept."""
     from ..train import TrainConfig, train
+    from ..training.callbacks import TrainCallback
 
-    settings = recipe.train_settings(method, config.lr_factor) | {"steps": config.steps}
-    return train(
+    class FirstStep(TrainCallback):
+        def __init__(self) -> None:
+            self.began, self.seconds = time.perf_counter(), 0.0
+
+        def on_start(self, *_: Any) -> None:
+            self.seconds = time.perf_counter() - self.began
+
+    settings = recipe.train_settings(method, config.lr_factor) | {"steps": config.steps, "prior": config.prior}
+    first = FirstStep()
+    result = train(
         TrainConfig(
             instance_images=str(instance_dir),
             output_dir=str(out),
@@ -162,8 +182,10 @@ def train_concept(method: str, instance_dir: Path, out: Path, config: QualityCon
             overwrite=True,
             cpu=not torch.cuda.is_available(),
             **settings,
-        )
+        ),
+        [first],
     )
+    return result, first.seconds
 
 
 def base_quality(pipe, config: QualityConfig) -> dict[str, Any]:
@@ -199,11 +221,13 @@ def run_quality(config: QualityConfig, diversity: Diversity, progress: Callable[
     concepts = [W.concept_by_name(n) for n in config.concepts] if config.concepts else list(W.CONCEPTS)
     methods = config.methods or list(method_names())
     pipe = load_pipeline("shapes", device="cuda" if torch.cuda.is_available() else "cpu")
-    progress("base quality")
-    base = base_quality(pipe, config)
-    base_images = base.pop("_images")
+    base, base_images = None, []
+    if config.base_images:
+        progress("base quality")
+        base = base_quality(pipe, config)
+        base_images = base.pop("_images")
 
-    instances = {c.name: [Image.open(p).convert("RGB") for p in write_instances(c, work / "instances" / c.name)] for c in concepts}
+    instances = {c.name: [Image.open(p).convert("RGB") for p in write_instances(c, work / "instances" / c.name, config)] for c in concepts}
     rows: dict[str, list[tuple[W.Concept, Scores]]] = {INSTANCES: [], BASE: []}
     extra: dict[str, dict[str, float]] = {}
     gallery: dict[str, dict[str, list[Image.Image]]] = {c.name: {"instances": instances[c.name]} for c in concepts}
@@ -219,22 +243,27 @@ def run_quality(config: QualityConfig, diversity: Diversity, progress: Callable[
         extra[method] = {"trainable": 0, "train_s": 0.0}
         for concept in concepts:
             progress(f"{method}: {concept.name}")
-            result = train_concept(method, work / "instances" / concept.name, work / "runs" / method / concept.name, config)
+            result, first_step_s = train_concept(method, work / "instances" / concept.name, work / "runs" / method / concept.name, config)
             images, bgs = render_concept(pipe, concept, result.adapter_path, config)
             rows[method].append((concept, score(images, bgs, concept, instances[concept.name], diversity)))
             gallery[concept.name][method] = images[:: config.images_per_background]
             extra[method]["trainable"] = result.num_trainable
             extra[method]["train_s"] += result.train_time / len(concepts)
+            extra[method]["wall_s"] = extra[method].get("wall_s", 0.0) + result.wall_time / len(concepts)
+            # the slowest start: the first concept's, when class images (prior 'images') are generated into an empty cache
+            extra[method]["first_step_s"] = max(extra[method].get("first_step_s", 0.0), first_step_s)
             extra[method]["file_bytes"] = adapter_info(result.adapter_path)["file_size"]
     table = []
     for label, scored in rows.items():
         row = MethodRow(label, Scores.mean([s for _, s in scored]), per_concept={c.name: asdict(s) for c, s in scored})
         if label in extra:
             row.trainable, row.train_s = int(extra[label]["trainable"]), float(extra[label]["train_s"])
-        table.append(asdict(row) | {"file_bytes": int(extra.get(label, {}).get("file_bytes", 0))})
+        times = {k: float(extra.get(label, {}).get(k, 0.0)) for k in ("wall_s", "first_step_s")}
+        table.append(asdict(row) | {"file_bytes": int(extra.get(label, {}).get("file_bytes", 0))} | times)
     grid = work / "grid.png"
     gallery_grid(gallery, list(rows)[1:]).save(grid)
-    base_grid(base_images).save(work / "base-grid.png")
+    if base_images:
+        base_grid(base_images).save(work / "base-grid.png")
     return {
         "settings": asdict(config)
         | {"concepts": [c.name for c in concepts], "methods": methods, "token": TOKEN, "prompts": [p for p, _ in prompts_for(concepts[0])]},
@@ -279,20 +308,23 @@ def base_grid(images: Sequence[Image.Image], cols: int = 16, cell: int = 48) -> 
 
 def markdown(record: dict[str, Any]) -> str:
     """The base-quality and personalization tables."""
-    base = record["base_quality"]
-    lines = [
-        f"Base quality on held-out (shape, colour) pairs ({base['images']} images): "
-        "share of images in which the judge sees each requested attribute.",
-        "",
-        "| shape | colour | pattern | background | all four |",
-        "|---:|---:|---:|---:|---:|",
-        "| "
-        + " | ".join(f"{base['per_attribute'][k]:.2f}" for k in ("shape", "colour", "pattern", "background"))
-        + f" | {base['all_four']:.2f} |",
-        "",
+    base, lines = record["base_quality"], []
+    if base:
+        lines += [
+            f"Base quality on held-out (shape, colour) pairs ({base['images']} images): "
+            "share of images in which the judge sees each requested attribute.",
+            "",
+            "| shape | colour | pattern | background | all four |",
+            "|---:|---:|---:|---:|---:|",
+            "| "
+            + " | ".join(f"{base['per_attribute'][k]:.2f}" for k in ("shape", "colour", "pattern", "background"))
+            + f" | {base['all_four']:.2f} |",
+            "",
+        ]
+    lines += [
         "| Method | Fidelity (judge) | Cosine to instances | Alignment (background) | Diversity (Vendi) "
-        "| Trainable | File | Train time (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| Trainable | File | Train time (s) | Whole run (s) | First step after (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in record["rows"]:
         s = row["scores"]
@@ -301,5 +333,7 @@ def markdown(record: dict[str, Any]) -> str:
         trainable = f"{row['trainable']:,}" if row["trainable"] else "-"
         train_s = f"{row['train_s']:.1f}" if row["train_s"] else "-"
         scores = f"{s['fidelity']:.2f} | {s['cosine']:.2f} | {align} | {s['diversity']:.2f}"
-        lines.append(f"| {row['label']} | {scores} | {trainable} | {size} | {train_s} |")
+        wall = f"{row['wall_s']:.1f}" if row.get("wall_s") else "-"
+        first = f"{row['first_step_s']:.1f}" if row.get("first_step_s") else "-"
+        lines.append(f"| {row['label']} | {scores} | {trainable} | {size} | {train_s} | {wall} | {first} |")
     return "\n".join(lines)

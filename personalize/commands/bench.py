@@ -13,6 +13,7 @@ from tqdm import tqdm
 from ..benchmark import BenchConfig, markdown_table, run_benchmark, write_chart, write_json, write_markdown
 from ..benchmark.config import PRECISIONS
 from ..errors import UserError
+from ..training.config import PRIORS
 
 QUICK_STEPS, QUICK_WARMUP = 3, 1  # --quick: a few minutes for every method on a 2-core CPU at 256 px
 FULL_STEPS, FULL_WARMUP = BenchConfig.steps, BenchConfig.warmup
@@ -87,6 +88,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="--quality: train on captions naming each instance image's background (<image>.txt) instead of one prompt",
     )
+    parser.add_argument("--masks", action="store_true", help="--quality: write each instance image's object mask (masked loss)")
+    parser.add_argument(
+        "--instance-background", metavar="NAME", help="--quality: put every instance image on this one background (default: four)"
+    )
+    parser.add_argument("--prior", default="none", choices=PRIORS, help="--quality: prior preservation mode (default: %(default)s)")
+    parser.add_argument(
+        "--base-images",
+        type=int,
+        default=64,
+        metavar="N",
+        help="--quality: images of the base-quality table; 0 = skip it (default: %(default)s)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -145,14 +158,28 @@ def run_quality_command(args: argparse.Namespace) -> int:
 
     from ..benchmark.quality import QualityConfig, markdown, run_quality
     from ..benchmark.report import write_section
-    from ..shapes.world import CONCEPTS
+    from ..shapes.world import BACKGROUND_NAMES, CONCEPTS
 
     known = [c.name for c in CONCEPTS]
     for name in args.concepts or []:
         if name not in known:
             raise UserError(f"unknown concept '{name}'; accepted: {', '.join(known)}")
     methods = [m.partition(":")[0] for m in args.methods] if args.methods else None
-    config = QualityConfig(work_dir=args.quality_dir, methods=methods, concepts=args.concepts, seed=args.seed, captions=args.captions)
+    if args.instance_background and args.instance_background not in BACKGROUND_NAMES:
+        raise UserError(f"unknown background '{args.instance_background}'; accepted: {', '.join(BACKGROUND_NAMES)}")
+    if args.base_images < 0:
+        raise UserError(f"--base-images must be 0 or more, got {args.base_images}")
+    config = QualityConfig(
+        work_dir=args.quality_dir,
+        methods=methods,
+        concepts=args.concepts,
+        seed=args.seed,
+        captions=args.captions,
+        masks=args.masks,
+        instance_background=args.instance_background,
+        prior=args.prior,
+        base_images=args.base_images,
+    )
     vendi = importlib.import_module("metrics.vendi").vendi_score
     with tqdm(desc="quality", unit="run") as bar:
         record = run_quality(config, vendi, lambda label: (bar.set_description(label), bar.update()))
@@ -164,8 +191,16 @@ def run_quality_command(args: argparse.Namespace) -> int:
     table = markdown(record)
     if args.markdown:
         key, title = ("quality-shapes", "Quality on `shapes`")
-        if args.captions:
-            key, title = "quality-shapes-captions", "Quality on `shapes`, captions naming the background"
+        variant = [("captions", "captions naming the background")] if args.captions else []
+        if args.instance_background:
+            variant.append((f"on-{args.instance_background}", f"instance images on one {args.instance_background} background"))
+        if args.masks:
+            variant.append(("masks", "masked loss"))
+        if args.prior != "none":
+            variant.append((f"prior-{args.prior}", f"prior '{args.prior}'"))
+        if variant:
+            key = "-".join([key] + [k for k, _ in variant])
+            title = ", ".join([title] + [t for _, t in variant])
         write_section(args.markdown, key, f"### {title}\n\nCommand: `{record['command']}` ({record['total_s'] / 60:.0f} min)\n\n{table}")
     print(table)
     print(f"wrote {output}, {record['grid']}" + (f", {args.markdown}" if args.markdown else ""))

@@ -16,6 +16,7 @@ The judge (`personalize.shapes.judge`) is trained on the whole world, concepts i
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -148,9 +149,18 @@ def concept_scene(concept: Concept, rng: np.random.Generator, backgrounds: tuple
     return Scene(concept.shape, concept.colour, concept.pattern, backgrounds[rng.integers(len(backgrounds))], **jitter(rng))
 
 
-def write_instance_images(concept: Concept, folder, count: int = 4, seed: int = 0, resolution: int = 128) -> list:
-    """`count` PNGs of `concept` at varied positions and sizes, one per instance background in turn,
-    drawn at `resolution` px (training resizes them); returns their paths."""
+def write_instance_images(
+    concept: Concept,
+    folder,
+    count: int = 4,
+    seed: int = 0,
+    resolution: int = 128,
+    backgrounds: tuple[str, ...] = INSTANCE_BACKGROUNDS,
+    mask_path: Callable | None = None,
+) -> list:
+    """`count` PNGs of `concept` at varied positions and sizes, one per entry of `backgrounds` in turn,
+    drawn at `resolution` px (training resizes them); returns their paths. With `mask_path` (image
+    path -> mask path), each image's object mask is written there too (white = the object)."""
     from pathlib import Path
 
     rng = np.random.default_rng([seed, CONCEPTS.index(concept)])
@@ -158,10 +168,13 @@ def write_instance_images(concept: Concept, folder, count: int = 4, seed: int = 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
-        bg = INSTANCE_BACKGROUNDS[i % len(INSTANCE_BACKGROUNDS)]
+        bg = backgrounds[i % len(backgrounds)]
         scene = Scene(concept.shape, concept.colour, concept.pattern, bg, **jitter(rng))
         path = folder / f"{concept.name}-{i + 1}.png"
-        render(scene, resolution).save(path)
+        image, mask = render_with_mask(scene, resolution)
+        image.save(path)
+        if mask_path is not None:
+            mask.save(mask_path(path))
         paths.append(path)
     return paths
 
