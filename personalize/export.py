@@ -10,11 +10,24 @@ Formats:
 - `diffusers`: PEFT keys `unet.<module>.lora_A.weight` / `.lora_B.weight` for
   `pipe.load_lora_weights(file)`. The per-layer ranks, with alpha = rank (scale 1), are stored as a
   PEFT LoraConfig in the `lora_adapter_metadata` header, which diffusers reads instead of guessing.
-- `kohya`: `lora_unet_<module, dots as _>.lora_down.weight` / `.lora_up.weight` / `.alpha`, the
-  layout kohya's sd-scripts writes for SD 1.x/2.x, read by A1111, ComfyUI and diffusers. Every
-  layer has alpha 1 (sd-scripts' default), so a loader applies `up @ down / rank`; each factor
-  carries `sqrt(rank)` to compensate. One alpha for all layers matters: diffusers files per-layer
-  alphas of attention layers under names PEFT does not match, and would scale those layers wrongly.
+  A1111 and ComfyUI do not read these key names: they skip the file's layers.
+- `kohya`: `lora_unet_<name>.lora_down.weight` / `.lora_up.weight` / `.alpha`, named as kohya's
+  sd-scripts names them, read by A1111, ComfyUI and diffusers. Every layer has alpha 1 (sd-scripts'
+  default), so a loader applies `up @ down / rank`; each factor carries `sqrt(rank)` to compensate.
+  One alpha for all layers matters: diffusers files per-layer alphas of attention layers under
+  names PEFT does not match, and would scale those layers wrongly.
+
+Kohya names (`kohya_names`), dots written as `_`:
+- SD 1.x/2.x: the diffusers module path (`down_blocks_0_attentions_0_proj_in`); sd-scripts trains
+  those models on the diffusers UNet.
+- SDXL: the module path in the original LDM/SGM UNet (`model.diffusion_model`), which sd-scripts
+  trains SDXL on: `input_blocks_4_1_transformer_blocks_0_attn1_to_q`, `input_blocks_3_0_op`,
+  `middle_block_1_proj_in`, `output_blocks_2_2_conv`, `time_embed_0`, `label_emb_0_0`, `out_2`.
+  Every key of an SDXL file is spelled this way, never a mix: diffusers' converter drops the LDM keys
+  of a mixed file, and A1111 misplaces diffusers-spelled SDXL upsamplers. The mapping is derived from
+  the UNet config (`ldm_table`), so it holds for any UNet with SDXL's block types.
+The kohya header also names the base as sd-scripts does (`ss_base_model_version`, `ss_v2`,
+`ss_sd_model_name`): A1111 hides SDXL and SD 2.x LoRAs from its LoRA tab without it.
 """
 
 from __future__ import annotations
@@ -25,7 +38,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -46,11 +59,26 @@ DEFAULT_ENERGY = 0.99  # keep 99% of each update's squared norm: relative error 
 KOHYA_ALPHA = 1.0  # sd-scripts' default --network_alpha; the factors absorb sqrt(rank) each
 DIFFUSERS_PREFIX = "unet"  # the pipeline component diffusers routes `unet.*` keys to
 KOHYA_PREFIX = "lora_unet_"
-# Layers whose kohya name must use the LDM spelling, as sd-scripts writes it for SDXL: diffusers'
-# kohya converter reads `lora_unet_add_embedding_linear_1` as `add_embedding.linear` (it strips a
-# layer index from names containing "emb"), and A1111 finds SDXL's label embedding only by its
-# LDM name. ComfyUI accepts both spellings.
-KOHYA_LDM_NAMES = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+# `ss_base_model_version` as sd-scripts writes it (model_util.get_model_version_str_for_sd1_sd2,
+# sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0). A1111 reads "sdxl_*" as SDXL and `ss_v2` "True" as SD 2.x.
+KOHYA_BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+# SDXL layers outside the down/mid/up blocks: diffusers name -> LDM name.
+LDM_TOP_LEVEL = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_out": "out.2",
+}
+# The Linear/Conv2d layers of a diffusers ResnetBlock2D -> their names in an LDM ResBlock.
+LDM_RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+# The block types the LDM mapping knows -> whether the block has attentions (transformers).
+LDM_BLOCK_TYPES = {"DownBlock2D": False, "CrossAttnDownBlock2D": True, "UpBlock2D": False, "CrossAttnUpBlock2D": True}
+LDM_MID_BLOCK = "UNetMidBlock2DCrossAttn"
+DIFFUSERS_ONLY = (
+    "diffusers format: loads with diffusers' pipe.load_lora_weights; A1111 and ComfyUI do not read it, use --format kohya for them"
+)
 
 ProgressCallback = Callable[[int, int, str], None]  # (layers done, layers in total, layer name)
 
@@ -79,6 +107,7 @@ class ExportReport:
     method: str
     base_model: str
     layers: list[LayerExport]
+    family: str | None = None  # "sd1", "sd2" or "sdxl" (`unet_family`); None for other models
     skipped: dict[str, str] = field(default_factory=dict)  # layer -> why it is not in the file
     lost_norm2: float = 0.0  # squared norm of updates that could not be exported
     file_size: int = 0
@@ -103,10 +132,13 @@ class ExportReport:
             lines.append(f"{layer.name:{width}s}  {layer.kind:8s} {shape:18s} {layer.rank:5d}/{layer.full_rank:<5d}  {layer.error:.2e}")
         for name, reason in self.skipped.items():
             lines.append(f"not exported: {name} ({reason})")
+        base = f", {KOHYA_BASE_VERSIONS[self.family]} base" if self.format == "kohya" and self.family else ""
         lines.append(
             f"{len(self.layers)} layers, {self.num_params:,} parameters, overall relative error {self.error:.2e}, "
-            f"{format_size(self.file_size)} ({self.format}, {self.dtype}) -> {self.output}"
+            f"{format_size(self.file_size)} ({self.format}, {self.dtype}{base}) -> {self.output}"
         )
+        if self.format == "diffusers":
+            lines.append(f"note: {DIFFUSERS_ONLY}")
         return "\n".join(lines)
 
 
@@ -188,8 +220,19 @@ def export_adapter(
         energy = DEFAULT_ENERGY
     tensors: dict[str, torch.Tensor] = {}
     report = ExportReport(
-        output=Path(output), format=format, dtype=dtype_name, method=adapter.name, base_model=base_model_id(adapter.root), layers=[]
+        output=Path(output),
+        format=format,
+        dtype=dtype_name,
+        method=adapter.name,
+        base_model=base_model_id(adapter.root),
+        layers=[],
+        family=unet_family(adapter.root),
     )
+    exportable = [name for name, slot in adapter.slots.items() if unsupported_reason(slot.base) is None]
+    if format == "kohya":
+        keys = kohya_names(adapter.root, exportable)  # before any SVD: a layer without a name fails fast
+    else:
+        keys = {name: f"{DIFFUSERS_PREFIX}.{name}" for name in exportable}
     total = len(adapter.slots)
     for done, (name, slot) in enumerate(adapter.slots.items(), 1):
         module = slot.base
@@ -201,7 +244,7 @@ def export_adapter(
             report.skipped[name] = reason
             report.lost_norm2 += float(delta.double().norm()) ** 2
         else:
-            layer = export_layer(name, delta, format, rank, energy, DTYPES[dtype_name], tensors)
+            layer = export_layer(name, keys[name], delta, format, rank, energy, DTYPES[dtype_name], tensors)
             if layer is None:
                 report.skipped[name] = "its update is zero"
             else:
@@ -235,6 +278,7 @@ def unsupported_reason(module: nn.Module) -> str | None:
 
 def export_layer(
     name: str,
+    key: str,
     delta: torch.Tensor,
     format: str,
     rank: int | None,
@@ -242,7 +286,7 @@ def export_layer(
     dtype: torch.dtype,
     tensors: dict[str, torch.Tensor],
 ) -> LayerExport | None:
-    """Factor one update, add its tensors (in `dtype`, on the CPU) to `tensors`; None if it is zero."""
+    """Factor one update, add its tensors under `key` (in `dtype`, on the CPU) to `tensors`; None if it is zero."""
     matrix = delta.reshape(delta.shape[0], -1)  # (out, in*k*k)
     low = factorize(matrix, rank=rank, energy=energy)
     if low.rank == 0:
@@ -262,11 +306,8 @@ def export_layer(
     else:
         kind = "linear"
     if format == "diffusers":
-        key = f"{DIFFUSERS_PREFIX}.{name}"
         tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = down.cpu().contiguous(), up.cpu().contiguous()
     else:
-        key = kohya_name(name)
-        assert f"{key}.lora_down.weight" not in tensors, f"two layers map to the kohya name {key}"
         tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down.cpu().contiguous(), up.cpu().contiguous()
         tensors[f"{key}.alpha"] = torch.tensor(KOHYA_ALPHA, dtype=torch.float32)
     return LayerExport(
@@ -281,9 +322,103 @@ def export_layer(
     )
 
 
-def kohya_name(name: str) -> str:
-    """`lora_unet_` + the module path with dots as underscores (LDM spelling where it must be)."""
-    return KOHYA_PREFIX + KOHYA_LDM_NAMES.get(name, name).replace(".", "_")
+def unet_family(root: nn.Module) -> str | None:
+    """ "sdxl", "sd2" or "sd1" for a diffusers UNet2DConditionModel, read from its config; None for other models."""
+    config = getattr(root, "config", None)
+    if not isinstance(config, Mapping) or "down_block_types" not in config:
+        return None
+    if config.get("addition_embed_type") == "text_time":  # pooled text + size/crop ids: SDXL's added conditioning
+        return "sdxl"
+    # SD 2.x: OpenCLIP-H text states (1024 wide) and linear proj_in/proj_out, where SD 1.x has 768 and 1x1 convs.
+    if config.get("cross_attention_dim") == 1024 or config.get("use_linear_projection"):
+        return "sd2"
+    return "sd1"
+
+
+def kohya_names(root: nn.Module, names: Iterable[str]) -> dict[str, str]:
+    """The kohya key (`lora_unet_...`, no suffix) of each layer of `root` in `names`: LDM names for SDXL."""
+    table = ldm_table(root.config) if unet_family(root) == "sdxl" else None
+    keys = {name: KOHYA_PREFIX + (name if table is None else ldm_name(name, table)).replace(".", "_") for name in names}
+    shared = [key for key, count in Counter(keys.values()).items() if count > 1]
+    if shared:
+        raise UserError(f"two layers map to the kohya name {shared[0]}; export with --format diffusers")
+    return keys
+
+
+def ldm_name(name: str, table: Mapping[str, str]) -> str:
+    """The LDM name of diffusers layer `name`: the `table` entry of its longest listed prefix, then the rest."""
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:cut])
+        if prefix in table:
+            return ".".join([table[prefix], *parts[cut:]])
+    raise UserError(f"layer '{name}' has no SDXL (LDM) name for a kohya file; export with --format diffusers")
+
+
+def ldm_table(config: Mapping[str, Any]) -> dict[str, str]:
+    """diffusers -> LDM names of an SDXL-layout UNet: each resnet, sampler and top-level layer, and each attention block.
+
+    LDM numbers `input_blocks` from conv_in (0) on: each down-block resnet, with its attention, is one
+    block, and each downsampler (`op`) a block of its own. `middle_block` is resnet, attention, resnet.
+    `output_blocks` hold each up-block resnet with its attention; an upsampler joins the last of its
+    up block's output blocks, after the resnet (index 1) and the attention (index 2).
+    """
+    table = dict(LDM_TOP_LEVEL)
+    down, up = list(config["down_block_types"]), list(config["up_block_types"])
+    depth = config["layers_per_block"]
+    depths = [depth] * len(down) if isinstance(depth, int) else list(depth)
+    index = 1
+    for i, kind in enumerate(down):
+        for j in range(depths[i]):
+            add_ldm_block(table, f"down_blocks.{i}", j, f"input_blocks.{index}", block_attention(kind))
+            index += 1
+        if i < len(down) - 1:
+            table[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{index}.0.op"
+            index += 1
+    mid = config.get("mid_block_type", LDM_MID_BLOCK)
+    if mid != LDM_MID_BLOCK:
+        raise UserError(f"no SDXL (LDM) names for a UNet with mid block {mid}; export with --format diffusers")
+    add_ldm_resnet(table, "mid_block.resnets.0", "middle_block.0")
+    table["mid_block.attentions.0"] = "middle_block.1"
+    add_ldm_resnet(table, "mid_block.resnets.1", "middle_block.2")
+    index = 0
+    for i, (kind, depth) in enumerate(zip(up, reversed(depths))):
+        attention = block_attention(kind)
+        for j in range(depth + 1):  # an up block has one resnet more than its down block
+            add_ldm_block(table, f"up_blocks.{i}", j, f"output_blocks.{index}", attention)
+            index += 1
+        if i < len(up) - 1:
+            table[f"up_blocks.{i}.upsamplers.0.conv"] = f"output_blocks.{index - 1}.{2 if attention else 1}.conv"
+    return table
+
+
+def block_attention(kind: str) -> bool:
+    """Whether a down/up block of type `kind` has attentions; a type without LDM names is an error."""
+    if kind not in LDM_BLOCK_TYPES:
+        raise UserError(f"no SDXL (LDM) names for a UNet with {kind} blocks; export with --format diffusers")
+    return LDM_BLOCK_TYPES[kind]
+
+
+def add_ldm_block(table: dict[str, str], block: str, j: int, ldm: str, attention: bool) -> None:
+    """Resnet `j` of diffusers `block` (and attention `j` if it has them) as LDM block `ldm`'s layers 0 (and 1)."""
+    add_ldm_resnet(table, f"{block}.resnets.{j}", f"{ldm}.0")
+    if attention:
+        table[f"{block}.attentions.{j}"] = f"{ldm}.1"  # a prefix: the transformer's layers keep their names
+
+
+def add_ldm_resnet(table: dict[str, str], resnet: str, ldm: str) -> None:
+    for name, ldm_layer in LDM_RESNET.items():
+        table[f"{resnet}.{name}"] = f"{ldm}.{ldm_layer}"
+
+
+def base_metadata(family: str | None, base_model: str) -> dict[str, str]:
+    """The sd-scripts header fields naming the base model (A1111 lists SDXL and SD 2.x LoRAs by them)."""
+    fields = {}
+    if family is not None:
+        fields.update(ss_base_model_version=KOHYA_BASE_VERSIONS[family], ss_v2=str(family == "sd2"))
+    if base_model:  # sd-scripts writes a local model's file or folder name, a hub id as it is
+        fields["ss_sd_model_name"] = Path(base_model).name if Path(base_model).exists() else base_model
+    return fields
 
 
 def write(report: ExportReport, tensors: dict[str, torch.Tensor]) -> None:
@@ -301,6 +436,7 @@ def write(report: ExportReport, tensors: dict[str, torch.Tensor]) -> None:
             ss_network_module="networks.lora",
             ss_network_dim=str(common) if len(set(ranks.values())) == 1 else "Dynamic",
             ss_network_alpha=str(KOHYA_ALPHA),
+            **base_metadata(report.family, report.base_model),
         )
     with atomic_path(report.output) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)

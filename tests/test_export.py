@@ -2,7 +2,8 @@
 
 At full rank the diffusers file, loaded with `pipe.load_lora_weights`, reproduces the adapted UNet,
 and the kohya file, read through diffusers' own kohya converter, gives the same LoRA weights.
-Also: every Linear/Conv2d layer of SD 1.x- and SDXL-style UNets, the rank/energy choice, zero and
+Also: every Linear/Conv2d layer of SD 1.x- and SDXL-style UNets, SDXL's LDM key names (on the real
+SDXL layout too, built on the meta device), the base-model header, the rank/energy choice, zero and
 unexportable updates, the CLI and its error messages.
 """
 
@@ -13,19 +14,22 @@ import re
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.utils import convert_unet_state_dict_to_peft
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 import personalize as P
 from personalize import cli
-from personalize.export import KOHYA_ALPHA, export_adapter, export_lora, kohya_name
+from personalize.export import KOHYA_ALPHA, export_adapter, export_lora, kohya_names
 from personalize.lowrank import factorize
 from personalize.models import tiny_unet
 from tests.helpers import run_unet, unet_inputs
 
 FULL = 10**6  # a rank above every layer's own: each layer is capped at its full rank
+# Module-name parts only the diffusers UNet spells: no key of an SDXL kohya file may hold one.
+DIFFUSERS_SPELLINGS = ("down_blocks", "up_blocks", "mid_block", "_attentions_", "resnets", "upsamplers", "downsamplers", "_embedding_")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -37,8 +41,14 @@ def components():
     return P.load_pipeline("tiny").components
 
 
-def pipeline(components, style: str = "sd1") -> StableDiffusionPipeline:
-    """A pipeline around a fresh base UNet of `style` (`load_lora_weights` is a pipeline method)."""
+def pipeline(components, style: str = "sd1") -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """A pipeline around a fresh base UNet of `style` (`load_lora_weights` is a pipeline method).
+
+    SDXL gets the SDXL pipeline, as SDXL users load LoRAs: only its loader maps kohya's LDM names.
+    """
+    if style == "sdxl":
+        parts = {k: components[k] for k in ("vae", "text_encoder", "tokenizer", "scheduler")}
+        return StableDiffusionXLPipeline(**parts, text_encoder_2=None, tokenizer_2=None, unet=tiny_unet(style))
     return StableDiffusionPipeline(**{**components, "unet": tiny_unet(style)})
 
 
@@ -116,11 +126,14 @@ def test_full_rank_export_reproduces_the_adapted_unet(method, components, base_o
 
 @pytest.mark.parametrize("style", ["sd1", "sdxl"])
 def test_every_linear_and_conv_layer_round_trips(style, components, tmp_path):
-    """Linears, 1x1 and 3x3 convs (strided ones too), time and SDXL embeddings: every layer."""
+    """Linears, 1x1 and 3x3 convs (strided ones too), time and SDXL embeddings: every layer, and the UNet output."""
     unet = tiny_unet(style)
     original = {k: v.clone() for k, v in unet.state_dict().items()}
+    inputs = unet_inputs(unet, batch=1)
     adapter = perturbed(unet, "svfit", targets=r".")
     deltas = adapter.deltas()
+    with torch.no_grad():
+        adapted = run_unet(unet, inputs)
     source = tmp_path / "adapter.safetensors"
     adapter.save(str(source))
     reports = {"diffusers": export_adapter(adapter, "diffusers", output=tmp_path / "diffusers.safetensors", rank=FULL, dtype="float32")}
@@ -128,6 +141,8 @@ def test_every_linear_and_conv_layer_round_trips(style, components, tmp_path):
     reports["kohya"] = export_lora(unet, source, "kohya", output=tmp_path / "kohya.safetensors", rank=FULL, dtype="float32")
     state = unet.state_dict()
     assert state.keys() == original.keys() and all(torch.equal(state[k], original[k]) for k in original), "export changed the UNet"
+    with torch.no_grad():
+        assert rel(adapted, run_unet(unet, inputs)) > 1e-2, "the adapter must change the output far more than the tolerance below"
     for fmt, report in reports.items():
         kinds = {layer.kind for layer in report.layers}
         assert {"linear", "conv3x3"} <= kinds and (style != "sd1" or "conv1x1" in kinds)
@@ -137,10 +152,21 @@ def test_every_linear_and_conv_layer_round_trips(style, components, tmp_path):
         assert set(got) == set(deltas)
         for name, delta in deltas.items():
             assert rel(got[name], delta) < 1e-5, f"{style} {fmt}: {name}"
+        with torch.no_grad():
+            assert rel(run_unet(pipe.unet, inputs), adapted) < 1e-4, f"{style} {fmt} LoRA output != adapted UNet"
     assert not list(tmp_path.glob(".*.tmp")), "temporary files left behind"
     tensors = load_file(str(tmp_path / "kohya.safetensors"))
+    keys = kohya_names(unet, deltas)
+    assert len(set(keys.values())) == len(keys) and {f"{key}.alpha" for key in keys.values()} == {
+        k for k in tensors if k.endswith(".alpha")
+    }
+    if style == "sdxl":  # LDM names only, as sd-scripts writes SDXL files
+        assert not [k for k in tensors if any(part in k for part in DIFFUSERS_SPELLINGS)]
+        assert {"lora_unet_time_embed_0", "lora_unet_label_emb_0_0", "lora_unet_input_blocks_0_0", "lora_unet_out_2"} <= set(keys.values())
+    else:  # SD 1.x: the diffusers module path, as before
+        assert keys == {name: "lora_unet_" + name.replace(".", "_") for name in deltas}
     for name, delta in deltas.items():
-        key = kohya_name(name)
+        key = keys[name]
         down, up = tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"]
         r = down.shape[0]
         if delta.dim() == 4:  # LoCon: down (r, in, k, k), up (out, r, 1, 1)
@@ -148,6 +174,78 @@ def test_every_linear_and_conv_layer_round_trips(style, components, tmp_path):
         else:
             assert down.shape == (r, delta.shape[1]) and up.shape == (delta.shape[0], r)
         assert tensors[f"{key}.alpha"].item() == KOHYA_ALPHA
+
+
+# The real SDXL base UNet's layout (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json).
+SDXL_UNET = dict(
+    sample_size=128,
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=2048,
+    attention_head_dim=(5, 10, 20),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+# diffusers layer -> its name in sd-scripts' SDXL UNet (library/sdxl_original_unet.py, sdxl_model_util.make_unet_conversion_map).
+KOHYA_SDXL_NAMES = {
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": "input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+    "down_blocks.2.attentions.1.transformer_blocks.9.ff.net.2": "input_blocks_8_1_transformer_blocks_9_ff_net_2",
+    "down_blocks.0.downsamplers.0.conv": "input_blocks_3_0_op",
+    "down_blocks.1.downsamplers.0.conv": "input_blocks_6_0_op",
+    "down_blocks.1.resnets.0.conv_shortcut": "input_blocks_4_0_skip_connection",
+    "mid_block.attentions.0.proj_in": "middle_block_1_proj_in",
+    "mid_block.resnets.1.time_emb_proj": "middle_block_2_emb_layers_1",
+    "up_blocks.0.resnets.0.conv1": "output_blocks_0_0_in_layers_2",
+    "up_blocks.0.upsamplers.0.conv": "output_blocks_2_2_conv",
+    "up_blocks.1.upsamplers.0.conv": "output_blocks_5_2_conv",
+    "up_blocks.2.resnets.2.conv2": "output_blocks_8_0_out_layers_3",
+    "conv_in": "input_blocks_0_0",
+    "time_embedding.linear_1": "time_embed_0",
+    "add_embedding.linear_2": "label_emb_0_2",
+    "conv_out": "out_2",
+}
+
+
+def test_real_sdxl_layers_get_sd_scripts_names():
+    """Every Linear/Conv2d of the real SDXL UNet (on the meta device: no memory) gets its own LDM name,
+    and diffusers' own kohya converter maps each name back to its layer."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET)
+    names = [name for name, module in unet.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
+    keys = kohya_names(unet, names)
+    assert len(set(keys.values())) == len(names) > 700
+    assert not [k for k in keys.values() if any(part in k for part in DIFFUSERS_SPELLINGS)]
+    assert {name: keys[name] for name in KOHYA_SDXL_NAMES} == {name: f"lora_unet_{key}" for name, key in KOHYA_SDXL_NAMES.items()}
+    state = {}
+    for i, key in enumerate(keys.values()):
+        state.update({f"{key}.lora_down.weight": torch.tensor([float(i)]), f"{key}.lora_up.weight": torch.zeros(1)})
+        state[f"{key}.alpha"] = torch.tensor(1.0)
+    converted, _ = StableDiffusionXLPipeline.lora_state_dict(state, unet_config=unet.config)
+    peft = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in converted.items()})
+    back = {k.removesuffix(".lora_A.weight"): int(v.item()) for k, v in peft.items() if k.endswith(".lora_A.weight")}
+    assert back == {name: i for i, name in enumerate(names)}
+
+
+@pytest.mark.parametrize("style, version, v2", [("sd1", "sd_v1", "False"), ("sd2", "sd_v2", "True"), ("sdxl", "sdxl_base_v1-0", "False")])
+def test_kohya_header_names_the_base_model(style, version, v2, tmp_path):
+    """A1111 lists a LoRA for SDXL or SD 2.x models only if `ss_base_model_version` / `ss_v2` say so."""
+    unet = tiny_unet(style)
+    adapter = perturbed(unet, "svfit")
+    report = export_adapter(adapter, "kohya", output=tmp_path / "kohya.safetensors", rank=2)
+    with safe_open(str(report.output), framework="pt") as handle:
+        metadata, keys = handle.metadata(), list(handle.keys())
+    assert (metadata["ss_base_model_version"], metadata["ss_v2"]) == (version, v2)
+    assert metadata["ss_sd_model_name"] == unet.config._name_or_path
+    assert f"{version} base" in report.table() and "A1111" not in report.table()
+    spelled = [k for k in keys if any(part in k for part in DIFFUSERS_SPELLINGS)]
+    assert not spelled if style == "sdxl" else len(spelled) == len(keys)
+    diffusers = export_adapter(adapter, "diffusers", output=tmp_path / "diffusers.safetensors", rank=2)
+    assert "A1111 and ComfyUI do not read it, use --format kohya" in diffusers.table()
 
 
 def test_fixed_rank_is_the_best_approximation_of_that_rank(adapter_file, tmp_path):
@@ -217,6 +315,8 @@ def test_layers_without_a_lora_form_are_named_and_counted_as_lost(tmp_path):
     assert [layer.name for layer in report.layers] == ["0"]
     assert report.skipped == {"1": "grouped conv (groups=2) has no LoRA form"}
     assert "not exported: 1 (grouped conv (groups=2) has no LoRA form)" in report.table()
+    with safe_open(str(report.output), framework="pt") as handle:
+        assert "ss_base_model_version" not in handle.metadata(), "no base family for a model that is not a UNet"
     lost = deltas["1"].norm() ** 2 / (deltas["0"].norm() ** 2 + deltas["1"].norm() ** 2)
     assert report.error == pytest.approx(lost.sqrt().item(), rel=1e-4)
 
