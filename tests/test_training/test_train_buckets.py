@@ -4,19 +4,16 @@ that train, evaluate and resume with photos (and class images) of several shapes
 from __future__ import annotations
 
 import math
-import shutil
-import threading
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from personalize.train import TrainConfig, train
 from personalize.training.buckets import BucketedLatents, bucket_sizes, nearest_bucket
 from personalize.training.latents import LatentSet
 from personalize.training.trainer import Trainer
 from tests.test_training.conftest import make_photos
-from tests.test_training.test_train_resume import CancelAt, step_losses
+from tests.test_training.test_train_resume import assert_same_run, resumed_run
 
 
 def test_bucket_sizes_for_stable_diffusion():
@@ -64,14 +61,7 @@ def test_bucketed_run_encodes_each_shape_and_resumes_exactly(tmp_path, fast):
     assert time_ids[0, 4] > time_ids[0, 5]
 
     full = train(TrainConfig(**{**settings, "output_dir": str(tmp_path / "full")}))
-    cancel = threading.Event()
-    part = tmp_path / "part"
-    train(TrainConfig(**{**settings, "output_dir": str(part)}), [CancelAt(3, cancel)], cancel)
-    shutil.rmtree(part / "checkpoints" / "step_000003")
-    train(TrainConfig(**{**settings, "output_dir": str(part), "resume": True}))
-    assert step_losses(part) == step_losses(tmp_path / "full")
-    resumed, done = load_file(part / "adapter.safetensors"), load_file(full.adapter_path)
-    assert all(torch.equal(resumed[k], done[k]) for k in done)
+    assert_same_run(resumed_run(settings, tmp_path / "part"), full)
 
 
 def test_bucketed_class_images_of_another_shape(tmp_path, fast):

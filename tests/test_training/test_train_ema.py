@@ -4,9 +4,6 @@ no change with the EMA off, and an exact resume."""
 
 from __future__ import annotations
 
-import shutil
-import threading
-
 import pytest
 import torch
 from safetensors import safe_open
@@ -20,7 +17,7 @@ from personalize.models import tiny_unet
 from personalize.train import TrainConfig, train
 from personalize.training.ema import AdapterEMA, decay_at
 from personalize.training.trainer import Trainer
-from tests.test_training.test_train_resume import CancelAt, step_losses
+from tests.test_training.test_train_resume import assert_same_run, resumed_run, step_losses
 
 DECAY = 0.9
 
@@ -116,15 +113,9 @@ def test_saved_adapter_holds_the_average_and_checkpoints_both(fast, tmp_path, mo
 def test_resume_with_ema_is_exact(fast, tmp_path):
     settings = {**fast, "method": "lora", "steps": 4, "checkpoint_every": 2, "ema_decay": DECAY}
     full = train(TrainConfig(**{**settings, "output_dir": str(tmp_path / "full")}))
-    cancel = threading.Event()
-    part = tmp_path / "part"
-    train(TrainConfig(**{**settings, "output_dir": str(part)}), [CancelAt(3, cancel)], cancel)
-    shutil.rmtree(part / "checkpoints" / "step_000003")  # resume from step 2: the EMA state must come back exactly
-    resumed = train(TrainConfig(**{**settings, "output_dir": str(part), "resume": True}))
-    assert resumed.resumed_from == 2 and step_losses(part) == step_losses(tmp_path / "full")
-    a, b = load_file(full.adapter_path), load_file(resumed.adapter_path)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert resumed.eval_loss_end == full.eval_loss_end
+    resumed = resumed_run(settings, tmp_path / "part")  # resume from step 2: the EMA state must come back exactly
+    assert resumed.resumed_from == 2 and resumed.eval_loss_end == full.eval_loss_end
+    assert_same_run(resumed, full)
 
 
 def test_resume_without_ema_state_is_one_line(fast, tmp_path):

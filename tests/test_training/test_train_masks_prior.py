@@ -4,13 +4,9 @@ that use them and resume exactly."""
 
 from __future__ import annotations
 
-import shutil
-import threading
-
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from personalize.data import list_image_files, load_mask, mask_file
 from personalize.errors import UserError
@@ -22,7 +18,7 @@ from personalize.training.config import load_config
 from personalize.training.objective import Batch, per_sample_mse
 from personalize.training.trainer import Trainer
 from tests.test_training.conftest import make_photos
-from tests.test_training.test_train_resume import CancelAt, step_losses
+from tests.test_training.test_train_resume import assert_same_run, resumed_run, step_losses
 
 
 def test_masked_error_known_values():
@@ -87,14 +83,7 @@ def test_masked_runs_use_the_masks_and_resume_exactly(tmp_path, fast):
     plain = train(TrainConfig(**{**settings, "output_dir": str(tmp_path / "plain"), "masks": "off"}))
     assert step_losses(tmp_path / "masked") != step_losses(tmp_path / "plain")
 
-    cancel = threading.Event()
-    part = tmp_path / "part"
-    train(TrainConfig(**{**settings, "output_dir": str(part)}), [CancelAt(3, cancel)], cancel)
-    shutil.rmtree(part / "checkpoints" / "step_000003")
-    train(TrainConfig(**{**settings, "output_dir": str(part), "resume": True}))
-    assert step_losses(part) == step_losses(tmp_path / "masked")
-    resumed, full = load_file(part / "adapter.safetensors"), load_file(masked.adapter_path)
-    assert all(torch.equal(resumed[k], full[k]) for k in full)
+    assert_same_run(resumed_run(settings, tmp_path / "part"), masked)
     assert plain.steps_done == masked.steps_done == 4
 
 
@@ -118,14 +107,7 @@ def test_prior_model_needs_no_class_images_and_resumes_exactly(tmp_path, fast):
     settings = {**fast, "prior": "model", "class_data_dir": str(tmp_path / "classes"), "checkpoint_every": 2}
     full = train(TrainConfig(**{**settings, "output_dir": str(tmp_path / "full")}))
     assert not (tmp_path / "classes").exists()  # nothing generated
-    cancel = threading.Event()
-    part = tmp_path / "part"
-    train(TrainConfig(**{**settings, "output_dir": str(part)}), [CancelAt(3, cancel)], cancel)
-    shutil.rmtree(part / "checkpoints" / "step_000003")
-    train(TrainConfig(**{**settings, "output_dir": str(part), "resume": True}))
-    assert step_losses(part) == step_losses(tmp_path / "full")
-    resumed, done = load_file(part / "adapter.safetensors"), load_file(full.adapter_path)
-    assert all(torch.equal(resumed[k], done[k]) for k in done)
+    assert_same_run(resumed_run(settings, tmp_path / "part"), full)
 
 
 def test_prior_images_generates_class_images(tmp_path, fast):

@@ -5,17 +5,14 @@ package the error is one line naming it."""
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import threading
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from personalize.cli import main
 from personalize.train import TrainConfig, train
-from tests.test_training.test_train_resume import CancelAt, step_losses
+from tests.test_training.test_train_resume import assert_same_run, resumed_run
 
 pytest.importorskip("prodigyopt")
 
@@ -27,14 +24,7 @@ def test_prodigy_trains_and_resumes_exactly(fast, tmp_path):
     trained = load_file(full.adapter_path)
     assert any(t.abs().sum() > 0 for n, t in trained.items() if "lora_B" in n)  # B starts at zero: it moved
 
-    cancel = threading.Event()
-    part = tmp_path / "part"
-    train(TrainConfig(**{**settings, "output_dir": str(part)}), [CancelAt(3, cancel)], cancel)
-    shutil.rmtree(part / "checkpoints" / "step_000003")
-    train(TrainConfig(**{**settings, "output_dir": str(part), "resume": True}))
-    assert step_losses(part) == step_losses(tmp_path / "full")
-    resumed = load_file(part / "adapter.safetensors")
-    assert all(torch.equal(resumed[k], trained[k]) for k in trained)
+    assert_same_run(resumed_run(settings, tmp_path / "part"), full)
 
 
 def test_missing_prodigyopt_is_one_line(fast, monkeypatch, capsys):

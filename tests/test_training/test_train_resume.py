@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from personalize.errors import UserError
@@ -27,6 +28,22 @@ class CancelAt(TrainCallback):
     def on_step(self, progress: Progress) -> None:
         if progress.step == self.step:
             self.event.set()
+
+
+def resumed_run(settings: dict, folder: Path):
+    """A run of `settings` in `folder`, cancelled after step 3 with step 3's checkpoint removed, then
+    resumed from step 2 (needs checkpoint_every 2 and 4 or more steps): its TrainResult."""
+    cancel = threading.Event()
+    train(TrainConfig(**{**settings, "output_dir": str(folder)}), [CancelAt(3, cancel)], cancel)
+    shutil.rmtree(folder / "checkpoints" / "step_000003")
+    return train(TrainConfig(**{**settings, "output_dir": str(folder), "resume": True}))
+
+
+def assert_same_run(a, b) -> None:
+    """Two TrainResults with the same logged losses and bit-identical adapters."""
+    assert step_losses(Path(a.output_dir)) == step_losses(Path(b.output_dir))
+    first, second = load_file(a.adapter_path), load_file(b.adapter_path)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_resume_reproduces_the_uninterrupted_run(fast, tmp_path, class_dir):
