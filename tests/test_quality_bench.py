@@ -5,6 +5,8 @@ model's included); the numbers themselves are measured by the full run (BENCHMAR
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from PIL import Image
 
@@ -70,9 +72,11 @@ def test_one_background_masks_and_prior_settings(tmp_path):
 
     config = QualityConfig(
         work_dir=str(tmp_path / "run"), methods=["lora"], concepts=["pink-heart"], steps=2, images_per_background=1, sample_steps=2,
-        base_images=0, masks=True, instance_background="black", prior="model",
+        base_images=0, masks=True, instance_background="black", prior="model", mask_background_weight=0.0,
     )  # fmt: skip
     record = run_quality(config, diversity=lambda features: float(len(features)))
     assert record["base_quality"] is None and "Base quality" not in markdown(record) and "| lora |" in markdown(record)
     lora = record["rows"][2]
     assert 0 < lora["first_step_s"] < lora["wall_s"]
+    config_json = json.loads((tmp_path / "run" / "runs" / "lora" / "pink-heart" / "config.json").read_text())
+    assert config_json["mask_background_weight"] == 0.0 and config_json["prior"] == "model"

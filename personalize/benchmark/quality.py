@@ -61,6 +61,7 @@ class QualityConfig:
     base_images: int = 64  # held-out-pair images for the base-quality table
     captions: bool = False  # train on captions naming each instance image's background (written next to it)
     masks: bool = False  # write each instance image's object mask next to it (<image>.mask.png): masked loss
+    mask_background_weight: float = 0.1  # TrainConfig's default: the loss weight outside the masks
     instance_background: str | None = None  # all instance images on this one background (None: INSTANCE_BACKGROUNDS in turn)
     prior: str = "none"  # prior preservation mode (the recipe trains without)
 
@@ -169,7 +170,11 @@ def train_concept(method: str, instance_dir: Path, out: Path, config: QualityCon
         def on_start(self, *_: Any) -> None:
             self.seconds = time.perf_counter() - self.began
 
-    settings = recipe.train_settings(method, config.lr_factor) | {"steps": config.steps, "prior": config.prior}
+    settings = recipe.train_settings(method, config.lr_factor) | {
+        "steps": config.steps,
+        "prior": config.prior,
+        "mask_background_weight": config.mask_background_weight,
+    }
     first = FirstStep()
     result = train(
         TrainConfig(

@@ -90,6 +90,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--masks", action="store_true", help="--quality: write each instance image's object mask (masked loss)")
     parser.add_argument(
+        "--mask-background-weight",
+        type=float,
+        default=0.1,
+        metavar="W",
+        help="--quality: loss weight outside the masks (default: %(default)s)",
+    )
+    parser.add_argument(
         "--instance-background", metavar="NAME", help="--quality: put every instance image on this one background (default: four)"
     )
     parser.add_argument("--prior", default="none", choices=PRIORS, help="--quality: prior preservation mode (default: %(default)s)")
@@ -176,6 +183,7 @@ def run_quality_command(args: argparse.Namespace) -> int:
         seed=args.seed,
         captions=args.captions,
         masks=args.masks,
+        mask_background_weight=args.mask_background_weight,
         instance_background=args.instance_background,
         prior=args.prior,
         base_images=args.base_images,
@@ -195,7 +203,8 @@ def run_quality_command(args: argparse.Namespace) -> int:
         if args.instance_background:
             variant.append((f"on-{args.instance_background}", f"instance images on one {args.instance_background} background"))
         if args.masks:
-            variant.append(("masks", "masked loss"))
+            weight = "" if args.mask_background_weight == 0.1 else f"-bg{args.mask_background_weight:g}"
+            variant.append((f"masks{weight}", f"masked loss (background weight {args.mask_background_weight:g})"))
         if args.prior != "none":
             variant.append((f"prior-{args.prior}", f"prior '{args.prior}'"))
         if variant:
