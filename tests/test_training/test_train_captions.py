@@ -76,3 +76,11 @@ def test_training_conditions_each_photo_on_its_caption(captioned, fast, monkeypa
         caption.unlink()
     other = train(TrainConfig(**{**settings, "instance_images": str(plain), "output_dir": str(tmp_path / "run2")}))
     assert other.eval_loss_end != result.eval_loss_end
+
+
+def test_captioned_run_resumes_exactly(captioned, fast, tmp_path):
+    from tests.test_training.test_train_resume import assert_same_run, resumed_run
+
+    settings = {**fast, "instance_images": str(captioned[0].parent), "token": "sks", "class_noun": "dog", "checkpoint_every": 2}
+    full = train(TrainConfig(**{**settings, "output_dir": str(tmp_path / "full")}))
+    assert_same_run(resumed_run(settings, tmp_path / "part"), full)
