@@ -25,7 +25,7 @@ from personalize.prompts import check_template
 from personalize.shapes import recipe
 from personalize.shapes.world import CLASS_NOUN as SHAPES_CLASS_NOUN
 from personalize.train import MIXED_PRECISION, TrainConfig, effective_config
-from personalize.training.config import MASKS, OPTIMIZERS, PRIORS, PRODIGY_LR
+from personalize.training.config import MASKS, OPTIMIZERS, PRIORS, PRODIGY_LR, default_of
 
 from ..feedback import guarded, human_count, human_duration, human_size, message_of
 from ..jobs import JobState
@@ -43,8 +43,7 @@ def _field(name: str) -> dataclasses.Field:
 
 def train_default(name: str) -> Any:
     """The default of a TrainConfig field (the trainer owns the defaults; the form shows them)."""
-    f = _field(name)
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+    return default_of(name)
 
 
 def train_help(name: str) -> str | None:

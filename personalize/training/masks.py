@@ -29,31 +29,29 @@ from ..data import load_image, load_mask, mask_file
 log = logging.getLogger(__name__)
 
 
-def loss_masks(
+def mask_files(files: Sequence[str], mode: str) -> dict[str, Image.Image]:
+    """`{image file: mask}` (8-bit, the image's size) read from `<image>.mask.png` (none with mode 'off').
+    Cheap and checked before any model loads: an unreadable mask fails the run at once, naming the file."""
+    if mode == "off":
+        return {}
+    return {f: load_mask(mask_file(f), load_image(f, min_side=1).size) for f in files if mask_file(f).is_file()}
+
+
+def auto_masks_for(
     files: Sequence[str],
-    mode: str,
+    masks: dict[str, Image.Image],
     class_noun: str,
     mask_model: str,
     device: torch.device,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Image.Image]:
-    """`{image file: mask}` (8-bit, the image's size) for the photos that have one under `mode`
-    ('files': `<image>.mask.png`; 'auto': those files, and a segmentation for the others; 'off': none)."""
-    if mode == "off":
-        return {}
-    masks = {}
-    for file in files:
-        path = mask_file(file)
-        if path.is_file():
-            masks[file] = load_mask(path, load_image(file, min_side=1).size)
+    """`masks` completed with a segmentation (prompted with `class_noun`) of the photos that have none."""
     missing = [f for f in files if f not in masks]
-    if mode == "auto" and missing:
-        from ..automask import auto_masks, load_segmenter
+    if not missing:
+        return masks
+    from ..automask import auto_masks, load_segmenter
 
-        log.info("masking %d photo(s) with %s prompted with '%s'", len(missing), mask_model, class_noun)
-        segmenter = load_segmenter(mask_model, device)
-        images = [load_image(f, min_side=1) for f in missing]
-        masks.update(zip(missing, auto_masks(images, class_noun, segmenter, progress=progress)))
-    if masks:
-        log.info("masked loss on %d of %d photo(s)", len(masks), len(files))
-    return masks
+    log.info("masking %d photo(s) with %s prompted with '%s'", len(missing), mask_model, class_noun)
+    segmenter = load_segmenter(mask_model, device)
+    images = [load_image(f, min_side=1) for f in missing]
+    return {**masks, **dict(zip(missing, auto_masks(images, class_noun, segmenter, progress=progress)))}

@@ -37,7 +37,7 @@ from .conditioning import Conditioning, encode_prompts
 from .config import TrainConfig, resolve
 from .ema import AdapterEMA
 from .latents import LatentSet, encode_files
-from .masks import loss_masks
+from .masks import auto_masks_for, mask_files
 from .objective import (
     Batch,
     EvalSet,
@@ -89,6 +89,7 @@ class Trainer:
         if note := many_images_note(len(self.instance_files)):
             log.warning(note)
         self.prompts = instance_prompts(self.config, self.instance_files)  # one training prompt per photo
+        self.masks = mask_files(self.instance_files, self.config.masks)  # read (and checked) before any model loads
         self.output_dir = Path(self.config.output_dir).expanduser().resolve()
         self.mixed_precision = resolve_mixed_precision(self.config.mixed_precision, self.config.cpu)
         self.optimizer_cls = self.optimizer_class()
@@ -177,14 +178,12 @@ class Trainer:
         self.prompt_rows = torch.tensor([distinct.index(p) for p in self.prompts])  # photo -> its row
         if c.validation_every and c.validation_prompts:
             self.validation_cond = encode_prompts(pipe, [c.prompt(p) for p in c.validation_prompts], device, self.resolution)
-        masks = loss_masks(
-            self.instance_files,
-            c.masks,
-            c.class_noun,
-            c.mask_model,
-            device,
-            progress=lambda done, total: self.hooks.on_prepare("masking images", done, total),
-        )
+        masks = self.masks
+        if c.masks == "auto":
+            progress = lambda done, total: self.hooks.on_prepare("masking images", done, total)  # noqa: E731
+            masks = auto_masks_for(self.instance_files, masks, c.class_noun, c.mask_model, device, progress)
+        if masks:
+            log.info("masked loss on %d of %d photo(s)", len(masks), len(self.instance_files))
         self.instance = self.encode(self.instance_files, "encoding images", c.random_flip, masks)
         self.classes = None
         if c.prior != "none":

@@ -52,6 +52,8 @@ def test_mask_files_are_read_resized_and_not_images(tmp_path):
     mask_file(photo).write_bytes(b"not a png")
     with pytest.raises(UserError, match=r"mask '.*photo_0\.mask\.png' cannot be read"):
         load_mask(mask_file(photo), (96, 80))
+    with pytest.raises(UserError, match=r"mask '.*photo_0\.mask\.png' cannot be read"):
+        Trainer(TrainConfig(instance_images=str(tmp_path), output_dir=str(tmp_path / "run"), base_model="no-such-model"), [], None)
 
 
 def masked_photos(folder, count: int = 3):
@@ -142,13 +144,13 @@ def test_prior_rows_target_the_frozen_model(fast, monkeypatch):
 
 def test_auto_masks_fill_the_photos_without_a_file(tmp_path):
     from personalize.data import load_image
-    from personalize.training.masks import loss_masks
+    from personalize.training.masks import auto_masks_for, mask_files
 
     paths = [str(p) for p in make_photos(tmp_path, count=3)]
     drawn = Image.new("L", Image.open(paths[0]).size, 0)
     drawn.save(mask_file(paths[0]))  # all background: tells the file's mask from a segmentation
-    masks = loss_masks(paths, "auto", "circle", "tiny", torch.device("cpu"))
+    files = mask_files(paths, "files")
+    assert set(files) == {paths[0]} and mask_files(paths, "off") == {}
+    masks = auto_masks_for(paths, files, "circle", "tiny", torch.device("cpu"))
     assert set(masks) == set(paths) and masks[paths[0]].getbbox() is None
     assert all(masks[p].size == load_image(p).size and masks[p].mode == "L" for p in paths)
-    assert set(loss_masks(paths, "files", "circle", "tiny", torch.device("cpu"))) == {paths[0]}
-    assert loss_masks(paths, "off", "circle", "tiny", torch.device("cpu")) == {}
