@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import datetime
 import logging
-from pathlib import Path
 from typing import Iterable, Mapping, Sequence, Union
 
 import torch
+from PIL import Image
 
 from metrics.embedders import ImageEmbedder, default_embedders, shapes_embedders, tiny_embedders
 from metrics.frechet import check_frechet_sizes
@@ -48,20 +48,18 @@ def resolve_embedders(embedders: Embedders, roles: set[str]) -> dict[str, ImageE
     return {role: embedders[role] for role in sorted(roles)}
 
 
-def _embed_subject(
-    real_paths: Sequence[Path],
-    generated: Sequence[GeneratedImage],
+def embed_images(
+    real_images: Sequence[Image.Image],
+    generated_images: Sequence[Image.Image],
     embedders: Mapping[str, ImageEmbedder],
     real_roles: set[str],
 ) -> dict[str, dict[str, torch.Tensor]]:
     """role -> {"generated": (n_generated, d), and "real": (n_real, d) for roles that need real images}."""
-    real_images = [open_image(p) for p in real_paths] if real_roles else []
-    generated_images = [open_image(g.path) for g in generated]
     out = {}
     for role, embedder in embedders.items():
-        out[role] = {"generated": embedder.embed_images(generated_images)}
+        out[role] = {"generated": embedder.embed_images(list(generated_images))}
         if role in real_roles:
-            out[role]["real"] = embedder.embed_images(real_images)
+            out[role]["real"] = embedder.embed_images(list(real_images))
     return out
 
 
@@ -75,7 +73,7 @@ def _prompt_problem(generated: Sequence[GeneratedImage]) -> str | None:
     )
 
 
-def _score(
+def score_embeddings(
     names: Sequence[str],
     embeddings: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]],
     texts: Mapping[str, torch.Tensor],
@@ -144,12 +142,13 @@ def evaluate(
     texts: dict[str, torch.Tensor] = {}  # subject -> (n_generated, d) prompt embeddings
     for subject, images in by_subject.items():
         logger.info("subject %s: %d real, %d generated images", subject, len(real_subjects[subject]), len(images))
-        embeddings[subject] = _embed_subject(real_subjects[subject], images, used, real_roles)
+        real_images = [open_image(p) for p in real_subjects[subject]] if real_roles else []
+        embeddings[subject] = embed_images(real_images, [open_image(g.path) for g in images], used, real_roles)
         if "clip_t" in names:
             prompts = [strip_placeholders(g.prompt or "", (*g.tokens, *extra_tokens)) for g in images]
             texts[subject] = used["clip"].embed_texts(prompts)
 
-    results = _score(names, embeddings, texts, used, kid_subsets)
+    results = score_embeddings(names, embeddings, texts, used, kid_subsets)
     return {
         "format": REPORT_FORMAT,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -48,3 +48,28 @@ def plot_fidelity_alignment(reports: Mapping[str, Mapping], path: os.PathLike | 
     figure.tight_layout()
     with atomic_target(path) as tmp:
         figure.savefig(tmp, format="png")
+
+
+CURVES = {"fidelity": "fidelity (to the photos)", "alignment": "prompt alignment", "drift": "class drift (lower is better)"}
+
+
+def plot_training_curves(curves: list[Mapping], best_step: int | None, path: os.PathLike | str, title: str = "") -> None:
+    """Write a PNG of the metric curves a training run tracked (one line per metric over steps), the
+    chosen step marked with a vertical line; step 0 is the base model."""
+    figure = Figure(figsize=(6.4, 3.6), dpi=100)
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    for key, label in CURVES.items():
+        points = [(p["step"], p[key]) for p in curves if key in p]
+        if points:
+            ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+    if best_step is not None:
+        ax.axvline(best_step, color="grey", linestyle="--", linewidth=1, label=f"chosen step {best_step}")
+    ax.set_xlabel("training step (0 = base model)")
+    ax.set_ylabel("score")
+    ax.set_title(title or "Metrics at each validation")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    with atomic_target(path) as tmp:
+        figure.savefig(tmp, format="png")

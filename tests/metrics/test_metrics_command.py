@@ -12,6 +12,7 @@ from metrics_testdata import manifest_record
 from PIL import Image
 
 from metrics import command
+from tests.helpers import imported_top_level
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -76,16 +77,6 @@ def test_eval_command_defaults_and_user_errors(make_real, make_generated, tmp_pa
 
 PACKAGE = Path(__file__).resolve().parents[2] / "metrics"
 PURE_MATH = {"matrix", "similarity", "vendi", "frechet", "kid"}
-
-
-def imported_top_level(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
-    return names
 
 
 def test_metrics_never_imports_personalize_or_gradio_and_math_stays_pure():
