@@ -6,14 +6,24 @@ SVD of each update (`personalize.lowrank`) is a LoRA. A linear update `(out, in)
 `down (r, in, k, k)` (a k x k conv to r channels, with the layer's stride and padding) and
 `up (out, r, 1, 1)`, exact for any kernel size, 1x1 included.
 
+An adapter with text-encoder parts (`PipelineAdapter`) exports those layers into the same file, and
+its learned tokens into textual-inversion files next to it (`embedding_paths`): one per token, holding
+its vectors (n_vectors, width) as `emb_params` (SD 1.x/2.x, A1111's key) or `clip_l` / `clip_g` (SDXL's
+two encoders), for `pipe.load_textual_inversion` and A1111's embeddings folder.
+
 Formats:
-- `diffusers`: PEFT keys `unet.<module>.lora_A.weight` / `.lora_B.weight` for
-  `pipe.load_lora_weights(file)`. The per-layer ranks, with alpha = rank (scale 1), are stored as a
-  PEFT LoraConfig in the `lora_adapter_metadata` header, which diffusers reads instead of guessing.
+- `diffusers`: PEFT keys `<part>.<module>.lora_A.weight` / `.lora_B.weight` for
+  `pipe.load_lora_weights(file)`: `unet.<module>`, and `text_encoder.text_model.<module>` /
+  `text_encoder_2.text_model.<module>` (diffusers drops `text_model.` where transformers 5 has none).
+  Each part's per-layer ranks, with alpha = rank (scale 1), are stored as a PEFT LoraConfig in the
+  `lora_adapter_metadata` header (keys prefixed by the part), which diffusers reads instead of guessing.
   A1111 and ComfyUI do not read these key names: they skip the file's layers.
 - `kohya`: `lora_unet_<name>.lora_down.weight` / `.lora_up.weight` / `.alpha`, named as kohya's
-  sd-scripts names them, read by A1111, ComfyUI and diffusers. Every layer has alpha 1 (sd-scripts'
-  default), so a loader applies `up @ down / rank`; each factor carries `sqrt(rank)` to compensate.
+  sd-scripts names them, read by A1111, ComfyUI and diffusers; text-encoder layers as
+  `lora_te_text_model_encoder_layers_0_self_attn_q_proj` (SD 1.x/2.x) and `lora_te1_...` /
+  `lora_te2_...` (SDXL's two encoders): sd-scripts' names of transformers' CLIP module paths.
+  Every layer has alpha 1 (sd-scripts' default), so a loader applies `up @ down / rank`; each
+  factor carries `sqrt(rank)` to compensate.
   One alpha for all layers matters: diffusers files per-layer alphas of attention layers under
   names PEFT does not match, and would scale those layers wrongly.
 
@@ -35,6 +45,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,8 +57,10 @@ from torch import nn
 
 from .atomic import atomic_path
 from .errors import UserError
-from .inject import Adapter, base_model_id, load_adapter
+from .inject import Adapter, base_model_id
+from .io import MAIN_PART, read_adapter_file
 from .lowrank import factorize, validate_rank_energy
+from .pipeline_adapter import PipelineAdapter, load_adapter
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +70,13 @@ DEFAULT_FORMAT = "kohya"  # the one layout A1111, ComfyUI and diffusers all load
 DEFAULT_DTYPE = "float16"  # what LoRA files ship as; float32 only to check exactness
 DEFAULT_ENERGY = 0.99  # keep 99% of each update's squared norm: relative error <= 10% per layer
 KOHYA_ALPHA = 1.0  # sd-scripts' default --network_alpha; the factors absorb sqrt(rank) each
-DIFFUSERS_PREFIX = "unet"  # the pipeline component diffusers routes `unet.*` keys to
 KOHYA_PREFIX = "lora_unet_"
+# sd-scripts' text-encoder prefixes (networks/lora.py): one encoder (SD 1.x/2.x), or SDXL's two.
+KOHYA_TEXT_PREFIX = "lora_te_"
+KOHYA_SDXL_TEXT_PREFIXES = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+# Textual-inversion file keys: A1111's (SD 1.x/2.x), and SDXL's per encoder (CLIP ViT-L, OpenCLIP ViT-bigG).
+EMBEDDING_KEY = "emb_params"
+SDXL_EMBEDDING_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
 # `ss_base_model_version` as sd-scripts writes it (model_util.get_model_version_str_for_sd1_sd2,
 # sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0). A1111 reads "sdxl_*" as SDXL and `ss_v2` "True" as SD 2.x.
 KOHYA_BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
@@ -87,7 +105,7 @@ ProgressCallback = Callable[[int, int, str], None]  # (layers done, layers in to
 class LayerExport:
     """One exported layer: its LoRA rank and how far the stored factors are from the update."""
 
-    name: str
+    name: str  # the layer's name in its part's model
     kind: str  # "linear" or "conv<k>x<k>"
     shape: tuple[int, ...]  # the layer's weight shape
     rank: int
@@ -95,6 +113,16 @@ class LayerExport:
     error: float  # ||delta - exported||_F / ||delta||_F, with the factors as stored (dtype included)
     norm: float  # ||delta||_F
     num_params: int  # numbers stored for this layer
+    part: str = MAIN_PART  # the pipeline part it belongs to ("unet", "text_encoder", "text_encoder_2")
+
+    @property
+    def label(self) -> str:
+        return layer_label(self.part, self.name)
+
+
+def layer_label(part: str, name: str) -> str:
+    """How reports name a layer: UNet layers by their name, text-encoder layers prefixed by their part."""
+    return name if part == MAIN_PART else f"{part}.{name}"
 
 
 @dataclass
@@ -108,9 +136,10 @@ class ExportReport:
     base_model: str
     layers: list[LayerExport]
     family: str | None = None  # "sd1", "sd2" or "sdxl" (`unet_family`); None for other models
-    skipped: dict[str, str] = field(default_factory=dict)  # layer -> why it is not in the file
+    skipped: dict[str, str] = field(default_factory=dict)  # layer label -> why it is not in the file
     lost_norm2: float = 0.0  # squared norm of updates that could not be exported
     file_size: int = 0
+    embeddings: dict[str, Path] = field(default_factory=dict)  # token -> its textual-inversion file
 
     @property
     def num_params(self) -> int:
@@ -125,11 +154,11 @@ class ExportReport:
 
     def table(self) -> str:
         """Per-layer ranks and errors, then the totals, as plain text."""
-        width = max([len(layer.name) for layer in self.layers] + [5])
+        width = max([len(layer.label) for layer in self.layers] + [5])
         lines = [f"{'layer':{width}s}  {'kind':8s} {'weight shape':18s} {'rank':>11s}  rel. error"]
         for layer in self.layers:
             shape = "x".join(str(d) for d in layer.shape)
-            lines.append(f"{layer.name:{width}s}  {layer.kind:8s} {shape:18s} {layer.rank:5d}/{layer.full_rank:<5d}  {layer.error:.2e}")
+            lines.append(f"{layer.label:{width}s}  {layer.kind:8s} {shape:18s} {layer.rank:5d}/{layer.full_rank:<5d}  {layer.error:.2e}")
         for name, reason in self.skipped.items():
             lines.append(f"not exported: {name} ({reason})")
         base = f", {KOHYA_BASE_VERSIONS[self.family]} base" if self.format == "kohya" and self.family else ""
@@ -137,9 +166,24 @@ class ExportReport:
             f"{len(self.layers)} layers, {self.num_params:,} parameters, overall relative error {self.error:.2e}, "
             f"{format_size(self.file_size)} ({self.format}, {self.dtype}{base}) -> {self.output}"
         )
+        for token, path in self.embeddings.items():
+            lines.append(f"token '{token}': textual-inversion embedding -> {path}")
         if self.format == "diffusers":
             lines.append(f"note: {DIFFUSERS_ONLY}")
         return "\n".join(lines)
+
+
+def lora_config(report: ExportReport, part: str) -> dict[str, Any]:
+    """The PEFT LoraConfig fields of one part's layers: the most common rank, and the others by pattern.
+
+    PEFT matches a pattern to a module name as `(.*\\.)?(pattern)$`. UNet patterns are anchored
+    (`^name`, diffusers' own style); text-encoder ones are the escaped name alone, since transformers 4
+    nests the layers under `text_model.` and 5 does not."""
+    ranks = {layer.name: layer.rank for layer in report.layers if layer.part == part}
+    common = Counter(ranks.values()).most_common(1)[0][0]
+    spell = (lambda name: f"^{name}") if part == MAIN_PART else re.escape
+    pattern = {spell(name): r for name, r in ranks.items() if r != common}
+    return {"r": common, "lora_alpha": common, "rank_pattern": pattern, "alpha_pattern": pattern, "target_modules": sorted(ranks)}
 
 
 def format_size(size: int) -> str:
@@ -180,7 +224,7 @@ def check_options(
 
 
 def export_lora(
-    unet: nn.Module,
+    pipe_or_unet: Any,
     adapter_path: str | Path,
     format: str = DEFAULT_FORMAT,
     *,
@@ -190,13 +234,21 @@ def export_lora(
     dtype: str | torch.dtype = DEFAULT_DTYPE,
     on_layer: ProgressCallback | None = None,
 ) -> ExportReport:
-    """Write the adapter file `adapter_path`, applied to `unet` (its base model), as a LoRA file.
+    """Write the adapter file `adapter_path`, applied to its base model, as a LoRA file (and its
+    tokens as textual-inversion files). `pipe_or_unet`: the base pipeline, whose text encoders a file
+    with text-encoder parts or tokens needs, or for a UNet-only file the bare UNet.
 
     Each layer keeps the fewest singular triplets that hold `energy` of its update's squared
-    Frobenius norm, and at most `rank` of them; with neither given, energy 0.99. `unet` is left as it was.
+    Frobenius norm, and at most `rank` of them; with neither given, energy 0.99. The model is left as it was.
     """
     check_options(format, output, rank, energy, dtype, source=adapter_path)
-    adapter = load_adapter(unet, adapter_path)
+    tokens = [token for tokens in read_adapter_file(adapter_path).tokens.values() for token in tokens]
+    for token, path in embedding_paths(output, tokens).items():
+        if path.resolve() == Path(adapter_path).resolve():
+            raise UserError(
+                f"the embedding of token '{token}' would be written to '{path}', the adapter file itself; choose another output name"
+            )
+    adapter = load_adapter(pipe_or_unet, adapter_path)
     try:
         return export_adapter(adapter, format, output=output, rank=rank, energy=energy, dtype=dtype, on_layer=on_layer)
     finally:
@@ -205,7 +257,7 @@ def export_lora(
 
 @torch.no_grad()
 def export_adapter(
-    adapter: Adapter,
+    adapter: Adapter | PipelineAdapter,
     format: str = DEFAULT_FORMAT,
     *,
     output: str | Path,
@@ -218,45 +270,53 @@ def export_adapter(
     dtype_name = check_options(format, output, rank, energy, dtype)
     if rank is None and energy is None:
         energy = DEFAULT_ENERGY
+    whole = isinstance(adapter, PipelineAdapter)
+    parts = adapter.parts if whole else {MAIN_PART: adapter}
+    unet = adapter.pipe.unet if whole else adapter.root
+    tokens = adapter.tokens.vectors() if whole and adapter.tokens is not None else {}
     tensors: dict[str, torch.Tensor] = {}
+    methods = {part: part_adapter.name for part, part_adapter in parts.items()}
+    method = next(iter(methods.values()), "")  # "unet: svfit, text_encoder: lora" when the parts differ
+    if len(set(methods.values())) > 1:
+        method = ", ".join(f"{part}: {name}" for part, name in methods.items())
     report = ExportReport(
         output=Path(output),
         format=format,
         dtype=dtype_name,
-        method=adapter.name,
-        base_model=base_model_id(adapter.root),
+        method=method,
+        base_model=base_model_id(unet),
         layers=[],
-        family=unet_family(adapter.root),
+        family=unet_family(unet),
     )
-    exportable = [name for name, slot in adapter.slots.items() if unsupported_reason(slot.base) is None]
-    if format == "kohya":
-        keys = kohya_names(adapter.root, exportable)  # before any SVD: a layer without a name fails fast
-    else:
-        keys = {name: f"{DIFFUSERS_PREFIX}.{name}" for name in exportable}
-    total = len(adapter.slots)
-    for done, (name, slot) in enumerate(adapter.slots.items(), 1):
-        module = slot.base
-        delta = slot.delta()  # (out, in) or (out, in, k, k), float32
-        if not bool(torch.isfinite(delta).all()):
-            raise UserError(f"the update of layer '{name}' holds NaN or infinite values (a diverged training run?); nothing exported")
-        reason = unsupported_reason(module)
-        if reason is not None:
-            report.skipped[name] = reason
-            report.lost_norm2 += float(delta.double().norm()) ** 2
-        else:
-            layer = export_layer(name, keys[name], delta, format, rank, energy, DTYPES[dtype_name], tensors)
-            if layer is None:
-                report.skipped[name] = "its update is zero"
+    keys = {part: lora_keys(part, part_adapter, format, report.family) for part, part_adapter in parts.items()}  # before any SVD
+    total, done = sum(len(part_adapter.slots) for part_adapter in parts.values()), 0
+    for part, part_adapter in parts.items():
+        for name, slot in part_adapter.slots.items():
+            label = layer_label(part, name)
+            delta = slot.delta()  # (out, in) or (out, in, k, k), float32
+            if not bool(torch.isfinite(delta).all()):
+                raise UserError(f"the update of layer '{label}' holds NaN or infinite values (a diverged training run?); nothing exported")
+            reason = unsupported_reason(slot.base)
+            if reason is not None:
+                report.skipped[label] = reason
+                report.lost_norm2 += float(delta.double().norm()) ** 2
             else:
-                report.layers.append(layer)
-        if on_layer is not None:
-            on_layer(done, total, name)
+                layer = export_layer(name, keys[part][name], delta, format, rank, energy, DTYPES[dtype_name], tensors)
+                if layer is None:
+                    report.skipped[label] = "its update is zero"
+                else:
+                    layer.part = part
+                    report.layers.append(layer)
+            done += 1
+            if on_layer is not None:
+                on_layer(done, total, label)
     if not report.layers:
         raise UserError(
             f"nothing to export: the adapter's update is zero or unsupported on every layer "
-            f"({', '.join(sorted(set(report.skipped.values())))})"
+            f"({', '.join(sorted(set(report.skipped.values()))) or 'it adapts no layer'})"
         )
     write(report, tensors)
+    write_embeddings(report, tokens, DTYPES[dtype_name])
     log.info(
         "exported %d layers to %s (%s), overall relative error %.2e",
         len(report.layers),
@@ -265,6 +325,50 @@ def export_adapter(
         report.error,
     )
     return report
+
+
+def lora_keys(part: str, adapter: Adapter, format: str, family: str | None) -> dict[str, str]:
+    """The LoRA key (no suffix) of each exportable layer of one part, in `format`."""
+    names = [name for name, slot in adapter.slots.items() if unsupported_reason(slot.base) is None]
+    if part == MAIN_PART:
+        return kohya_names(adapter.root, names) if format == "kohya" else {name: f"{part}.{name}" for name in names}
+    if format == "kohya":
+        prefix = KOHYA_SDXL_TEXT_PREFIXES[part] if family == "sdxl" or part != "text_encoder" else KOHYA_TEXT_PREFIX
+        return {name: f"{prefix}text_model_{name.replace('.', '_')}" for name in names}
+    return {name: f"{part}.text_model.{name}" for name in names}
+
+
+def embedding_paths(output: str | Path, tokens: Iterable[str]) -> dict[str, Path]:
+    """Where each token's textual-inversion file goes: `<output stem>-<token, letters digits _ - only>.safetensors`
+    next to the LoRA file (A1111 uses the file name as the prompt word)."""
+    output = Path(output)
+    paths: dict[str, Path] = {}
+    for token in dict.fromkeys(tokens):
+        stem = f"{output.stem}-{re.sub(r'[^0-9A-Za-z_-]+', '', token) or 'token'}"
+        path, count = output.with_name(f"{stem}.safetensors"), 1
+        while path in paths.values():
+            count += 1
+            path = output.with_name(f"{stem}-{count}.safetensors")
+        paths[token] = path
+    return paths
+
+
+def write_embeddings(report: ExportReport, tokens: Mapping[str, Mapping[str, torch.Tensor]], dtype: torch.dtype) -> None:
+    """One textual-inversion file per token (module docstring), written atomically; recorded in `report.embeddings`."""
+    by_token: dict[str, dict[str, torch.Tensor]] = {}
+    for part, vectors in tokens.items():
+        for token, value in vectors.items():
+            by_token.setdefault(token, {})[part] = value
+    sdxl = report.family == "sdxl" or "text_encoder_2" in tokens
+    for token, path in embedding_paths(report.output, by_token).items():
+        found = by_token[token]
+        if sdxl:
+            tensors = {SDXL_EMBEDDING_KEYS[part]: value for part, value in found.items()}
+        else:
+            tensors = {EMBEDDING_KEY: found["text_encoder"]}
+        with atomic_path(path) as tmp:
+            save_file({key: value.to("cpu", dtype).contiguous() for key, value in tensors.items()}, str(tmp), metadata={"format": "pt"})
+        report.embeddings[token] = path
 
 
 def unsupported_reason(module: nn.Module) -> str | None:
@@ -425,12 +529,13 @@ def write(report: ExportReport, tensors: dict[str, torch.Tensor]) -> None:
     """Write the tensors with the format's header atomically; sets `report.file_size`."""
     source = {"method": report.method, "base_model": report.base_model, "relative_error": f"{report.error:.3e}"}
     metadata = {"format": "pt", "personalize.export": json.dumps(source)}
-    ranks = {layer.name: layer.rank for layer in report.layers}
+    ranks = {layer.label: layer.rank for layer in report.layers}
     common = Counter(ranks.values()).most_common(1)[0][0]
     if report.format == "diffusers":
-        pattern = {f"^{name}": r for name, r in ranks.items() if r != common}  # diffusers' own key style
-        config = {"r": common, "lora_alpha": common, "rank_pattern": pattern, "alpha_pattern": pattern, "target_modules": sorted(ranks)}
-        metadata["lora_adapter_metadata"] = json.dumps({f"{DIFFUSERS_PREFIX}.{k}": v for k, v in config.items()}, sort_keys=True)
+        config = {}
+        for part in dict.fromkeys(layer.part for layer in report.layers):
+            config.update({f"{part}.{key}": value for key, value in lora_config(report, part).items()})
+        metadata["lora_adapter_metadata"] = json.dumps(config, sort_keys=True)
     else:
         metadata.update(
             ss_network_module="networks.lora",

@@ -1,8 +1,10 @@
 """Generate images with zero, one or several adapters, each at its own strength.
 
-Adapters are applied by summing their scaled deltas into the UNet weights (`W0 + sum_i s_i * delta_i`,
-the core's `merged_deltas`) with the original tensors kept aside and put back afterwards, so the
-base model is bit-identical after every call and two adapters never need to share a layer slot.
+Adapters are applied by summing their scaled deltas into the weights of each part they adapt, the
+UNet and the text encoders (`W0 + sum_i s_i * delta_i`, the core's `merged_deltas`), with the original
+tensors kept aside and put back afterwards, and the learned tokens their files hold are inserted for
+the call (`tokens.tokens_inserted`) and removed after it: the pipeline (weights, tokenizers, embedding
+modules) is the same after every call, and two adapters never need to share a layer slot.
 Non-finite strengths are refused, and a render that turns non-finite (latents or images) stops with
 a message instead of writing black images. Every PNG carries its
 generation parameters as PNG text, and `manifest.jsonl` lists them (format: docs/training.md).
@@ -16,7 +18,7 @@ import math
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +34,10 @@ from .atomic import atomic_path, write_text_atomic
 from .data import check_resolution
 from .errors import UserError
 from .inject import check_scale, load_adapter, merged_deltas
-from .io import adapter_info
+from .io import MAIN_PART, PARTS, adapter_info, read_adapter_file
+from .parts import is_pipeline, part_model, pipeline_parts
 from .prompts import check_generation
+from .tokens import tokens_inserted
 
 log = logging.getLogger(__name__)
 
@@ -116,37 +120,63 @@ def adapter_record(spec: AdapterSpec, info: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextmanager
-def adapters_applied(unet: nn.Module, specs: Sequence[AdapterSpec]) -> Iterator[None]:
-    """Within the block the UNet's weights are `W0 + sum_i scale_i * delta_i`; W0 is restored after."""
-    updates = [(unscaled_deltas(unet, spec.path), spec.scale) for spec in specs if spec.scale != 0.0]
-    with merged_deltas(unet, updates):
+def adapters_applied(pipe_or_unet: Any, specs: Sequence[AdapterSpec]) -> Iterator[None]:
+    """Within the block each part's weights are `W0 + sum_i scale_i * delta_i` over the adapters that
+    have that part, and their tokens are inserted; W0, the tokenizers and the embeddings are restored
+    after. A bare UNet takes UNet-only adapters; others need the pipeline. Adapters at scale 0 are off
+    entirely, tokens included."""
+    files = [(read_adapter_file(spec.path), spec.scale) for spec in specs if spec.scale != 0.0]
+    pipeline = is_pipeline(pipe_or_unet)
+    models = {part: part_model(pipe_or_unet, part) for part in pipeline_parts(pipe_or_unet)} if pipeline else {MAIN_PART: pipe_or_unet}
+    vectors: dict[str, dict[str, torch.Tensor]] = {}
+    for file, _ in files:
+        missing = [part for part in file.parts if part not in models]
+        if missing or (file.tokens and not pipeline):
+            what = f"a {missing[0]} part" if missing else "learned tokens"
+            model = "this pipeline" if pipeline else "a bare UNet"
+            raise UserError(f"adapter '{file.path}' has {what}, which {model} cannot take; generate with its pipeline")
+        for part, tokens in file.tokens.items():
+            for token, value in tokens.items():
+                if token in vectors.setdefault(part, {}):
+                    raise UserError(f"token '{token}' is in two of the adapters (the second: '{file.path}'); apply one of them")
+                vectors[part][token] = value
+    with ExitStack() as stack:
+        for part, model in models.items():
+            updates = [(unscaled_deltas(model, file.path, part), scale) for file, scale in files if part in file.parts]
+            stack.enter_context(merged_deltas(model, updates))
+        if any(vectors.values()):
+            stack.enter_context(tokens_inserted(pipe_or_unet, vectors))
         yield
 
 
-DELTA_CACHE_SIZE = 2  # adapters whose updates stay in (CPU) memory: a strength slider or a batch of prompts reuses them
+# Adapter parts whose updates stay in (CPU) memory: a strength slider or a batch of prompts reuses them.
+# Two adapters with every part (UNet and text encoders; a text encoder's updates are small beside the UNet's).
+DELTA_CACHE_SIZE = 2 * len(PARTS)
 _delta_cache: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
 
 
-def unscaled_deltas(unet: nn.Module, path: str | Path) -> dict[str, torch.Tensor]:
-    """delta (float32, on the CPU) per target layer of the adapter file at `path`, as attached to `unet`.
+def unscaled_deltas(model: nn.Module, path: str | Path, part: str = MAIN_PART) -> dict[str, torch.Tensor]:
+    """delta (float32, on the CPU) per target layer of part `part` of the adapter file at `path`, as
+    attached to `model` (that part's model: the UNet, or a text encoder's `parts.text_root`).
 
     Decomposition-based methods rebuild their bases from W0 on load (seconds on SD 1.5), so the
-    result is cached per (file version, model)."""
+    result is cached per (file version, part, model)."""
     stat = Path(path).stat()
-    weight = next(unet.parameters())
+    weight = next(model.parameters())
     key = (
         str(Path(path).resolve()),
         stat.st_mtime_ns,
         stat.st_size,
-        id(unet),
-        str(getattr(unet.config, "_name_or_path", "")),
+        part,
+        id(model),
+        str(getattr(getattr(model, "config", None), "_name_or_path", "")),
         weight.dtype,
         str(weight.device),
     )
     if key in _delta_cache:
         _delta_cache.move_to_end(key)
         return _delta_cache[key]
-    adapter = load_adapter(unet, path)
+    adapter = load_adapter(model, path, part=part)
     try:
         deltas = {name: delta.cpu() for name, delta in adapter.deltas().items()}  # scale 1
     finally:
@@ -206,7 +236,7 @@ def generate(
     results: list[GeneratedImage] = []
     if progress is not None:
         progress(0, total)  # start the clock before the first batch, so rate and ETA are real
-    with adapters_applied(pipe.unet, specs):
+    with adapters_applied(pipe, specs):
         for prompt, seeds in batches:
             images = _render(pipe, prompt, negative_prompt, seeds, steps, guidance, resolution, failure_cause(specs))
             items = [

@@ -5,9 +5,11 @@ shares this plumbing. Merging has one home, `add_deltas` / `merged_deltas`: a la
 swapped for `W0 + sum_i scale_i * delta_i` (summed in float32, cast once) and W0 is kept aside,
 so putting it back restores the base model bit-exactly (`Adapter.merge` and `generate` both use it).
 
-`load_adapter` is transactional: the file (read and checked by `io`) is checked against the model
-before anything is attached, the tensors against the built adapter before anything is loaded, and on
-any error the model is left exactly as it was.
+Loading one part of a file onto one model (`load_part`) is transactional: the part (read and checked
+by `io`) is checked against the model before anything is attached, the tensors against the built
+adapter before anything is loaded, and on any error the model is left exactly as it was. A single
+model's adapter is a file's "unet" part (`io.MAIN_PART`); files with more parts or with tokens go
+onto a whole pipeline (`pipeline_adapter.load_adapter`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import nn
 from .adapters.base import SHARED_KEY, AdapterConfig, Method, get_method
 from .adapters.slots import ADAPTER_ATTR, Slot
 from .errors import UserError
-from .io import AdapterFile, read_adapter_file, write_adapter_file
+from .io import MAIN_PART, AdapterFile, AdapterPart, read_adapter_file, write_adapter_file
 
 Deltas = Mapping[str, torch.Tensor]  # float32 update per layer name (of the root module), shaped like W0
 
@@ -247,18 +249,26 @@ def base_model_id(root: nn.Module) -> str:
     return str(getattr(config, "_name_or_path", "") or "") if config is not None else ""
 
 
-def save_adapter(adapter: Adapter, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-    """Write the adapter atomically; `metadata` (JSON-serialisable) is stored alongside."""
+def adapter_part(adapter: Adapter) -> AdapterPart:
+    """The file section of an attached adapter: its method, options, layers and tensors."""
     tensors = {name: slot.saved_tensors() for name, slot in adapter.slots.items()}
     tensors[SHARED_KEY] = adapter.method.shared_tensors(adapter.slots)
+    return AdapterPart(
+        method=adapter.name,
+        config=adapter.config.to_dict(),
+        layers={name: list(slot.base.weight.shape) for name, slot in adapter.slots.items()},
+        tensors=tensors,
+        num_trainable=adapter.num_trainable,
+    )
+
+
+def save_adapter(adapter: Adapter, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write the adapter atomically, as the file's only part; `metadata` (JSON-serialisable) is stored alongside."""
     extra = {**adapter.metadata, **(metadata or {})}
     return write_adapter_file(
         AdapterFile(
             path=Path(path),
-            method=adapter.name,
-            config=adapter.config.to_dict(),
-            layers={name: list(slot.base.weight.shape) for name, slot in adapter.slots.items()},
-            tensors=tensors,
+            parts={MAIN_PART: adapter_part(adapter)},
             base_model=str(extra.pop("base_model", None) or base_model_id(adapter.root)),
             num_trainable=adapter.num_trainable,
             metadata=extra,
@@ -266,21 +276,42 @@ def save_adapter(adapter: Adapter, path: str | Path, metadata: dict[str, Any] | 
     )
 
 
-def load_adapter(root: nn.Module, path: str | Path) -> Adapter:
-    """Attach the adapter stored in `path` to `root`. Transactional: every problem with the file is a
-    UserError naming it, and leaves `root` exactly as it was."""
+def load_adapter(root: nn.Module, path: str | Path, part: str | None = None) -> Adapter:
+    """Attach the adapter stored in `path` to the model `root`: the file's part `part`, or with None its
+    only part, which must be the "unet" one (a file with text-encoder parts or tokens is a UserError:
+    it goes onto the whole pipeline, `personalize.load_adapter(pipe, path)`)."""
     file = read_adapter_file(path)
+    if part is None:
+        if not file.single_part:
+            tokens = list(dict.fromkeys(token for found in file.tokens.values() for token in found))
+            held = f"parts {', '.join(file.parts) or 'none'}" + (f" and tokens {', '.join(tokens)}" if tokens else "")
+            raise UserError(
+                f"adapter file '{file.path}' holds {held}: load it into the pipeline "
+                "(personalize.load_adapter(pipe, path)), not into a single model"
+            )
+        part = MAIN_PART
+    return load_part(root, file, part)
+
+
+def load_part(root: nn.Module, file: AdapterFile, part: str) -> Adapter:
+    """Attach part `part` of the read `file` to `root`. Transactional: every problem with the file is a
+    UserError naming it, and leaves `root` exactly as it was."""
+    where = f"adapter file '{file.path}'" + ("" if part == MAIN_PART else f" (part '{part}')")
+    if part not in file.parts:
+        held = ", ".join(file.parts) or "none"
+        raise UserError(f"adapter file '{file.path}' has no part '{part}'; it holds: {held}")
+    section = file.parts[part]
     try:
-        method = get_method(file.method)
-        config = method.make_config(file.config)
-        layers = _file_targets(root, file, method)
+        method = get_method(section.method)
+        config = method.make_config(section.config)
+        layers = _file_targets(root, section, method, file.base_model)
         trainable = [(param, param.requires_grad) for param in root.parameters()]  # peft freezes the model
         slots: dict[str, Slot] = {}
         try:
-            slots = method.attach_layers(layers, config, file.tensors, root=root)
-            _check_tensors(file, method, slots)
+            slots = method.attach_layers(layers, config, section.tensors, root=root)
+            _check_tensors(section, method, slots)
             for name, slot in slots.items():
-                slot.load_tensors({k: v.to(slot.base.weight.device) for k, v in file.tensors[name].items()})
+                slot.load_tensors({k: v.to(slot.base.weight.device) for k, v in section.tensors[name].items()})
         except BaseException:
             for slot in slots.values():
                 slot.remove()
@@ -288,22 +319,22 @@ def load_adapter(root: nn.Module, path: str | Path) -> Adapter:
                 param.requires_grad_(flag)
             raise
     except UserError as exc:
-        raise UserError(f"adapter file '{file.path}': {exc}") from None
+        raise UserError(f"{where}: {exc}") from None
     adapter = Adapter(root, method, config, slots)
     adapter.metadata = file.metadata
     return _trainable(adapter)
 
 
-def _file_targets(root: nn.Module, file: AdapterFile, method: type[Method]) -> dict[str, nn.Module]:
-    """The model's layers the file lists, each checked to exist, match its shape and be free."""
+def _file_targets(root: nn.Module, section: AdapterPart, method: type[Method], base_model: str) -> dict[str, nn.Module]:
+    """The model's layers the file's part lists, each checked to exist, match its shape and be free."""
     modules = dict(root.named_modules())
     found = {}
-    for name, shape in file.layers.items():
+    for name, shape in section.layers.items():
         module = modules.get(name)
         if module is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
             raise UserError(
                 f"it targets layer '{name}', which this model does not have; "
-                f"it was saved for another architecture ({file.base_model or 'unknown base'})"
+                f"it was saved for another architecture ({base_model or 'unknown base'})"
             )
         if list(module.weight.shape) != shape:
             raise UserError(
@@ -319,13 +350,13 @@ def _file_targets(root: nn.Module, file: AdapterFile, method: type[Method]) -> d
     return found
 
 
-def _check_tensors(file: AdapterFile, method: type[Method], slots: dict[str, Slot]) -> None:
-    """The file's tensors against those the attached method stores: same names, shapes and kinds."""
+def _check_tensors(section: AdapterPart, method: type[Method], slots: dict[str, Slot]) -> None:
+    """The part's tensors against those the attached method stores: same names, shapes and kinds."""
     expected = {name: slot.saved_tensors() for name, slot in slots.items()}
     expected[SHARED_KEY] = method.shared_tensors(slots)
     for layer, wanted in expected.items():
         where = "the shared section" if layer == SHARED_KEY else f"layer '{layer}'"
-        found = file.tensors.get(layer, {})
+        found = section.tensors.get(layer, {})
         missing, unknown = sorted(set(wanted) - set(found)), sorted(set(found) - set(wanted))
         if missing or unknown:
             problem = f"has no tensor '{missing[0]}'" if missing else f"has unknown tensor '{unknown[0]}'"

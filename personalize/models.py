@@ -5,6 +5,8 @@ Built-in models (offline, deterministic: the same weights in every process):
   (`personalize/shapes/`), shipped inside the package: where behaviour is judged offline.
 - `tiny`: a complete Stable Diffusion pipeline with random weights, small enough to run every flow
   on a CPU in seconds, with the real CLIP BPE tokenizer built from the vocabulary open_clip ships.
+  `tiny_pipeline("sd2" | "sdxl")` builds its SD 2.x (v-prediction, 48-wide text encoder) and SDXL
+  (two text encoders, the second with a projection) siblings, for tests.
 - `sd15-random`: the SD 1.5 UNet architecture (859.5M parameters, random weights) for benchmarks,
   in a pipeline with small random text encoder and VAE.
 """
@@ -125,10 +127,10 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type in ("cuda", "mps") else torch.float32
 
 
-def _seeded(build):
+def _seeded(build, seed: int = BUILTIN_SEED):
     """Run `build` under a fixed seed without touching the caller's RNG state."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(BUILTIN_SEED)
+        torch.manual_seed(seed)
         return build()
 
 
@@ -188,8 +190,9 @@ def clip_tokenizer():
     return CLIPTokenizer(vocab, merges, model_max_length=77)
 
 
-def _random_text_encoder(hidden: int, layers: int, heads: int):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _random_text_encoder(hidden: int, layers: int, heads: int, projection: bool = False):
+    """A random CLIP text encoder; `projection`: with the pooled-output projection (SDXL's second encoder)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=49408,
@@ -203,6 +206,8 @@ def _random_text_encoder(hidden: int, layers: int, heads: int):
         eos_token_id=49407,
         pad_token_id=49407,
     )
+    if projection:  # another seed: SDXL's two tiny encoders must not share their weights
+        return _seeded(lambda: CLIPTextModelWithProjection(config), BUILTIN_SEED + 1)
     return _seeded(lambda: CLIPTextModel(config))
 
 
@@ -226,27 +231,57 @@ def _random_vae(blocks: int):
 
 
 def _builtin_pipeline(name: str):
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-
     if name == "shapes":
         from .shapes.model import shapes_pipeline
 
         return shapes_pipeline()
     if name == "tiny":
-        unet, text_encoder, vae = tiny_unet("sd1"), _random_text_encoder(32, 2, 4), _random_vae(2)
+        pipe = tiny_pipeline("sd1")
     else:
-        unet, text_encoder, vae = sd15_random_unet(), _random_text_encoder(768, 1, 12), _random_vae(4)
-    pipe = StableDiffusionPipeline(
+        pipe = _sd_pipeline(sd15_random_unet(), _random_text_encoder(768, 1, 12), _random_vae(4))
+    pipe.register_to_config(_name_or_path=name)
+    return pipe
+
+
+def _sd_pipeline(unet, text_encoder, vae, scheduler=None):
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=clip_tokenizer(),
         unet=unet,
-        scheduler=PNDMScheduler(**SD15_SCHEDULER),
+        scheduler=scheduler or PNDMScheduler(**SD15_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.register_to_config(_name_or_path=name)
+
+
+def tiny_pipeline(style: str = "sd1"):
+    """A complete pipeline around `tiny_unet(style)` with random weights: `sd1` is the built-in `tiny`;
+    `sd2` has a 48-wide text encoder and v-prediction; `sdxl` two 32-wide text encoders (the second
+    with a projection: 32 pooled dims, as `TINY_UNETS["sdxl"]` expects) and SDXL's pipeline."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    unet, vae = tiny_unet(style), _random_vae(2)  # tiny_unet refuses an unknown style
+    schedule = {k: v for k, v in SD15_SCHEDULER.items() if k not in ("skip_prk_steps", "set_alpha_to_one")}
+    if style == "sd1":
+        pipe = _sd_pipeline(unet, _random_text_encoder(32, 2, 4), vae)
+    elif style == "sd2":
+        scheduler = EulerDiscreteScheduler(**schedule, prediction_type="v_prediction")
+        pipe = _sd_pipeline(unet, _random_text_encoder(48, 2, 4), vae, scheduler)
+    else:
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=_random_text_encoder(32, 2, 4),
+            text_encoder_2=_random_text_encoder(32, 2, 4, projection=True),
+            tokenizer=clip_tokenizer(),
+            tokenizer_2=clip_tokenizer(),
+            unet=unet,
+            scheduler=EulerDiscreteScheduler(**schedule),
+        )
+    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 

@@ -4,7 +4,10 @@ At full rank the diffusers file, loaded with `pipe.load_lora_weights`, reproduce
 and the kohya file, read through diffusers' own kohya converter, gives the same LoRA weights.
 Also: every Linear/Conv2d layer of SD 1.x- and SDXL-style UNets, SDXL's LDM key names (on the real
 SDXL layout too, built on the meta device), the base-model header, the rank/energy choice, zero and
-unexportable updates, the CLI and its error messages.
+unexportable updates, the CLI and its error messages. An adapter with text-encoder parts and a learned
+token (SD 1.x, 2.x, SDXL) exports its text-encoder layers (`lora_te_` / `lora_te1_` / `lora_te2_`,
+`text_encoder.` / `text_encoder_2.`) and a textual-inversion file that diffusers' own loaders turn
+back into the adapted pipeline.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ import personalize as P
 from personalize import cli
 from personalize.export import KOHYA_ALPHA, export_adapter, export_lora, kohya_names
 from personalize.lowrank import factorize
-from personalize.models import tiny_unet
-from tests.helpers import run_unet, unet_inputs
+from personalize.models import tiny_pipeline, tiny_unet
+from tests.helpers import encode_text, run_unet, unet_inputs
 
 FULL = 10**6  # a rank above every layer's own: each layer is capped at its full rank
 # Module-name parts only the diffusers UNet spells: no key of an SDXL kohya file may hold one.
@@ -321,6 +324,24 @@ def test_layers_without_a_lora_form_are_named_and_counted_as_lost(tmp_path):
     assert report.error == pytest.approx(lost.sqrt().item(), rel=1e-4)
 
 
+def test_cli_exports_text_encoder_parts_with_the_whole_pipeline(tmp_path, capsys):
+    """A file with a text-encoder part and a token: the CLI loads the recorded base pipeline, not only its UNet."""
+    pipe = P.load_pipeline("tiny", device="cpu")
+    whole = P.PipelineAdapter(pipe, P.attach_text_encoders(pipe, "lora"), P.new_tokens(pipe, {"<sks>": "dog"}))
+    with torch.no_grad():
+        for param in whole.parameters():
+            param.add_(0.1)
+    source = whole.save(tmp_path / "adapter.safetensors")
+    whole.detach()
+    output = tmp_path / "lora.safetensors"
+    assert cli.main(["export", "--adapter", str(source), "--rank", "2", "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "text_encoder.encoder.layers.0.self_attn.q_proj" in printed
+    assert f"token '<sks>': textual-inversion embedding -> {tmp_path / 'lora-sks.safetensors'}" in printed
+    assert set(load_file(str(tmp_path / "lora-sks.safetensors"))) == {"emb_params"}
+    assert all(k.startswith("lora_te_text_model_encoder_layers_") for k in load_file(str(output)))
+
+
 def test_cli_exports_with_the_recorded_base_model(adapter_file, tmp_path, capsys):
     source, deltas = adapter_file
     output = tmp_path / "lora.safetensors"
@@ -371,3 +392,55 @@ def test_energy_with_a_rank_cap(adapter_file, tmp_path):
     capped = export_lora(unet, source, "kohya", output=tmp_path / "capped.safetensors", energy=0.95, rank=4)
     assert max(layer.rank for layer in free.layers) > 4
     assert [layer.rank for layer in capped.layers] == [min(layer.rank, 4) for layer in free.layers]
+
+
+@pytest.mark.parametrize("style", ["sd1", "sdxl"])  # SD 2.x names its text encoder's layers as SD 1.x does
+def test_text_encoders_and_tokens_round_trip_through_diffusers(style, tmp_path):
+    """UNet, text-encoder (attention and MLP) layers and a two-vector token: the kohya and diffusers files,
+    loaded with `pipe.load_lora_weights` and the embedding with `pipe.load_textual_inversion`, reproduce
+    the adapted UNet and every adapted text encoder. (Every UNet layer kind is checked above; here a few.)"""
+    pipe = tiny_pipeline(style)
+    text = P.attach_text_encoders(pipe, "svfit", layers="attention_mlp")
+    unet = P.attach(pipe.unet, "svfit", targets=r"attn2\.to_[kv]$")
+    whole = P.PipelineAdapter(pipe, {"unet": unet, **text}, P.new_tokens(pipe, {"<sks>": "dog"}, num_vectors=2))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in whole.parameters():
+            param.add_(0.3 * (param.abs().mean().item() or 1.0) * torch.randn(param.shape, generator=generator))
+    prompts = ["a <sks> dog", "a photo of a cat"]
+    inputs = unet_inputs(pipe.unet, batch=1)
+    with torch.no_grad():
+        adapted = {part: encode_text(pipe, part, prompts) for part in text}
+        unet_out = run_unet(pipe.unet, inputs)
+    source = whole.save(tmp_path / "adapter.safetensors")
+    whole.detach()
+    with torch.no_grad():  # far beyond the tolerance below, on a prompt without the token too
+        for part, out in adapted.items():
+            assert rel(out[1:], encode_text(pipe, part, prompts[1:])) > 1e-2, f"the adapter must change {part}"
+    prefixes = {"sd1": ["lora_te_"], "sdxl": ["lora_te1_", "lora_te2_"]}[style]
+    for fmt in ("kohya", "diffusers"):
+        report = export_lora(pipe, source, fmt, output=tmp_path / f"{fmt}.safetensors", rank=FULL, dtype="float32")
+        assert report.error < 1e-6 and {layer.part for layer in report.layers} == {"unet", *text}
+        assert list(report.embeddings) == ["<sks>"] and report.embeddings["<sks>"] == tmp_path / f"{fmt}-sks.safetensors"
+        assert f"token '<sks>': textual-inversion embedding -> {tmp_path / f'{fmt}-sks.safetensors'}" in report.table()
+        keys = load_file(str(report.output)).keys()
+        if fmt == "kohya":
+            assert {k.split("text_model")[0] for k in keys if "text_model" in k} == set(prefixes)
+            assert f"{prefixes[-1]}text_model_encoder_layers_1_mlp_fc2.lora_down.weight" in keys
+        else:
+            assert {k.split(".")[0] for k in keys} == {"unet", *text}
+            assert f"{[*text][-1]}.text_model.encoder.layers.1.mlp.fc2.lora_A.weight" in keys
+        embedding = load_file(str(report.embeddings["<sks>"]))
+        assert set(embedding) == ({"clip_l", "clip_g"} if style == "sdxl" else {"emb_params"})
+
+        fresh = tiny_pipeline(style)
+        fresh.load_lora_weights(str(report.output))
+        if style == "sdxl":
+            fresh.load_textual_inversion(embedding["clip_l"], token="<sks>", text_encoder=fresh.text_encoder, tokenizer=fresh.tokenizer)
+            fresh.load_textual_inversion(embedding["clip_g"], token="<sks>", text_encoder=fresh.text_encoder_2, tokenizer=fresh.tokenizer_2)
+        else:
+            fresh.load_textual_inversion(str(report.embeddings["<sks>"]), token="<sks>")
+        with torch.no_grad():
+            assert rel(run_unet(fresh.unet, inputs), unet_out) < 1e-4, f"{fmt}: UNet"
+            for part, out in adapted.items():
+                assert rel(encode_text(fresh, part, prompts), out) < 1e-4, f"{fmt}: {part}"

@@ -348,7 +348,7 @@ def test_reload_in_a_fresh_process_is_exact(tmp_path):
     info = P.adapter_info(str(path))
     assert info["config"]["density"] == 0.02 and info["config"]["seed"] == 7
     assert info["layers"] == {n: list(s.base.weight.shape) for n, s in adapter.slots.items()}
-    stored = read_adapter_file(path).tensors
+    stored = read_adapter_file(path).parts["unet"].tensors
     for name, slot in adapter.slots.items():
         assert stored[name]["s_index"].dtype == torch.int32
         assert torch.equal(stored[name]["s_index"], slot.adapter.s_index)

@@ -209,7 +209,7 @@ def test_adapter_updates_are_cached_per_file_version(pipe, adapters, monkeypatch
 
     path = shutil.copy(adapters[0], tmp_path / "copy.safetensors")
     loads = []
-    monkeypatch.setattr(G, "load_adapter", lambda unet, p: loads.append(p) or P.load_adapter(unet, p))
+    monkeypatch.setattr(G, "load_adapter", lambda unet, p, part: loads.append(p) or P.load_adapter(unet, p))
     first = G.unscaled_deltas(pipe.unet, path)
     assert G.unscaled_deltas(pipe.unet, path) is first and len(loads) == 1  # a second call reuses the update
     stat = os.stat(path)
