@@ -1,6 +1,9 @@
-"""Helpers shared by tests: tiny UNet families and deterministic inputs for them."""
+"""Helpers shared by tests: tiny UNet families and deterministic inputs for them, text-encoder outputs."""
 
 from __future__ import annotations
+
+import ast
+from pathlib import Path
 
 import torch
 
@@ -33,8 +36,29 @@ def run_unet(unet, inputs: dict) -> torch.Tensor:
     return unet(**inputs).sample
 
 
+def encode_text(pipe, part: str, prompts) -> torch.Tensor:
+    """Text encoder `part`'s hidden states and pooled (SDXL's second encoder: projected) output for
+    `prompts`, learned tokens expanded as the pipeline's `encode_prompt` expands them: (prompts, (seq + 1) * width)."""
+    tokenizer, encoder = getattr(pipe, "tokenizer" if part == "text_encoder" else "tokenizer_2"), getattr(pipe, part)
+    text = pipe.maybe_convert_prompt(list(prompts), tokenizer)
+    ids = tokenizer(text, padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
+    out = encoder(ids)
+    pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+    return torch.cat([out.last_hidden_state.flatten(1), pooled], dim=1)
+
+
 def force_form(monkeypatch, name: str) -> None:
     """Every adapted layer runs form `name` where its slot offers it, else "weight" (adapters/forms.py)."""
     from personalize.adapters import slots
 
     monkeypatch.setattr(slots, "choose", lambda key, forms, *args: name if name in forms else "weight")
+
+
+def imported_top_level(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names

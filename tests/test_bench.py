@@ -4,6 +4,7 @@ forward that the benchmark motivated: same outputs and gradients as composing th
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,7 +13,10 @@ from torch import nn
 import personalize as P
 from personalize.adapters.forms import by_model
 from personalize.benchmark import BenchConfig, parse_method_spec, resolve_specs, run_benchmark, write_markdown
+from personalize.benchmark.text_workload import PROMPT, TextEncoders
+from personalize.benchmark.workload import Workload, unet_inputs
 from personalize.cli import main
+from personalize.models import tiny_pipeline
 from tests.helpers import force_form
 
 TINY = dict(base_model="tiny", resolution=32, steps=2, warmup=1, threads=1)
@@ -105,6 +109,55 @@ def test_cli_writes_json_markdown_and_chart(tmp_path, capsys):
     lora_profile = (tmp_path / "profiles" / "lora.txt").read_text()
     assert "== adapted layers ==" in lora_profile and "Linear" in lora_profile and "aten::" in lora_profile
     assert "== adapted layers ==" not in (tmp_path / "profiles" / "none.txt").read_text()  # the floor has none
+
+
+def test_cli_text_encoder_rows(tmp_path, capsys):
+    """--text-encoder: each method's step through the text encoder too, paired with its UNet-only step."""
+    out, md = tmp_path / "bench.json", tmp_path / "B.md"
+    argv = ["bench", "--base-model", "tiny", "--resolution", "32", "--methods", "filter_atoms", "--steps", "2", "--warmup", "1"]
+    code = main([*argv, "--threads", "1", "--text-encoder", "--output", str(out), "--markdown", str(md), "--chart", ""])
+    assert code == 0
+    data = json.loads(out.read_text())
+    results = {r["label"]: r for r in data["results"]}
+    assert data["settings"]["text_encoder"] and data["text_encoders"]["text_encoder"] > 0
+    assert results["none"]["text_encoder"] is None  # the frozen floor trains nothing
+    assert results["filter_atoms"]["text_encoder"]["target"] is False and results["filter_atoms"]["text_encoder"]["train_s"] == []
+    lora, text = results["lora"], results["lora"]["text_encoder"]
+    encoder = P.load_pipeline("tiny", device="cpu").text_encoder
+    assert text["target"] and text["trainable"] == P.attach_text_encoder(encoder, "lora", rank=4, alpha=4.0).num_trainable > 0
+    assert len(text["train_s"]) == len(lora["train_s"]) == 2
+    expected = sorted(t / u for t, u in zip(text["train_s"], lora["train_s"]))
+    assert text["train_ratio_unet"] == pytest.approx(sum(expected) / 2)  # paired within each round
+    for ratio in (text["train_ratio_unet"], text["train_cpu_ratio_unet"], text["memory_ratio_unet"]):
+        assert math.isfinite(ratio) and ratio > 0
+    assert text["memory_mb"] > 0 and text["memory_added_mb"] == pytest.approx(text["memory_mb"] - lora["memory_mb"], abs=0.11)
+    section = md.read_text()
+    assert "<!-- bench:cpu-float32-32px-tiny-text-encoder:start -->" in section and "#### With the text encoder training" in section
+    assert "| filter_atoms | no text-encoder target |" in section and f"| lora r=4 (reference) | {text['trainable']:,} |" in section
+    assert "With the text encoder training:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("style", ["sd1", "sdxl"])
+def test_text_conditioning_is_the_pipelines(style):
+    """The bench's text step conditions the UNet as the pipeline's encode_prompt does (SDXL: both encoders' penultimate
+    states, concatenated, and the second's pooled projection)."""
+    pipe = tiny_pipeline(style)
+    text = TextEncoders(pipe, f"tiny-{style}", 2, torch.device("cpu"))
+    fixed = {"encoder_hidden_states": None, "added_cond_kwargs": {"text_embeds": None, "time_ids": torch.zeros(2, 6)}}
+    with torch.no_grad():
+        got = text.condition(fixed)
+        want = pipe.encode_prompt(prompt=[PROMPT] * 2, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+    torch.testing.assert_close(got["encoder_hidden_states"], want[0])
+    if style == "sdxl":
+        torch.testing.assert_close(got["added_cond_kwargs"]["text_embeds"], want[2])
+        assert got["added_cond_kwargs"]["time_ids"] is fixed["added_cond_kwargs"]["time_ids"]
+    unet = pipe.unet.requires_grad_(False)
+    work = Workload(unet, unet_inputs(unet, 2, 8, torch.float32, torch.device("cpu"), 0), torch.float32, torch.device("cpu"))
+    adapters = [P.attach(unet, "lora"), *(attach() for attach in text.attachers("lora", {"rank": 2}))]
+    before = [[p.detach().clone() for p in a.parameters()] for a in adapters]
+    work.train_step([torch.optim.AdamW(a.parameter_groups()) for a in adapters], text.condition)  # backward through both
+    for adapter, old in zip(adapters, before, strict=True):
+        assert any(not torch.equal(p, q) for p, q in zip(adapter.parameters(), old)), "every adapter must have trained"
 
 
 @pytest.mark.parametrize(

@@ -93,6 +93,7 @@ class BenchConfig:
     seed: int = 0  # inputs and random UNet weights
     forms: str = "measure"  # how each layer's forward form is chosen: measure (timed per machine) | model (multiply-adds)
     profile_dir: str | None = None  # folder for per-method profiles: operators and per-layer replay (after the timed rounds)
+    text_encoder: bool = False  # also time each method's step with its adapter on the text encoder(s) too (text_workload.py)
 
     def validate(self) -> None:
         for name in ("resolution", "batch", "steps"):

@@ -64,6 +64,8 @@ class QualityConfig:
     mask_background_weight: float = 0.1  # TrainConfig's default: the loss weight outside the masks
     instance_background: str | None = None  # all instance images on this one background (None: INSTANCE_BACKGROUNDS in turn)
     prior: str = "none"  # prior preservation mode (the recipe trains without)
+    train_text_encoder: bool = False  # also adapt the text encoder (issue 17)
+    token_vectors: int = 0  # pivotal tuning: learned token vectors (0 = off)
 
 
 @dataclass
@@ -174,6 +176,8 @@ def train_concept(method: str, instance_dir: Path, out: Path, config: QualityCon
         "steps": config.steps,
         "prior": config.prior,
         "mask_background_weight": config.mask_background_weight,
+        "train_text_encoder": config.train_text_encoder,
+        "token_vectors": config.token_vectors,
     }
     first = FirstStep()
     result = train(

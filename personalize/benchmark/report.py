@@ -20,7 +20,8 @@ TITLE = "# Benchmarks\n\nMeasured by `personalize bench`; sections below are rew
 
 def section_key(record: dict[str, Any]) -> str:
     env, settings = record["environment"], record["settings"]
-    return f"{env['device']}-{env['compute_dtype']}-{settings['resolution']}px-{settings['base_model']}"
+    key = f"{env['device']}-{env['compute_dtype']}-{settings['resolution']}px-{settings['base_model']}"
+    return key + ("-text-encoder" if settings.get("text_encoder") else "")  # its own section: more steps ran between rounds
 
 
 def _size(n: int) -> str:
@@ -77,6 +78,52 @@ def markdown_table(record: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def text_table(record: dict[str, Any]) -> str:
+    """One row per method measured with the text encoder(s) training too ('' when they were not)."""
+    rows = [r for r in record["results"] if r.get("text_encoder")]
+    if not rows:
+        return ""
+    cpu = record["environment"]["device"] == "cpu"
+    lines = [
+        "| Method | Text-encoder trainable | Train step (s) | vs UNet-only |"
+        + (" vs UNet-only, CPU time |" if cpu else "")
+        + " Memory (MB) | vs UNet-only | Added (MB) |",
+        "|---|---:|---:|---:|" + ("---:|" if cpu else "") + "---:|---:|---:|",
+    ]
+    for r in rows:
+        t = r["text_encoder"]
+        if not t["target"]:
+            lines.append(f"| {_label(r)} | no text-encoder target | - | - |" + (" - |" if cpu else "") + " - | - | - |")
+            continue
+        memory_ratio = "-" if t["memory_ratio_unet"] is None else f"{t['memory_ratio_unet']:.2f}"
+        lines.append(
+            f"| {_label(r)} | {t['trainable']:,} | {t['train_median_s']:.3f} | {t['train_ratio_unet']:.2f} |"
+            + (f" {t['train_cpu_ratio_unet']:.2f} |" if cpu else "")
+            + f" {t['memory_mb']:,.0f} | {memory_ratio} | {t['memory_added_mb']:+,.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def text_section(record: dict[str, Any]) -> list[str]:
+    """The "With the text encoder training" part of a section: what was measured, then `text_table`."""
+    table = text_table(record)
+    if not table:
+        return []
+    sizes = ", ".join(f"{part} {count / 1e6:.1f}M parameters" for part, count in record.get("text_encoders", {}).items())
+    return [
+        "",
+        "#### With the text encoder training",
+        "",
+        f"Each method also on the text encoder(s) ({sizes}): its adapter on their attention projections (q, k, v, out; "
+        "the same method and options), a fixed prompt's 77 token ids -> text encoder(s) -> UNet -> MSE -> backward "
+        "through both -> AdamW on both adapters. Timed back to back with the method's UNet-only step in every round; "
+        "**vs UNet-only** is the median of those per-round ratios. Memory is the peak over the same frozen models at "
+        "rest as the UNet-only column; **Added** is the difference.",
+        "",
+        table,
+    ]
+
+
 def markdown_section(record: dict[str, Any], chart: str | None) -> str:
     env, s = record["environment"], record["settings"]
     load = env.get("load_average_before"), env.get("load_average")
@@ -104,6 +151,7 @@ def markdown_section(record: dict[str, Any], chart: str | None) -> str:
         "optimiser state.",
         "",
         markdown_table(record),
+        *text_section(record),
     ]
     forms = forms_table(record)
     if forms:

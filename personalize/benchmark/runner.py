@@ -9,6 +9,9 @@ timed training step, so machine drift (thermal, other jobs) hits all methods ali
 Inference rounds, likewise: an untimed and a timed forward of the base UNet, then merge, an untimed
 and a timed forward, unmerge; the ratio pairs each merged forward with the base forward just before
 it (kept apart from the training rounds, so no forward is timed in the aftermath of a training step).
+With `--text-encoder` (text_workload.py) each method also gets an adapter on the text encoder(s):
+its set-up then warms up and measures the memory of the step through both adapters as well, and each
+training round times that step back to back with the method's UNet-only step.
 Only one UNet is ever held.
 """
 
@@ -35,11 +38,28 @@ from .config import FLOOR, REFERENCE, BenchConfig, MethodSpec, resolve_specs
 from .environment import environment, load_average
 from .memory import MB, PeakMemory
 from .profiling import layer_table, operator_table, write_profile
-from .workload import Workload, latent_size, unet_inputs
+from .text_workload import TextEncoders, has_text_target
+from .workload import Condition, Workload, latent_size, unet_inputs
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, str], None]  # (units done, units in all, what runs now)
+
+
+@dataclass
+class TextResult:
+    """The method with its adapter on the text encoder(s) too (text_workload.py); lists hold one value per round."""
+
+    target: bool = True  # False: the method adapts no Linear layer, the only kind a text encoder has (filter_atoms)
+    trainable: int = 0  # the text-encoder adapters' tensors (the UNet adapter's are MethodResult.trainable)
+    memory_mb: float = 0.0  # peak over the frozen models at rest: both adapters, their optimiser states, activations
+    train_s: list[float] = field(default_factory=list)
+    train_cpu_s: list[float] = field(default_factory=list)
+    train_median_s: float = 0.0
+    train_ratio_unet: float = 0.0  # median over rounds of (this step / the method's UNet-only step), paired within a round
+    train_cpu_ratio_unet: float = 0.0  # the same ratio on CPU seconds
+    memory_ratio_unet: float | None = None  # memory_mb / the method's UNet-only memory_mb (None when that is 0)
+    memory_added_mb: float = 0.0  # memory_mb - the method's UNet-only memory_mb
 
 
 @dataclass
@@ -66,31 +86,36 @@ class MethodResult:
     train_cpu_ratio_lora: float = 0.0  # the same ratio on CPU seconds
     inference_median_s: float = 0.0
     inference_ratio_base: float = 0.0  # median of merged model / base UNet timed just before it
+    text_encoder: TextResult | None = None  # measured with --text-encoder (not for the floor)
 
 
-class Candidate:
-    """A method during the run: attached once, then parked and re-installed each round."""
+class Part:
+    """One adapter of a method on one model (the UNet or a text encoder): attached once, then parked
+    and re-installed each round."""
 
-    def __init__(self, spec: MethodSpec, unet: torch.nn.Module) -> None:
-        self.spec, self.unet = spec, unet
+    def __init__(self, attach_to: Callable[[], Adapter]) -> None:
+        self.attach_to = attach_to
         self.adapter: Adapter | None = None
         self.optimiser: torch.optim.Optimizer | None = None
         self.parked = False
-        self.result = MethodResult(spec.label, spec.name, dict(spec.options))
 
     def attach(self, cache: str = "use") -> None:
         with warnings.catch_warnings(), decomposition_cache(cache):
             # peft leaves its config on the model after a detach and warns when LoRA is attached again
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            self.adapter = attach(self.unet, self.spec.name, **self.spec.options)
+            self.adapter = self.attach_to()
         self.optimiser = torch.optim.AdamW(self.adapter.parameter_groups())
+
+    def num_trainable(self) -> int:
+        assert self.adapter is not None
+        return self.adapter.num_trainable
 
     def reinstallable(self) -> bool:
         assert self.adapter is not None
         return all(type(slot).install is not Slot.install for slot in self.adapter.slots.values())
 
     def park(self) -> None:
-        """Unhook the adapter from the UNet, keeping its tensors when its slots can be re-installed."""
+        """Unhook the adapter from its model, keeping its tensors when its slots can be re-installed."""
         if self.adapter is None or self.parked:
             return
         if self.reinstallable():
@@ -111,6 +136,54 @@ class Candidate:
                 slot.install()
         self.parked = False
 
+    def detach(self) -> None:
+        """Leave the model as it was (a LoRA parked by detaching is already gone)."""
+        if self.adapter is None:
+            return
+        self.activate()
+        self.adapter.detach()
+        self.adapter = self.optimiser = None
+
+
+class Candidate:
+    """A method during the run: its UNet part (none for the floor) and, when the text encoders are
+    measured, one part per text encoder (none for a method without a text-encoder target)."""
+
+    def __init__(self, spec: MethodSpec, unet: torch.nn.Module, text: TextEncoders | None = None) -> None:
+        self.spec = spec
+        self.unet = None if spec.is_floor else Part(lambda: attach(unet, spec.name, **spec.options))
+        self.result = MethodResult(spec.label, spec.name, dict(spec.options))
+        self.text: list[Part] = []
+        self.condition: Condition | None = None
+        if text is not None and not spec.is_floor:
+            target = has_text_target(spec.name)
+            self.result.text_encoder = TextResult(target=target)
+            if target:
+                self.text = [Part(attach_to) for attach_to in text.attachers(spec.name, spec.options)]
+                self.condition = text.condition
+
+    @property
+    def adapter(self) -> Adapter | None:
+        """The UNet's adapter (None for the floor, and while parked by detaching)."""
+        return None if self.unet is None else self.unet.adapter
+
+    def parts(self, with_text: bool = True) -> list[Part]:
+        return ([] if self.unet is None else [self.unet]) + (self.text if with_text else [])
+
+    def train_step(self, work: Workload, with_text: bool = False) -> None:
+        """The UNet-only training step, or (`with_text`) the step through the adapted text encoder(s) too."""
+        optimisers = [part.optimiser for part in self.parts(with_text)]
+        assert all(o is not None for o in optimisers), "a training step of a parked candidate"
+        work.train_step(optimisers, self.condition if with_text else None)
+
+    def park(self) -> None:
+        for part in self.parts():
+            part.park()
+
+    def activate(self) -> None:
+        for part in self.parts():
+            part.activate()
+
     def merge(self) -> None:
         if self.adapter is not None:
             self.adapter.merge()
@@ -120,12 +193,8 @@ class Candidate:
             self.adapter.unmerge()
 
     def detach(self) -> None:
-        """Leave the UNet as it was (a LoRA parked by detaching is already gone)."""
-        if self.adapter is None:
-            return
-        self.activate()
-        self.adapter.detach()
-        self.adapter = self.optimiser = None
+        for part in self.parts():
+            part.detach()
 
 
 def run_benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:
@@ -155,7 +224,8 @@ def _run(config: BenchConfig, progress: Progress | None) -> dict[str, Any]:
 
     pipe = load_pipeline(config.base_model, device=device, dtype=compute)  # frozen weights in the compute dtype
     unet, vae_factor = pipe.unet, pipe.vae_scale_factor
-    del pipe  # the text encoder and VAE are not benchmarked
+    text = TextEncoders(pipe, config.base_model, config.batch, device) if config.text_encoder else None
+    del pipe  # the VAE is not benchmarked (nor, without --text-encoder, the text encoder)
     size = latent_size(unet, config.resolution, vae_factor)
     unet.requires_grad_(False)
     if config.gradient_checkpointing:
@@ -166,7 +236,7 @@ def _run(config: BenchConfig, progress: Progress | None) -> dict[str, Any]:
     load_s = time.perf_counter() - started
     base_memory = PeakMemory(device).current()
 
-    candidates = [Candidate(spec, unet) for spec in specs]
+    candidates = [Candidate(spec, unet, text) for spec in specs]
     total = len(candidates) * (1 + 2 * config.steps + (config.profile_dir is not None))
     done = 0
 
@@ -183,9 +253,7 @@ def _run(config: BenchConfig, progress: Progress | None) -> dict[str, Any]:
     for round_index, candidate in rounds:
         report(f"train round {round_index + 1}/{config.steps}: {candidate.spec.label}")
         candidate.activate()
-        wall, cpu = work.timed(lambda candidate=candidate: work.train_step(candidate.optimiser))
-        candidate.result.train_s.append(wall)
-        candidate.result.train_cpu_s.append(cpu)
+        train_round(candidate, work, round_index)
         candidate.result.forms = forms_used(candidate)
         candidate.park()
         done += 1
@@ -207,7 +275,7 @@ def _run(config: BenchConfig, progress: Progress | None) -> dict[str, Any]:
         for candidate in candidates:
             report(f"profile {candidate.spec.label}")
             candidate.activate()
-            operators = operator_table(lambda candidate=candidate: work.train_step(candidate.optimiser), device)
+            operators = operator_table(lambda candidate=candidate: candidate.train_step(work), device)
             layers = None if candidate.adapter is None else layer_table(candidate.adapter, work)
             write_profile(config.profile_dir, candidate.spec.label, operators, layers)
             candidate.park()
@@ -229,23 +297,26 @@ def _run(config: BenchConfig, progress: Progress | None) -> dict[str, Any]:
         "base_memory_mb": round(base_memory / MB, 1),
         "load_s": round(load_s, 2),
         "total_s": round(time.perf_counter() - started, 2),
+        "text_encoders": {} if text is None else text.sizes(),  # parameters of each text encoder measured
         "results": [asdict(r) for r in results],
     }
 
 
 def set_up(candidate: Candidate, work: Workload, device: torch.device, folder: Path, warmup: int) -> None:
-    """Attach (timed), count, save, warm up (the first step measures peak memory), then park."""
+    """Attach (timed), count, save, warm up (the first step measures peak memory); then the same for the
+    step with the text encoder(s) training too, where measured; then park."""
     result = candidate.result
     peak = PeakMemory(device)
-    peak.mark()
-    if not candidate.spec.is_floor:
-        result.attach_s = work.timed(lambda: candidate.attach("refresh"))[0]
-        candidate.detach()
-        result.attach_warm_s = work.timed(candidate.attach)[0]
-        assert candidate.adapter is not None
-        result.trainable = candidate.adapter.num_trainable
+    peak.mark()  # both peaks are over the frozen models at rest
+    unet = candidate.unet
+    if unet is not None:
+        result.attach_s = work.timed(lambda: unet.attach("refresh"))[0]
+        unet.detach()
+        result.attach_warm_s = work.timed(unet.attach)[0]
+        assert unet.adapter is not None
+        result.trainable = unet.adapter.num_trainable
         path = folder / "adapter.safetensors"
-        candidate.adapter.save(str(path))
+        unet.adapter.save(str(path))
         result.file_bytes = path.stat().st_size
         log.debug(
             "%s: attached in %.1f s cold, %.1f s warm, %d trainable, %d bytes saved",
@@ -255,13 +326,39 @@ def set_up(candidate: Candidate, work: Workload, device: torch.device, folder: P
             result.trainable,
             result.file_bytes,
         )
-    work.train_step(candidate.optimiser)  # untimed, outside the memory peak: the first step chooses each layer's form
-    with peak:
-        work.train_step(candidate.optimiser)
-    result.memory_mb = round(peak.bytes / MB, 1)
-    for _ in range(warmup - 1):
-        work.train_step(candidate.optimiser)
+    result.memory_mb = warm_up(lambda: candidate.train_step(work), peak, warmup)
+    if candidate.text:
+        assert result.text_encoder is not None
+        for part in candidate.text:
+            part.attach()
+        result.text_encoder.trainable = sum(part.num_trainable() for part in candidate.text)
+        result.text_encoder.memory_mb = warm_up(lambda: candidate.train_step(work, with_text=True), peak, warmup)
     candidate.park()
+
+
+def warm_up(step: Callable[[], None], peak: PeakMemory, steps: int) -> float:
+    """Untimed: one `step()` that chooses each layer's form, then `steps` more, the first under `peak`
+    (which it returns, in MB)."""
+    step()
+    with peak:
+        step()
+    for _ in range(steps - 1):
+        step()
+    return round(peak.bytes / MB, 1)
+
+
+def train_round(candidate: Candidate, work: Workload, round_index: int) -> None:
+    """The candidate's timed training step(s) of one round: UNet-only, and with the text encoder(s) where
+    measured, back to back in an order alternating with the round, so each pair sees the same machine."""
+    kinds = [False, True] if candidate.text else [False]
+    if round_index % 2:
+        kinds.reverse()
+    for with_text in kinds:
+        wall, cpu = work.timed(lambda with_text=with_text: candidate.train_step(work, with_text))
+        timings = candidate.result.text_encoder if with_text else candidate.result
+        assert timings is not None
+        timings.train_s.append(wall)
+        timings.train_cpu_s.append(cpu)
 
 
 def forms_used(candidate: Candidate) -> dict[str, int]:
@@ -294,3 +391,14 @@ def summarise(results: list[MethodResult]) -> None:
         r.train_ratio_floor = _paired(r.train_s, floor.train_s)
         r.train_cpu_ratio_lora = _paired(r.train_cpu_s, lora.train_cpu_s)
         r.inference_ratio_base = _paired(r.inference_s, r.inference_base_s)
+        if r.text_encoder is not None and r.text_encoder.target:
+            summarise_text(r.text_encoder, r)
+
+
+def summarise_text(text: TextResult, unet_only: MethodResult) -> None:
+    """Median and round-paired ratios of the step with the text encoder(s) to the same method's UNet-only step."""
+    text.train_median_s = statistics.median(text.train_s)
+    text.train_ratio_unet = _paired(text.train_s, unet_only.train_s)
+    text.train_cpu_ratio_unet = _paired(text.train_cpu_s, unet_only.train_cpu_s)
+    text.memory_ratio_unet = text.memory_mb / unet_only.memory_mb if unet_only.memory_mb > 0 else None
+    text.memory_added_mb = round(text.memory_mb - unet_only.memory_mb, 1)

@@ -1,11 +1,12 @@
 """The measured work: one training step (forward + backward + optimiser step) and one inference
-step of a UNet, on fixed random inputs shaped for its config, timed with device synchronisation."""
+step of a UNet, on fixed random inputs shaped for its config (or with the text conditioning computed in
+the step, `text_workload.py`), timed with device synchronisation."""
 
 from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -13,6 +14,7 @@ from torch import nn
 from ..errors import UserError
 
 TEXT_TOKENS = 77  # CLIP's context length: every SD pipeline pads prompts to it
+Condition = Callable[[dict], dict]  # the UNet's inputs -> the same with their text conditioning computed now
 
 
 def latent_size(unet: nn.Module, resolution: int, vae_scale_factor: int) -> int:
@@ -68,19 +70,21 @@ class Workload:
             nullcontext if autocast_dtype == torch.float32 else lambda: torch.autocast(device_type=device.type, dtype=autocast_dtype)
         )
 
-    def _forward(self, sample: torch.Tensor) -> torch.Tensor:
+    def _forward(self, sample: torch.Tensor, condition: Condition | None = None) -> torch.Tensor:
         with self.autocast():
-            return self.unet(**{**self.inputs, "sample": sample}).sample
+            inputs = self.inputs if condition is None else condition(self.inputs)
+            return self.unet(**{**inputs, "sample": sample}).sample
 
-    def train_step(self, optimiser: torch.optim.Optimizer | None) -> None:
-        """Forward, MSE to fixed noise, backward, optimiser step. Without an optimiser (the floor) the
-        gradient goes to the input latents, so backward runs through the whole frozen network."""
+    def train_step(self, optimisers: Sequence[torch.optim.Optimizer], condition: Condition | None = None) -> None:
+        """Forward, MSE to fixed noise, backward, a step of each optimiser. `condition` replaces the fixed
+        text inputs by ones computed in the step (a text encoder training too). Without optimisers (the
+        floor) the gradient goes to the input latents, so backward runs through the whole frozen network."""
         sample = self.inputs["sample"]
-        if optimiser is None:
+        if not optimisers:
             sample = sample.detach().requires_grad_(True)
-        loss = nn.functional.mse_loss(self._forward(sample).float(), self.target)
+        loss = nn.functional.mse_loss(self._forward(sample, condition).float(), self.target)
         loss.backward()
-        if optimiser is not None:
+        for optimiser in optimisers:
             optimiser.step()
             optimiser.zero_grad(set_to_none=True)
 

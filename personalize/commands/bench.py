@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..benchmark import BenchConfig, markdown_table, run_benchmark, write_chart, write_json, write_markdown
+from ..benchmark import BenchConfig, markdown_table, run_benchmark, text_table, write_chart, write_json, write_markdown
 from ..benchmark.config import PRECISIONS
 from ..errors import UserError
 from ..training.config import PRIORS
@@ -55,6 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["measure", "model"],
         help="how each adapted layer's forward form is chosen: timed once per machine and cached, or by multiply-add counts "
         "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--text-encoder",
+        action="store_true",
+        help="also time each method's training step with its adapter on the text encoder(s) too (attention layers, same "
+        "options) and its peak memory, against its UNet-only step in the same rounds",
     )
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=BenchConfig.seed, help="inputs and built-in weights (default: %(default)s)")
@@ -101,6 +107,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prior", default="none", choices=PRIORS, help="--quality: prior preservation mode (default: %(default)s)")
     parser.add_argument(
+        "--train-text-encoder", action="store_true", help="--quality: also adapt the text encoder (same method, the UNet's lr)"
+    )
+    parser.add_argument(
+        "--token-vectors", type=int, default=0, metavar="N", help="--quality: pivotal tuning with N learned token vectors (0 = off)"
+    )
+    parser.add_argument(
         "--base-images",
         type=int,
         default=64,
@@ -126,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
         forms=args.forms,
         seed=args.seed,
         profile_dir=args.profile,
+        text_encoder=args.text_encoder,
     )
     config.validate()  # before the UNet is built
     for flag, path in (("--output", args.output), ("--markdown", args.markdown), ("--chart", args.chart)):
@@ -155,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
         write_markdown(record, args.markdown, chart)
         written.append(args.markdown)
     print(markdown_table(record))
+    if text_table(record):
+        print(f"\nWith the text encoder training:\n{text_table(record)}")
     print(f"wrote {', '.join(written)} ({record['total_s']:.0f} s)")
     return 0
 
@@ -187,6 +202,8 @@ def run_quality_command(args: argparse.Namespace) -> int:
         instance_background=args.instance_background,
         prior=args.prior,
         base_images=args.base_images,
+        train_text_encoder=args.train_text_encoder,
+        token_vectors=args.token_vectors,
     )
     vendi = importlib.import_module("metrics.vendi").vendi_score
     with tqdm(desc="quality", unit="run") as bar:

@@ -2,7 +2,9 @@
 
     personalize export --adapter concept.safetensors --format kohya --rank 16 --output concept-lora.safetensors
 
-Prints the rank and relative error of every layer, the overall error and the file size.
+Prints the rank and relative error of every layer, the overall error and the file size. An adapter
+with text-encoder parts or learned tokens is exported with its whole base pipeline (text-encoder
+layers into the LoRA, tokens into textual-inversion files next to it); a UNet-only one needs the UNet alone.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..export import DEFAULT_DTYPE, DEFAULT_ENERGY, DEFAULT_FORMAT, DTYPES, FORMATS, check_options, export_lora
-from ..io import adapter_info
-from ..models import load_unet
+from ..io import MAIN_PART, adapter_info
+from ..models import load_pipeline, load_unet
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,10 +53,11 @@ def run(args: argparse.Namespace) -> int:
     if not base_model:
         raise UserError(f"adapter '{args.adapter}' does not record its base model; pass --base-model")
     print(f"exporting {info['method']} adapter '{args.adapter}' on {base_model} as a {args.format} LoRA")
-    unet = load_unet(base_model, device=args.device)
-    with tqdm(total=len(info["layers"]), desc="export", unit="layer") as bar:
+    whole = set(info["parts"]) != {MAIN_PART} or bool(info["tokens"])  # text encoders or tokens: the pipeline
+    model = load_pipeline(base_model, device=args.device) if whole else load_unet(base_model, device=args.device)
+    with tqdm(total=sum(len(part["layers"]) for part in info["parts"].values()), desc="export", unit="layer") as bar:
         report = export_lora(
-            unet,
+            model,
             args.adapter,
             args.format,
             output=args.output,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import logging
 import signal
 import sys
 import threading
@@ -20,6 +22,9 @@ from ..train import Progress, TrainCallback, TrainConfig, TrainResult, effective
 from ..training.config import FIELDS, RENAMED
 
 SHORT = {"output_dir": ["--output"]}  # extra spellings of some flags
+CURVE_COLUMNS = ("fidelity", "alignment", "diversity", "drift")
+
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,9 +38,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help="a method option, e.g. --option rank=8 (repeatable; see `personalize methods NAME`)",
     )
+    parser.add_argument(
+        "--text-encoder-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an option of the text-encoder method, e.g. --text-encoder-option rank=4 (repeatable; with --train-text-encoder)",
+    )
     hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
-        if field.name == "method_options":
+        if field.name in ("method_options", "text_encoder_options"):
             continue
         flags = ["--" + field.name.replace("_", "-")] + SHORT.get(field.name, [])
         kwargs: dict = {"dest": field.name, "default": argparse.SUPPRESS, "help": _help(field)}
@@ -105,6 +117,10 @@ class TqdmProgress(TrainCallback):
     def on_samples(self, step: int, images: list, grid_path: str) -> None:
         tqdm.write(f"step {step}: samples -> {grid_path}")
 
+    def on_scores(self, step: int, scores: dict[str, float], best_step: int | None) -> None:
+        shown = ", ".join(f"{name} {scores[name]:.3f}" for name in CURVE_COLUMNS if name in scores)
+        tqdm.write(f"step {step}: {shown}" + (f" (best so far: step {best_step})" if best_step is not None else ""))
+
     def on_end(self, result: TrainResult) -> None:
         """The summary (only the main process gets this call, so a multi-GPU run prints it once)."""
         self._close()
@@ -113,7 +129,11 @@ class TqdmProgress(TrainCallback):
             f"{state}: {result.steps_done}/{result.total_steps} steps in {result.wall_time:.1f}s; "
             f"eval loss {result.eval_loss_start:.4f} -> {result.eval_loss_end:.4f}"
         )
+        if result.curves:
+            print(curve_table(result.curves, result.best_step, result.selected_by))
         print(f"adapter: {result.adapter_path}")
+        if result.best_adapter:
+            print(f"best step {result.best_step}: {result.best_adapter}")
 
     def _close(self) -> None:
         if self.bar is not None:
@@ -121,9 +141,33 @@ class TqdmProgress(TrainCallback):
         self.bar = self.stage = None
 
 
+def curve_table(curves: list[dict[str, float]], best_step: int | None, rule: str) -> str:
+    """The metric curve as a text table, the chosen step marked."""
+    columns = [name for name in CURVE_COLUMNS if any(name in point for point in curves)]
+    lines = [f"{'step':>8}  " + "  ".join(f"{name:>9}" for name in columns)]
+    for point in curves:
+        values = "  ".join(f"{point[name]:9.3f}" if name in point else f"{'-':>9}" for name in columns)
+        mark = f"  <- best ({rule})" if point["step"] == best_step else ("  (base model)" if point["step"] == 0 else "")
+        lines.append(f"{point['step']:>8}  {values}{mark}")
+    return "\n".join(lines)
+
+
+def metric_trackers(config: TrainConfig) -> list:
+    """The metrics package's tracker for this run (metrics plugs in here; the library never imports it)."""
+    try:
+        tracking = importlib.import_module("metrics.tracking")
+    except ModuleNotFoundError:
+        log.warning("metric tracking is off: the metrics package is not installed")
+        return []
+    tracker = tracking.tracker_for(config)
+    return [tracker] if tracker is not None else []
+
+
 def run(args: argparse.Namespace) -> int:
     overrides = {name: value for name, value in vars(args).items() if name in FIELDS or name in RENAMED}
     overrides["method_options"] = parse_options(args.option)
+    if args.text_encoder_option:
+        overrides["text_encoder_options"] = parse_options(args.text_encoder_option)
     config = effective_config(args.config, **overrides)
     cancel = threading.Event()
 
@@ -136,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()  # signals can only be caught there
     previous = signal.signal(signal.SIGINT, stop) if in_main_thread else None
     try:
-        train(config, callbacks=[TqdmProgress()], cancel=cancel)
+        train(config, callbacks=[TqdmProgress(), *metric_trackers(config)], cancel=cancel)
     finally:
         if in_main_thread:
             signal.signal(signal.SIGINT, previous)

@@ -48,9 +48,35 @@ class TrainResult:
     final_loss: float | None = None  # mean training loss over the last (up to) 10 steps
     samples: list[str] = field(default_factory=list)  # validation grids written by this session
     config_path: str = ""
+    curves: list[dict[str, float]] = field(default_factory=list)  # per validation: step and the metric scores
+    best_step: int | None = None  # the validation step the selection rule chose (None: nothing was scored)
+    best_adapter: str | None = None  # best/adapter.safetensors: the adapter as it was at best_step
+    selected_by: str = ""  # the selection rule that chose best_step (TrainConfig.select_by)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class Validation:
+    """The images of one validation, for callbacks that score them (a metric tracker).
+
+    `images[i]` is `prompts[i]` rendered with seed `seed + i`; `class_images[i]` is the class prompt
+    (no token) with the same seed, and `base_class_images[i]` the same rendered by the base model
+    before training (both empty unless drift is tracked). A scoring callback adds its numbers to
+    `scores` (higher is better, except `drift`); the trainer logs them and selects the best step.
+    """
+
+    step: int
+    metrics: list[str]  # what to score (TrainConfig.track_metrics, parsed)
+    images: list[Image.Image]
+    prompts: list[str]
+    instance_images: list[str]
+    token: str
+    class_prompt: str
+    class_images: list[Image.Image] = field(default_factory=list)
+    base_class_images: list[Image.Image] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)
 
 
 class TrainCallback:
@@ -68,12 +94,27 @@ class TrainCallback:
     def on_samples(self, step: int, images: list[Image.Image], grid_path: str) -> None:
         """Validation images (fixed prompts and seeds) at `step`, also saved as the grid `grid_path`."""
 
+    def on_validation(self, validation: Validation) -> None:
+        """The same validation with what scoring needs; a metric tracker writes into `validation.scores`
+        (step 0 is the base model, before the first step)."""
+
+    def on_scores(self, step: int, scores: dict[str, float], best_step: int | None) -> None:
+        """The scores of the validation at `step` once logged, and the best step chosen so far."""
+
     def on_end(self, result: TrainResult) -> None:
         """The run finished (or was cancelled) and its files are written."""
 
 
+def scores_validations(callback: object) -> bool:
+    """Whether `callback` scores validations (implements `on_validation`): only then does the trainer
+    render the base model's images before the first step and the class prompt for drift."""
+    hook = getattr(type(callback), "on_validation", None)
+    return hook is not None and hook is not TrainCallback.on_validation
+
+
 class CallbackList:
-    """Fan one event out to several callbacks."""
+    """Fan one event out to several callbacks; a callback without that hook is skipped (a tracker from
+    `metrics` has only the hooks it needs and does not subclass TrainCallback)."""
 
     def __init__(self, callbacks: Sequence[TrainCallback], enabled: bool) -> None:
         self.callbacks, self.enabled = list(callbacks), enabled
@@ -82,6 +123,7 @@ class CallbackList:
         def call(*args: Any) -> None:
             if self.enabled:
                 for callback in self.callbacks:
-                    getattr(callback, name)(*args)
+                    if (hook := getattr(callback, name, None)) is not None:
+                        hook(*args)
 
         return call

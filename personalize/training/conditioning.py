@@ -1,4 +1,5 @@
-"""Text conditioning for the UNet, computed once with the frozen text encoder(s) and cached.
+"""Text conditioning for the UNet, computed once with the frozen text encoder(s) and cached (or, while
+the text side trains, recomputed each step with gradients: `encode_with_grad`).
 
 SD 1.x / 2.x condition on the text encoder's hidden states; SDXL also on the pooled embedding of
 its second encoder and on six size/crop "time ids" (per training image: its original size and crop). Both come from the pipeline's own
@@ -64,8 +65,21 @@ def encode_prompts(pipe, prompts: list[str], device: torch.device, resolution: i
         positive, negative = out
         return Conditioning(positive), Conditioning(negative)
     positive, negative, pooled, negative_pooled = out
-    # SDXL micro-conditioning (original size, crop top-left, target size): (res, res, 0, 0, res, res) is
-    # what inference uses; training replaces it per image with the photo's own size and crop
-    # (`Conditioning.with_time_ids`), as diffusers' and kohya's SDXL trainers do.
-    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * len(prompts), device=device, dtype=positive.dtype)
+    time_ids = inference_time_ids(len(prompts), resolution, positive)
     return Conditioning(positive, pooled, time_ids), Conditioning(negative, negative_pooled, time_ids.clone())
+
+
+def encode_with_grad(pipe, prompts: list[str], device: torch.device, resolution: int) -> Conditioning:
+    """The conditioning of `prompts` through the text encoder(s) as they are now, with gradients
+    (while the text side trains); no negative prompt."""
+    out = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+    if not is_sdxl(pipe):
+        return Conditioning(out[0])
+    return Conditioning(out[0], out[2], inference_time_ids(len(prompts), resolution, out[0]))
+
+
+def inference_time_ids(count: int, resolution: int, like: torch.Tensor) -> torch.Tensor:
+    """SDXL micro-conditioning (original size, crop top-left, target size): (res, res, 0, 0, res, res) is
+    what inference uses; training replaces it per image with the photo's own size and crop
+    (`Conditioning.with_time_ids`), as diffusers' and kohya's SDXL trainers do. (count, 6)"""
+    return torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * count, device=like.device, dtype=like.dtype)

@@ -21,6 +21,7 @@ from ..adapters import get_method
 from ..data import check_resolution
 from ..errors import UserError
 from ..models import DEFAULT_BASE_MODEL
+from ..parts import TEXT_LAYERS, check_text_method
 from ..prompts import check_seed, check_template
 
 VALIDATION_PROMPTS = [
@@ -38,6 +39,10 @@ PRIORS = ("images", "model", "none")
 MASKS = ("files", "auto", "off")
 SCHEDULES = ("constant", "cosine", "linear")
 REPORT_TO = ("none", "tensorboard")
+# Metrics a tracker can compute at each validation (the metrics package scores them; KID/FID need far more images).
+TRACKABLE = ("dino", "dinov2", "clip_i", "clip_t", "vendi", "drift")
+EMBEDDER_SETS = ("auto", "default", "tiny", "shapes")
+SELECTION_RULES = ("balanced", "fidelity", "alignment", "last")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -165,6 +170,62 @@ class TrainConfig:
     eval_images: int = field(default=16, metadata=_help("at most this many instance images (evenly spaced) in the evaluation set"))
     eval_batch_size: int = field(default=4, metadata=_help("batch size of the evaluation and latent encoding passes"))
     report_to: str = field(default="none", metadata=_help("none | tensorboard (log.jsonl is always written)"))
+    # The text side (issue 17). diffusers' train_dreambooth_lora.py, kohya sd-scripts and OneTrainer offer text-encoder LoRA;
+    # the diffusers "advanced" scripts and invoke-training add pivotal tuning (a new token embedding trained with it).
+    train_text_encoder: bool = field(
+        default=False,
+        metadata=_help("also adapt the text encoder(s) (CLIP attention projections; with text_encoder_layers attention_mlp also fc1/fc2)"),
+    )
+    text_encoder_parts: str = field(
+        default="all", metadata=_help("which text encoders train: all | text_encoder | text_encoder_2 (SDXL has both; comma-separated)")
+    )
+    text_encoder_method: str = field(default="", metadata=_help("adapter method of the text encoder(s); empty = the UNet's method"))
+    text_encoder_options: dict[str, Any] = field(
+        default_factory=dict, metadata=_help("the text-encoder method's options, e.g. rank=4 (default: the UNet's options, same method)")
+    )
+    text_encoder_layers: str = field(
+        default="attention", metadata=_help("attention (q/k/v/out projections; diffusers) | attention_mlp (also fc1, fc2; kohya)")
+    )
+    # diffusers' train_dreambooth_lora.py optimises the text-encoder LoRA at the UNet's --learning_rate.
+    text_encoder_lr: float | None = field(
+        default=None, metadata=_help("learning rate of the text-encoder adapters; default: the UNet's lr (diffusers' DreamBooth-LoRA)")
+    )
+    token_vectors: int = field(
+        default=0,
+        metadata=_help("pivotal tuning: learn the token as this many new embedding vectors (1-4) with the adapters; 0 = off"),
+    )
+    token_init: str = field(default="", metadata=_help("word whose embedding starts the learned token; empty = class_noun"))
+    # diffusers' textual_inversion example trains embeddings at 5e-4.
+    token_lr: float = field(default=5e-4, metadata=_help("learning rate of the learned token's vectors (diffusers' textual inversion)"))
+    token_steps: int = field(default=0, metadata=_help("train the token only for the first N steps, then freeze it; 0 = all steps"))
+    # Metric tracking (issue 19): the validation images scored while training, so the numbers pick the step to keep.
+    track_metrics: str = field(
+        default="dino,clip_i,clip_t,vendi,drift",
+        metadata=_help(
+            "metrics scored at each validation (comma-separated: dino, dinov2, clip_i, clip_t, vendi, drift) by the CLI's "
+            "and the app's tracker; 'none' = off"
+        ),
+    )
+    track_embedders: str = field(
+        default="auto",
+        metadata=_help(
+            "backbones of the tracked metrics: auto (the shapes judge for 'shapes', tiny models for 'tiny', else "
+            "DINO ViT-S/16 and CLIP ViT-B/32) | default | tiny | shapes"
+        ),
+    )
+    select_by: str = field(
+        default="balanced",
+        metadata=_help(
+            "which validation step best/adapter.safetensors keeps: balanced (fidelity x share of the base model's prompt "
+            "alignment kept) | fidelity | alignment | last; steps whose drift exceeds drift_limit are passed over"
+        ),
+    )
+    # DreamBooth's language drift: the class prompt's images move away from the base model's. 0.25 = the class images
+    # keep 75% cosine similarity to the base model's on the same seeds (BENCHMARKS.md: drift on shapes).
+    drift_limit: float = field(
+        default=0.25,
+        metadata=_help("largest drift (1 - cosine of class-prompt images to the base model's, same seeds) a chosen step may have"),
+    )
     resume: bool = field(default=False, metadata=_help("continue from the latest checkpoint in output_dir"))
     overwrite: bool = field(default=False, metadata=_help("replace an earlier run in output_dir (only its own files are removed)"))
     cpu: bool = field(default=False, metadata=_help("train on the CPU even if a GPU is present"))
@@ -225,6 +286,16 @@ RUN_DEFINING = (
     "mask_background_weight",
     "buckets",
     "ema_decay",
+    "train_text_encoder",
+    "text_encoder_parts",
+    "text_encoder_method",
+    "text_encoder_options",
+    "text_encoder_layers",
+    "text_encoder_lr",
+    "token_vectors",
+    "token_init",
+    "token_lr",
+    "token_steps",
 )
 # Settings of earlier versions, upgraded where a config is read: {old name: (new name, {old value: new value})}.
 RENAMED = {"prior_preservation": ("prior", {True: "images", False: "none"})}
@@ -234,9 +305,9 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
     """A TrainConfig from a TOML/JSON file and keyword overrides (overrides win; method options merge)."""
     values: dict[str, Any] = read_config_file(path) if path else {}
     values, overrides = upgrade_legacy(values), upgrade_legacy(overrides)  # each source renamed, then overrides win
-    options = {**values.pop("method_options", {}), **overrides.pop("method_options", {})}
+    merged = {name: {**values.pop(name, {}), **overrides.pop(name, {})} for name in ("method_options", "text_encoder_options")}
     values.update({k: v for k, v in overrides.items()})
-    values["method_options"] = options
+    values.update(merged)
     return make_config(values, source=str(path) if path else "arguments")
 
 
@@ -371,3 +442,31 @@ def _check_values(c: TrainConfig) -> None:
     need("{token}" in c.instance_prompt, f"instance_prompt must contain {{token}}, got '{c.instance_prompt}'")
     for template in c.validation_prompts:
         check_template("validation_prompts", template)
+    tracked(c)  # raises on unknown metric names
+    need(0 <= c.token_vectors <= 4, f"token_vectors must be 0 (off) to 4, got {c.token_vectors}")
+    need(c.token_steps >= 0, f"token_steps must be 0 (all steps) or a positive integer, got {c.token_steps}")
+    need(math.isfinite(c.token_lr) and c.token_lr > 0, f"token_lr must be a positive number, got {c.token_lr}")
+    need(
+        c.text_encoder_lr is None or (math.isfinite(c.text_encoder_lr) and c.text_encoder_lr > 0),
+        f"text_encoder_lr must be a positive number (or unset), got {c.text_encoder_lr}",
+    )
+    layers = c.text_encoder_layers
+    need(layers in TEXT_LAYERS, f"text_encoder_layers '{layers}' is not supported; accepted: {', '.join(TEXT_LAYERS)}")
+    if c.train_text_encoder:
+        text_method = get_method(c.text_encoder_method or c.method)
+        check_text_method(text_method)
+        text_method.make_config({k: v for k, v in c.text_encoder_options.items()})  # raises on unknown options
+    for name, accepted in (("track_embedders", EMBEDDER_SETS), ("select_by", SELECTION_RULES)):
+        need(getattr(c, name) in accepted, f"{name} '{getattr(c, name)}' is not supported; accepted: {', '.join(accepted)}")
+    need(math.isfinite(c.drift_limit) and c.drift_limit >= 0, f"drift_limit must be a non-negative number, got {c.drift_limit}")
+
+
+def tracked(c: TrainConfig) -> list[str]:
+    """The metrics to score at each validation ([] when tracking is off or there is no validation)."""
+    names = [] if c.track_metrics.strip().lower() == "none" else [n.strip() for n in c.track_metrics.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TRACKABLE]
+    if unknown:
+        raise UserError(f"track_metrics: unknown metric(s) {', '.join(unknown)}; accepted: {', '.join(TRACKABLE)} or 'none'")
+    if not (c.validation_every and c.validation_prompts):
+        return []
+    return list(dict.fromkeys(names))

@@ -27,8 +27,10 @@ LOG_FILE = "log.jsonl"
 SAMPLES_DIR = "samples"
 CHECKPOINTS_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
+BEST_DIR = "best"  # best/adapter.safetensors: the adapter at the step metric tracking chose
+CURVES_FILE = "curves.png"  # the tracked metrics over steps, plotted by the metrics package's tracker
 RESOLVED_LATER = ("resolution",)
-RUN_FILES = (ADAPTER_FILE, CONFIG_FILE, RESULT_FILE, LOG_FILE, SAMPLES_DIR, CHECKPOINTS_DIR, TENSORBOARD_DIR)
+RUN_FILES = (ADAPTER_FILE, CONFIG_FILE, RESULT_FILE, LOG_FILE, SAMPLES_DIR, CHECKPOINTS_DIR, TENSORBOARD_DIR, BEST_DIR, CURVES_FILE)
 
 
 def run_files(folder: Path) -> list[Path]:
@@ -100,6 +102,12 @@ class TrainLog:
         if self.tracker is not None:
             scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "event")}
             self.tracker.log(scalars, step=record["step"])
+
+    def records(self, event: str) -> list[dict[str, Any]]:
+        """The records of `event` written so far (e.g. the scores kept from before a resume)."""
+        self.handle.flush()
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        return [record for line in lines if (record := _record(line)) is not None and record.get("event") == event]
 
     def images(self, step: int, images: list) -> None:
         if self.tracker is not None:

@@ -24,17 +24,18 @@ from typing import Any
 
 import torch
 
-from ..atomic import make_writable_dir, remove_empty_dirs, write_json_atomic
+from ..atomic import atomic_path, make_writable_dir, remove_empty_dirs, write_json_atomic
 from ..data import many_images_note, validate_instance_images
 from ..errors import UserError
-from ..inject import attach, load_adapter
+from ..io import saved_step
 from ..models import load_pipeline
 from . import checkpoint as ckpt
+from . import text_side
 from .buckets import BucketedLatents, bucket_sizes, encode_bucketed, granularity
-from .callbacks import CallbackList, Progress, TrainCallback, TrainResult
+from .callbacks import CallbackList, Progress, TrainCallback, TrainResult, Validation, scores_validations
 from .captions import instance_prompts
-from .conditioning import Conditioning, encode_prompts
-from .config import TrainConfig, resolve
+from .conditioning import Conditioning, encode_prompts, encode_with_grad
+from .config import TrainConfig, resolve, tracked
 from .ema import AdapterEMA
 from .latents import LatentSet, encode_files
 from .masks import auto_masks_for, mask_files
@@ -51,6 +52,7 @@ from .objective import (
 )
 from .outputs import (
     ADAPTER_FILE,
+    BEST_DIR,
     CHECKPOINTS_DIR,
     CONFIG_FILE,
     RESULT_FILE,
@@ -62,6 +64,8 @@ from .outputs import (
 )
 from .prior import default_class_dir, ensure_class_images, existing_class_images
 from .samples import render_samples, save_grid
+from .selection import best_step
+from .text_side import build_adapter, load_for_training, token_notes, trains_text
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +103,11 @@ class Trainer:
         self.hooks = CallbackList(callbacks, enabled=self.main)
         self.generator = torch.Generator().manual_seed(self.config.seed * NOISE_SEED_STRIDE + self.rank)
         self.samples: list[str] = []
+        # metrics a tracker scores at each validation ([] = no tracking, or no callback that scores)
+        self.tracked = tracked(self.config) if any(scores_validations(c) for c in callbacks) else []
+        self.curve: list[dict[str, Any]] = []  # per scored validation: step and scores (step 0 = the base model)
+        self.best_step: int | None = None
+        self.base_class_images: list = []  # the base model's class-prompt images (drift's reference)
         self.created_dirs: list[Path] = []  # folders this run created: removed again if it fails before writing
 
     # --- preparation ----------------------------------------------------------------------------
@@ -173,11 +182,11 @@ class Trainer:
         pipe.vae.requires_grad_(False)
 
         device = acc.device
-        distinct = list(dict.fromkeys(self.prompts))
-        self.instance_cond, _ = encode_prompts(pipe, distinct, device, self.resolution)  # one row per distinct prompt
-        self.prompt_rows = torch.tensor([distinct.index(p) for p in self.prompts])  # photo -> its row
-        if c.validation_every and c.validation_prompts:
-            self.validation_cond = encode_prompts(pipe, [c.prompt(p) for p in c.validation_prompts], device, self.resolution)
+        if trains_text(c) and self.num_processes > 1:
+            raise UserError("train_text_encoder and token_vectors train on one process for now; run without accelerate launch / torchrun")
+        if not c.token_vectors:
+            token_notes(getattr(pipe, "tokenizer", None), c.token)
+        self.cache_conditioning()
         masks = self.masks
         if c.masks == "auto":
             progress = lambda done, total: self.hooks.on_prepare("masking images", done, total)  # noqa: E731
@@ -186,8 +195,6 @@ class Trainer:
             log.info("masked loss on %d of %d photo(s)", len(masks), len(self.instance_files))
         self.instance = self.encode(self.instance_files, "encoding images", c.random_flip, masks)
         self.classes = None
-        if c.prior != "none":
-            self.class_cond, _ = encode_prompts(pipe, [c.prompt(c.class_prompt)], device, self.resolution)
         if c.prior == "images":
             class_files = self.class_images()
             if class_files:
@@ -195,9 +202,11 @@ class Trainer:
 
         set_seed(c.seed)  # adapter initialisation (LoRA's gaussian A) and anything else drawing from global RNGs
         if self.resume_from is not None:
-            self.adapter = load_adapter(pipe.unet, self.resume_from / ADAPTER_FILE)
+            self.adapter = load_for_training(pipe, c, self.resume_from / ADAPTER_FILE)
         else:
-            self.adapter = attach(pipe.unet, c.method, **c.method_options)
+            self.adapter = build_adapter(pipe, c)
+        if trains_text(c):
+            self.cache_conditioning()  # through the adapted text side (a learned token, a resumed text encoder)
         for param in self.adapter.parameters():
             param.data = param.data.float()  # trainable tensors stay float32 under mixed precision
         self.ema = AdapterEMA.of(self.adapter, c.ema_decay) if c.ema_decay > 0 else None  # resume loads its state in _run
@@ -205,18 +214,40 @@ class Trainer:
             pipe.unet.enable_gradient_checkpointing()
         pipe.unet.train()
 
-        groups = self.adapter.parameter_groups(c.lr)
+        groups = text_side.parameter_groups(self.adapter, c)
         for group in groups:
             group["weight_decay"] = c.weight_decay
         optimizer = self.optimizer_cls(groups, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon)
-        # the group trained at `lr` itself (ratio 1; e.g. FRoD's on-axis group) is the one progress reports
-        ratios = self.adapter.method.group_lr_ratio
-        self.main_group = next((i for i, g in enumerate(groups) if ratios.get(g["name"]) == 1.0), 0)
+        self.main_group = text_side.main_group(groups, self.adapter)  # the group progress reports
         name = "constant_with_warmup" if c.lr_scheduler == "constant" and c.lr_warmup_steps else c.lr_scheduler
         self.lr_scheduler = get_scheduler(name, optimizer, num_warmup_steps=c.lr_warmup_steps, num_training_steps=c.steps)
         self.model, self.optimizer = acc.prepare(pipe.unet, optimizer)
 
         self.eval_sets = self.evaluation_sets()
+
+    def cache_conditioning(self) -> None:
+        """Encode the prompts once through the text side as it is now: instance prompts (one row per
+        distinct prompt), validation prompts, the class prompt (prior) and its drift copies."""
+        c, pipe, device = self.config, self.pipe, self.accelerator.device
+        distinct = list(dict.fromkeys(self.prompts))
+        self.instance_cond, _ = encode_prompts(pipe, distinct, device, self.resolution)  # one row per distinct prompt
+        self.prompt_rows = torch.tensor([distinct.index(p) for p in self.prompts])  # photo -> its row
+        if c.validation_every and c.validation_prompts:
+            self.validation_cond = encode_prompts(pipe, [c.prompt(p) for p in c.validation_prompts], device, self.resolution)
+        self.drift_cond = None  # the class prompt once per validation seed: drift compares its images with the base model's
+        if "drift" in self.tracked:
+            self.drift_cond = encode_prompts(pipe, [c.prompt(c.class_prompt)] * len(c.validation_prompts), device, self.resolution)
+        if c.prior != "none":
+            self.class_cond, _ = encode_prompts(pipe, [c.prompt(c.class_prompt)], device, self.resolution)
+
+    @property
+    def text_live(self) -> bool:
+        """Whether a text-side tensor trains now: then conditioning is encoded per micro-batch, with gradients."""
+        return text_side.text_trains_now(self.adapter)
+
+    def live_conditioning(self, prompts: list[str]) -> Conditioning:
+        with self.accelerator.autocast():
+            return encode_with_grad(self.pipe, prompts, self.accelerator.device, self.resolution)
 
     def evaluation_sets(self) -> list[EvalSet]:
         """At most eval_images photos, evenly spaced (unflipped rows), each with its own SDXL size/crop ids;
@@ -298,11 +329,16 @@ class Trainer:
 
     def class_rows(self, time_ids: torch.Tensor) -> Conditioning:
         """The class prompt's conditioning, one row per entry of (b, 6) SDXL `time_ids`."""
-        return self.class_cond.take(torch.zeros(len(time_ids), dtype=torch.long)).with_time_ids(time_ids)
+        rows = torch.zeros(len(time_ids), dtype=torch.long)
+        class_cond = self.live_conditioning([self.config.prompt(self.config.class_prompt)]) if self.text_live else self.class_cond
+        return class_cond.take(rows).with_time_ids(time_ids)
 
     def instance_conditioning(self, index: torch.Tensor) -> Conditioning:
         """The prompt conditioning of latent rows `index` (mirrored copies follow the originals: row % photos)."""
-        return self.instance_cond.take(self.prompt_rows[index.cpu() % len(self.instance_files)])
+        photos = index.cpu() % len(self.instance_files)
+        if self.text_live:
+            return self.live_conditioning([self.prompts[i] for i in photos.tolist()])
+        return self.instance_cond.take(self.prompt_rows[photos])
 
     def loss(self, batch: Batch) -> torch.Tensor:
         c = self.config
@@ -329,18 +365,25 @@ class Trainer:
     def with_prior_rows(self, n: int, noisy, timesteps, conditioning: Conditioning, targets, weights):
         """Prior 'model': the first `n` noisy rows appended again with the class prompt; their targets are the
         frozen model's predictions and their loss weights 1."""
-        prior_cond = self.class_rows(conditioning.time_ids[:n] if conditioning.time_ids is not None else torch.zeros(n, 6))
-        targets = torch.cat([targets, self.frozen_prediction(noisy[:n], timesteps[:n], prior_cond)])
+        time_ids = conditioning.time_ids[:n] if conditioning.time_ids is not None else torch.zeros(n, 6)
+        prior_cond = self.class_rows(time_ids)
+        targets = torch.cat([targets, self.frozen_prediction(noisy[:n], timesteps[:n], time_ids)])
         if weights is not None:
             weights = torch.cat([weights, torch.ones_like(weights[:n])])
         return torch.cat([noisy, noisy[:n]]), torch.cat([timesteps, timesteps[:n]]), conditioning.cat(prior_cond), targets, weights
 
     @torch.no_grad()
-    def frozen_prediction(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
-        """The base model's own prediction (adapter switched off, no gradient): prior 'model''s target."""
+    def frozen_prediction(self, noisy: torch.Tensor, timesteps: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+        """The base model's own prediction for the class prompt (adapter switched off, text side included;
+        no gradient): prior 'model''s target."""
         unet = self.accelerator.unwrap_model(self.model)
         with self.adapter.switched_off(), self.accelerator.autocast():
+            conditioning = self.class_rows(time_ids)
             return unet(noisy.to(self.weight_dtype), timesteps, **conditioning.unet_kwargs()).sample.float()
+
+    def token_trains(self) -> bool:
+        tokens = getattr(self.adapter, "tokens", None)
+        return tokens is not None and any(p.requires_grad for p in tokens.parameters())
 
     def optimiser_step(self, step: int) -> float:
         c, acc = self.config, self.accelerator
@@ -367,6 +410,10 @@ class Trainer:
         return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     def evaluate(self, stage: str) -> float:
+        if trains_text(self.config):  # the evaluation set's conditioning through the text side as it is now
+            with torch.no_grad():
+                self.cache_conditioning()
+                self.eval_sets = self.evaluation_sets()
         unet = self.accelerator.unwrap_model(self.model)
         was_training = unet.training
         unet.eval()
@@ -382,20 +429,101 @@ class Trainer:
         finally:
             unet.train(was_training)
 
+    def render(self, conditioning: tuple[Conditioning, Conditioning]) -> list:
+        """One image per row of (positive, negative) conditioning, row i with seed `seed + i`."""
+        c = self.config
+        positive, negative = conditioning
+        return render_samples(
+            self.pipe, positive, negative, c.seed, self.resolution, c.sample_steps, c.validation_guidance, self.accelerator.autocast
+        )
+
     def validate(self, step: int) -> None:
+        """Render the validation prompts (and, with drift tracked, the class prompt on the same seeds),
+        save the grid, and let a tracker score them. Step 0 is the base model, before training."""
         c = self.config
         if not (c.validation_every and c.validation_prompts) or not self.main:
             return
-        positive, negative = self.validation_cond
+        started = time.perf_counter()
         with self.averaged():
-            images = render_samples(
-                self.pipe, positive, negative, c.seed, self.resolution, c.sample_steps, c.validation_guidance, self.accelerator.autocast
-            )
+            if self.text_live:
+                self.cache_conditioning()  # the prompts through the text side as trained so far
+            images = self.render(self.validation_cond)
+            class_images = self.render(self.drift_cond) if self.drift_cond is not None else []
+        render_seconds = time.perf_counter() - started
         path = save_grid(images, self.output_dir / SAMPLES_DIR / f"step_{step:06d}.png")
         self.samples.append(str(path))
         self.log.write({"step": step, "event": "samples", "path": str(path)})
         self.log.images(step, images)
         self.hooks.on_samples(step, images, str(path))
+        if self.tracked:
+            self.score(step, images, class_images, render_seconds)
+
+    def score(self, step: int, images: list, class_images: list, render_seconds: float) -> None:
+        """Ask the callbacks (a metric tracker) to score one validation; log the scores, update the best
+        step, and keep the adapter of a new best step in best/."""
+        c = self.config
+        if step == 0:
+            self.base_class_images = class_images
+        validation = Validation(
+            step=step,
+            metrics=self.tracked,
+            images=images,
+            prompts=[c.prompt(p) for p in c.validation_prompts],
+            instance_images=self.instance_files,
+            token=c.token,
+            class_prompt=c.prompt(c.class_prompt),
+            class_images=class_images,
+            base_class_images=self.base_class_images,
+        )
+        started = time.perf_counter()
+        self.hooks.on_validation(validation)
+        if not validation.scores:
+            return  # no tracker among the callbacks
+        scores = {name: float(value) for name, value in validation.scores.items()}
+        self.curve.append({"step": step, **scores})
+        self.best_step = best_step(self.curve, c.select_by, c.drift_limit)
+        if self.best_step == step:
+            with self.averaged():
+                self.adapter.save(self.output_dir / BEST_DIR / ADAPTER_FILE, metadata=self.adapter_metadata(step))
+        record = {"step": step, "event": "scores", **scores, "best_step": self.best_step}
+        self.log.write({**record, "render_seconds": render_seconds, "score_seconds": time.perf_counter() - started})
+        self.hooks.on_scores(step, scores, self.best_step)
+
+    def base_class_renders(self) -> list:
+        """The base model's class-prompt images on the validation seeds (the reference of drift)."""
+        if self.drift_cond is None or not self.main:
+            return []
+        with self.adapter.switched_off():
+            if trains_text(self.config):
+                self.cache_conditioning()  # the class prompt through the base text encoder(s)
+            images = self.render(self.drift_cond)
+        if trains_text(self.config):
+            self.cache_conditioning()
+        return images
+
+    def restore_curve(self, resumed_from: int) -> None:
+        """On resume: the scores logged up to the checkpoint, the best step among them, and best/ checked
+        against them (a crash after a later validation may have left that later step's adapter there)."""
+        c = self.config
+        self.curve = [
+            {k: v for k, v in r.items() if k not in ("event", "best_step", "render_seconds", "score_seconds")}
+            for r in self.log.records("scores")
+        ]
+        self.best_step = best_step(self.curve, c.select_by, c.drift_limit)
+        best_file = self.output_dir / BEST_DIR / ADAPTER_FILE
+        if self.best_step is None:
+            best_file.unlink(missing_ok=True)  # nothing up to the checkpoint was chosen: any file is a later step's
+            return
+        if saved_step(best_file) == self.best_step:
+            return
+        kept = self.output_dir / CHECKPOINTS_DIR / ckpt.checkpoint_name(self.best_step)
+        source = kept / (ckpt.EMA_ADAPTER_FILE if self.ema is not None else ADAPTER_FILE)  # the weights validation used
+        if source.is_file():
+            with atomic_path(best_file) as tmp:
+                shutil.copyfile(source, tmp)
+            return
+        log.warning("best/: the adapter of step %d was not kept (its checkpoint is pruned); the next best step replaces it", self.best_step)
+        best_file.unlink(missing_ok=True)
 
     def adapter_metadata(self, step: int) -> dict[str, Any]:
         c = self.run_config
@@ -479,6 +607,12 @@ class Trainer:
             if resumed_from is None:
                 self.log.write({"step": 0, "event": "eval", "eval_loss": eval_start})
         self.hooks.on_start(self.run_config, c.steps, self.adapter.num_trainable)
+        if self.tracked and self.main:
+            if resumed_from is None:
+                self.validate(0)  # the base model's images: the reference of every curve
+            else:
+                self.base_class_images = self.base_class_renders()
+                self.restore_curve(resumed_from)
 
         loop_start, first_step = time.perf_counter(), step
         recent: deque[float] = deque(maxlen=RECENT_LOSSES)
@@ -496,6 +630,10 @@ class Trainer:
 
         try:
             while step < c.steps:
+                if c.token_vectors and c.token_steps and step >= c.token_steps and self.token_trains():
+                    text_side.freeze_token(self.adapter)
+                    log.info("step %d: the learned token is frozen (token_steps)", step)
+                    self.cache_conditioning()
                 if self.main and self.cancel.is_set():
                     acc.set_trigger()
                 if acc.check_trigger():
@@ -559,6 +697,10 @@ class Trainer:
             final_loss=sum(recent) / len(recent) if recent else None,
             samples=self.samples,
             config_path=str(self.output_dir / CONFIG_FILE),
+            curves=self.curve,
+            best_step=self.best_step,
+            selected_by=c.select_by,
+            best_adapter=str(best) if (best := self.output_dir / BEST_DIR / ADAPTER_FILE).is_file() else None,
         )
         if self.main:
             self.log.write({"step": step, "event": "end", "eval_loss": eval_end, "cancelled": cancelled})

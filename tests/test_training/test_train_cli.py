@@ -42,8 +42,10 @@ def test_cli_train_thirty_steps(photos, class_dir, tmp_path, capsys):
     assert result["eval_loss_end"] < result["eval_loss_start"]
     assert sorted(p.name for p in out.iterdir()) == [
         "adapter.safetensors",
+        "best",
         "checkpoints",
         "config.json",
+        "curves.png",
         "log.jsonl",
         "result.json",
         "samples",
@@ -56,7 +58,10 @@ def test_cli_train_thirty_steps(photos, class_dir, tmp_path, capsys):
         "scheduler.pt",
         "state.json",
     ]
-    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_000015.png", "step_000030.png"]
+    # metric tracking (on by default; tiny embedders for the tiny model): step 0 is the base model
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_000000.png", "step_000015.png", "step_000030.png"]
+    assert [point["step"] for point in result["curves"]] == [0, 15, 30] and result["best_step"] in (15, 30)
+    assert "fidelity" in stdout and "<- best (balanced)" in stdout
     assert Image.open(out / "samples" / "step_000030.png").size == (128, 64)  # 2 prompts x 64 px
 
     effective = json.loads((out / "config.json").read_text())
@@ -67,7 +72,8 @@ def test_cli_train_thirty_steps(photos, class_dir, tmp_path, capsys):
     assert P.adapter_info(out / "adapter.safetensors")["metadata"]["train_config"] == effective
 
     events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in events if e.get("event") == "samples"] == [15, 30]
+    assert [e["step"] for e in events if e.get("event") == "samples"] == [0, 15, 30]
+    assert [e["step"] for e in events if e.get("event") == "scores"] == [0, 15, 30]
     assert [e["step"] for e in events if e.get("event") == "checkpoint"] == [10, 20, 30]
     assert events[0] == {"step": 0, "event": "eval", "eval_loss": result["eval_loss_start"]}
 
