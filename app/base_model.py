@@ -7,15 +7,17 @@ learns a concept on a CPU in minutes) and keeps the reason for a banner.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from personalize import attach, load_pipeline
+from personalize import load_pipeline
 from personalize.errors import USER_ERRORS, user_message
-from personalize.models import BUILTIN_DESCRIPTIONS, BUILTIN_MODELS
+from personalize.models import BUILTIN_DESCRIPTIONS, BUILTIN_MODELS, load_unet
 from personalize.train import TrainConfig
+from personalize.training.text_side import build_adapter
 
 FALLBACK_MODEL = "shapes"
 
@@ -29,7 +31,7 @@ class BaseModel:
         self.fallback_reason = ""  # why the requested model could not be loaded (the app then runs FALLBACK_MODEL)
         self.pipe: Any = None
         self.lock = threading.Lock()  # one user of the pipeline at a time (generation, size estimate)
-        self._estimates: dict[tuple[str, str], tuple[int, int]] = {}
+        self._estimates: dict[tuple, tuple[int, int]] = {}
 
     def load(self) -> "BaseModel":
         try:
@@ -71,16 +73,36 @@ class BaseModel:
         models (nothing is downloaded for a demo), the trainer's default otherwise."""
         return "tiny" if self.name in BUILTIN_MODELS else TrainConfig.mask_model
 
-    def estimate(self, method: str, options: dict[str, Any]) -> tuple[int, int]:
-        """(trainable parameters, adapter file bytes) of `method` with `options` on this base UNet.
-
-        Attaches the adapter to the loaded UNet, counts, saves it to a temporary file (the exact
-        bytes of an untrained adapter file) and detaches it again; the UNet is left bit-identical.
-        """
-        key = (method, repr(sorted(options.items())))
-        if key not in self._estimates:
+    @contextlib.contextmanager
+    def model_of(self, base_model: str, whole: bool) -> Iterator[Any]:
+        """`base_model` for work that leaves it as it was (an export): the loaded pipeline, held under
+        the lock, when it is this model; otherwise that model's pipeline (`whole`) or bare UNet, loaded
+        for the call."""
+        if base_model == self.name:
             with self.lock:
-                adapter = attach(self.pipe.unet, method, **options)
+                yield self.pipe
+        else:
+            yield load_pipeline(base_model) if whole else load_unet(base_model)
+
+    def estimate(self, method: str, options: dict[str, Any], text_encoder: bool = False, token_vectors: int = 0) -> tuple[int, int]:
+        """(trainable parameters, adapter file bytes) of `method` with `options` on this base model, with
+        the text-encoder adapters and a learned token of that many vectors when asked.
+
+        Builds the adapter as the trainer does, counts, saves it to a temporary file (the exact bytes of
+        an untrained adapter file) and detaches it again; the pipeline is left bit-identical.
+        """
+        key = (method, repr(sorted(options.items())), text_encoder, token_vectors)
+        if key not in self._estimates:
+            config = TrainConfig(
+                instance_images=[],
+                output_dir="",
+                method=method,
+                method_options=options,
+                train_text_encoder=text_encoder,
+                token_vectors=token_vectors,
+            )
+            with self.lock:
+                adapter = build_adapter(self.pipe, config)
                 try:
                     with tempfile.TemporaryDirectory(prefix="personalize-estimate-") as folder:
                         path = Path(folder) / "adapter.safetensors"

@@ -1,9 +1,11 @@
 """The background training job: one at a time, observed by the UI through snapshots, stopped by an Event.
 
 `TrainingJobs.start` runs `personalize.train.train` in a thread with a callback that records progress
-(step, loss, ETA) and validation images; the Train tab polls `snapshot()`. A second start while a job
-runs is refused with a message. When the run ends, its result is written into the concept's
-concept.json (status, steps done, parameter count, file size).
+(step, loss, ETA), validation images and the metric tracker's scores; the Train tab polls `snapshot()`.
+A second start while a job runs is refused with a message. When the run ends, its result is written
+into the concept's concept.json (status, steps done, parameter count, file size).
+`TrainingJobs.continue_run` continues a concept's run from its latest checkpoint with more steps: the
+run's saved config with resume, as `personalize train --config <run>/config.json --resume --steps N`.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+from metrics.tracking import tracker_for
 from personalize.errors import USER_ERRORS, UserError, user_message
 from personalize.io import adapter_info
-from personalize.train import Progress, TrainCallback, TrainConfig, TrainResult, train
+from personalize.train import Progress, TrainCallback, TrainConfig, TrainResult, effective_config, train
+from personalize.training.outputs import CONFIG_FILE
 
 from .workspace import DONE, FAILED, STOPPED, TRAINING, UNTRAINED, Concept, Workspace
 
@@ -41,6 +45,8 @@ class JobState:
     eta: float | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
     samples: list[tuple[str, str]] = field(default_factory=list)  # (grid path, caption)
+    curves: list[dict] = field(default_factory=list)  # per scored validation: {"step": s, "fidelity": ..., ...}
+    best_step: int | None = None  # the validation step the metric tracker chose so far
     num_trainable: int | None = None
     message: str = ""  # final message (result or error)
     started: float = field(default_factory=time.time)
@@ -48,6 +54,14 @@ class JobState:
     @property
     def running(self) -> bool:
         return self.status == RUNNING
+
+
+def busy_message(running: JobState) -> str:
+    """Why a second job cannot start while `running` runs."""
+    return (
+        f"a training job is already running (concept '{running.concept_name}', step "
+        f"{running.step}/{running.total or '?'}); wait for it to finish or press Stop"
+    )
 
 
 class _Recorder(TrainCallback):
@@ -78,6 +92,28 @@ class _Recorder(TrainCallback):
         with self.jobs.lock:
             self.jobs.state.samples.append((str(grid_path), f"step {step}"))
 
+    def on_scores(self, step: int, scores: dict[str, float], best_step: int | None) -> None:
+        with self.jobs.lock:
+            state = self.jobs.state
+            state.curves.append({"step": step, **scores})
+            state.best_step = best_step
+
+
+def continue_config(workspace: Workspace, concept: Concept, steps: int | None) -> TrainConfig:
+    """The config that continues `concept`'s run from its latest checkpoint up to `steps` in total:
+    the run's saved config.json with resume (what `personalize train --config <run>/config.json
+    --resume --steps N` runs). Refuses a run without a checkpoint and a total not above its step."""
+    checkpoint = workspace.latest_checkpoint(concept.id)
+    if checkpoint is None:
+        raise UserError(f"'{concept.name}' has no checkpoint saved yet: train it again")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= checkpoint:
+        raise UserError(
+            f"total steps must be a whole number larger than {checkpoint}, the step of the latest checkpoint of "
+            f"'{concept.name}'; got {'nothing' if steps is None else steps}"
+        )
+    train_dir = workspace.train_dir(concept.id)
+    return effective_config(train_dir / CONFIG_FILE, resume=True, steps=steps, output_dir=str(train_dir))
+
 
 class TrainingJobs:
     """Runs at most one training job; `train_fn` is `personalize.train.train` (injectable for tests)."""
@@ -100,21 +136,38 @@ class TrainingJobs:
         with self.lock:
             if self.state is None:
                 return None
-            return replace(self.state, losses=list(self.state.losses), samples=list(self.state.samples))
+            state = self.state
+            return replace(state, losses=list(state.losses), samples=list(state.samples), curves=[dict(c) for c in state.curves])
 
     def start(self, concept: Concept, config: TrainConfig) -> None:
         """Start training `concept` with `config` in the background; refuses while a job runs."""
         with self.lock:
             if self.state is not None and self.state.running:
-                running = self.state
-                raise UserError(
-                    f"a training job is already running (concept '{running.concept_name}', step "
-                    f"{running.step}/{running.total or '?'}); wait for it to finish or press Stop"
-                )
+                raise UserError(busy_message(self.state))
             self.cancel = threading.Event()
             self.state = JobState(concept.id, concept.name)
             self.thread = threading.Thread(target=self._run, args=(concept, config, self.cancel), name="personalize-train", daemon=True)
         self.thread.start()
+
+    def continue_run(self, concept_id: str, steps: int | None) -> Concept:
+        """Continue the concept's run from its latest checkpoint to `steps` in total, in the background.
+
+        The concept trains again (status training, then done or stopped as a new run) and generates
+        with the continued run's default step afterwards (its best, else its final adapter)."""
+        job = self.snapshot()
+        if job is not None and job.running:  # checked before the concept is touched; `start` checks again
+            raise UserError(busy_message(job))
+        concept = self.workspace.get(concept_id)
+        config = continue_config(self.workspace, concept, steps)
+        before = replace(concept)
+        concept.status, concept.steps, concept.message, concept.adapter_step = TRAINING, config.steps, "", None
+        self.workspace.save(concept)
+        try:
+            self.start(concept, config)
+        except Exception:
+            self.workspace.save(before)
+            raise
+        return concept
 
     def stop(self) -> bool:
         """Ask the running job to stop after its current step (the adapter is still saved)."""
@@ -132,7 +185,9 @@ class TrainingJobs:
 
     def _run(self, concept: Concept, config: TrainConfig, cancel: threading.Event) -> None:
         try:
-            result = self.train_fn(config, callbacks=[_Recorder(self)], cancel=cancel)
+            tracker = tracker_for(config)  # scores the validation images; the trainer keeps the best step's adapter
+            callbacks = [_Recorder(self)] + ([tracker] if tracker is not None else [])
+            result = self.train_fn(config, callbacks=callbacks, cancel=cancel)
         except USER_ERRORS as exc:
             self._finish(concept.id, FAILED, user_message(exc))
         except Exception as exc:  # the UI shows one line; the log keeps the traceback

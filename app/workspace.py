@@ -4,13 +4,20 @@ Layout of a workspace:
 
     <workspace>/concepts/<id>/concept.json     what the Concepts tab lists (name, method, status, size, ...)
     <workspace>/concepts/<id>/images/          copies of the training images (with their caption .txt and .mask.png files)
-    <workspace>/concepts/<id>/train/           the trainer's output folder (adapter.safetensors, result.json, samples/)
+    <workspace>/concepts/<id>/train/           the trainer's output folder (adapter.safetensors, result.json, samples/,
+                                               checkpoints/step_XXXXXX/, best/adapter.safetensors)
     <workspace>/concepts/<id>/generated/<run>/ generated images with manifest.jsonl, one folder per Generate click
     <workspace>/concepts/<id>/evaluations/<run>/report.json (+ .md, .png)
+    <workspace>/concepts/<id>/exports/         LoRA files exported from the concept's adapter
     <workspace>/generated/<run>/               images generated with the base model only
 
 Every file is written atomically; a deleted concept is first renamed out of the library, so a crash
 never leaves a half-deleted concept listed.
+
+A run saves several adapters: the final one, the best validation step's (`best/`, chosen by metric
+tracking) and each checkpoint's. `saved_steps` lists them; the concept's `adapter_step` is the one the
+user chose, and `adapter_path` the file every tab generates and exports with: the chosen step's, else
+the best step's, else the final one.
 """
 
 from __future__ import annotations
@@ -33,19 +40,25 @@ from PIL import ExifTags, Image
 from personalize.atomic import atomic_path, write_json_atomic, write_text_atomic
 from personalize.data import IMAGE_SUFFIXES, caption_file, is_mask_file, mask_file
 from personalize.errors import UserError
+from personalize.io import saved_step
 from personalize.train import TrainConfig
+from personalize.training.checkpoint import EMA_ADAPTER_FILE, list_checkpoints
 from personalize.training.config import upgrade_legacy
+from personalize.training.outputs import ADAPTER_FILE, BEST_DIR, CHECKPOINTS_DIR, CONFIG_FILE, RESULT_FILE
 
 log = logging.getLogger(__name__)
 
 CONCEPT_FILE = "concept.json"
-ADAPTER_FILE = "adapter.safetensors"
 MAX_NAME_LENGTH = 80
 
 # Status of a concept: the app shows it, and only finished ones (with an adapter) can generate.
 TRAINING, DONE, STOPPED, FAILED, INTERRUPTED = "training", "done", "stopped", "failed", "interrupted"
 UNTRAINED = "untrained"  # stopped before the first step (e.g. while the model loaded): nothing was learned
 USABLE = (DONE, STOPPED)
+# What a saved step of a run is (one step can be both final and best).
+FINAL, BEST, CHECKPOINT = "final", "best", "checkpoint"
+# How the Concepts tab names the rule that chose the best step (TrainConfig.select_by).
+SELECTION_NAMES = {"balanced": "balanced score", "fidelity": "fidelity", "alignment": "prompt alignment", "last": "last validation"}
 
 
 def default_workspace() -> Path:
@@ -85,6 +98,7 @@ class Concept:
     file_size: int | None = None
     wall_time: float | None = None
     message: str = ""  # why training failed, for the Concepts tab
+    adapter_step: int | None = None  # the saved step the user generates with; None = the default (best, else final)
 
     @classmethod
     def from_config(cls, concept_id: str, name: str, config: TrainConfig) -> Concept:
@@ -109,6 +123,31 @@ class Concept:
     @property
     def usable(self) -> bool:
         return self.status in USABLE
+
+
+@dataclass(frozen=True)
+class SavedStep:
+    """One adapter file of a concept's run: its step and what that step is (final, best, checkpoint)."""
+
+    step: int
+    path: Path
+    kinds: tuple[str, ...]
+    best_by: str = ""  # for the best step: the rule that chose it (e.g. "balanced score")
+
+    @property
+    def label(self) -> str:
+        names = [f"{kind}: {self.best_by}" if kind == BEST and self.best_by else kind for kind in self.kinds]
+        return f"step {self.step} ({', '.join(names)})"
+
+
+@dataclass(frozen=True)
+class AdapterInUse:
+    """The adapter file a concept generates and exports with, and why it is that one."""
+
+    path: Path
+    saved: SavedStep | None  # the listed step this file is (None: nothing saved yet)
+    chosen: bool  # the user picked this step (else it is the default: best, else final)
+    note: str = ""  # why the user's choice is not used (its file is gone)
 
 
 def check_name(name: str) -> str:
@@ -175,7 +214,23 @@ class Workspace:
         return self.folder(concept_id) / "train"
 
     def adapter_path(self, concept_id: str) -> Path:
-        return self.train_dir(concept_id) / ADAPTER_FILE
+        """The adapter file the concept generates and exports with (see `adapter_in_use`)."""
+        return self.adapter_in_use(concept_id).path
+
+    def exports_dir(self, concept_id: str) -> Path:
+        return self.folder(concept_id) / "exports"
+
+    def new_export_path(self, concept_id: str, format: str, step: int | None) -> Path:
+        """A fresh file name for one export: `<name>-step<N>-<format>-<time>.safetensors`."""
+        concept = self.get(concept_id)
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        at_step = f"-step{step}" if step is not None else ""
+        base = self.exports_dir(concept_id) / f"{slug(concept.name)}{at_step}-{format}-{stamp}"
+        path, number = base.with_name(base.name + ".safetensors"), 1
+        while path.exists():
+            number += 1
+            path = base.with_name(f"{base.name}-{number}.safetensors")
+        return path
 
     def generated_dir(self, concept_id: str | None) -> Path:
         return self.folder(concept_id) / "generated" if concept_id else self.root / "generated"
@@ -215,6 +270,80 @@ class Workspace:
             sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not is_mask_file(p)) if folder.is_dir() else []
         )
         return images[0] if images else None
+
+    # --- saved steps of a run -------------------------------------------------------------------
+    def saved_steps(self, concept_id: str) -> list[SavedStep]:
+        """The adapters of the concept's run, latest step first: final, best and each checkpoint
+        (its EMA weights when the run kept an average). A step saved twice is listed once."""
+        run = self.train_dir(concept_id)
+        found: dict[int, SavedStep] = {}
+        for kind, path in ((FINAL, run / ADAPTER_FILE), (BEST, run / BEST_DIR / ADAPTER_FILE)):
+            step = saved_step(path)
+            if step is None:
+                continue
+            earlier = found.get(step, SavedStep(step, path, ()))
+            best_by = self.selection_name(concept_id) if kind == BEST else earlier.best_by
+            found[step] = dataclasses.replace(earlier, kinds=(*earlier.kinds, kind), best_by=best_by)
+        for step, folder in list_checkpoints(run / CHECKPOINTS_DIR):
+            averaged = folder / EMA_ADAPTER_FILE  # with EMA, the weights to generate with
+            found.setdefault(step, SavedStep(step, averaged if averaged.is_file() else folder / ADAPTER_FILE, (CHECKPOINT,)))
+        return sorted(found.values(), key=lambda saved: saved.step, reverse=True)
+
+    def latest_checkpoint(self, concept_id: str) -> int | None:
+        """The step of the run's latest complete checkpoint (what a continued run resumes from), if any."""
+        found = list_checkpoints(self.train_dir(concept_id) / CHECKPOINTS_DIR)
+        return found[-1][0] if found else None
+
+    def selection_name(self, concept_id: str) -> str:
+        """How the run chose its best step (its config's select_by, named for people); empty if unknown."""
+        rule = self.run_file(concept_id, CONFIG_FILE).get("select_by", "")
+        return SELECTION_NAMES.get(rule, str(rule))
+
+    def run_result(self, concept_id: str) -> dict[str, Any]:
+        """The run's result.json (best_step, curves, ...); empty while none was written or when unreadable."""
+        return self.run_file(concept_id, RESULT_FILE)
+
+    def run_file(self, concept_id: str, name: str) -> dict[str, Any]:
+        """A JSON file of the run folder as a dict; empty when missing or unreadable (logged)."""
+        path = self.train_dir(concept_id) / name
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring %s: %s", path, exc)
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def adapter_in_use(self, concept_id: str) -> AdapterInUse:
+        """The step the user chose while its file exists; otherwise the default, the best validation
+        step's adapter, else the final one (with a note when the chosen file has gone)."""
+        concept = self.get(concept_id)
+        steps = self.saved_steps(concept_id)
+        if concept.adapter_step is not None:
+            chosen = next((saved for saved in steps if saved.step == concept.adapter_step), None)
+            if chosen is not None:
+                return AdapterInUse(chosen.path, chosen, chosen=True)
+        best = self.train_dir(concept_id) / BEST_DIR / ADAPTER_FILE
+        kind, path = (BEST, best) if best.is_file() else (FINAL, self.train_dir(concept_id) / ADAPTER_FILE)
+        saved = next((s for s in steps if kind in s.kinds), None)
+        note = ""
+        if concept.adapter_step is not None:
+            instead = saved.label if saved else "no saved step"
+            note = f"the chosen step {concept.adapter_step} is no longer saved (a continued run removed it); using {instead} instead"
+        return AdapterInUse(path, saved, chosen=False, note=note)
+
+    def choose_step(self, concept_id: str, step: int) -> SavedStep:
+        """Generate and export `concept_id` with its saved step `step` from now on; returns that step."""
+        concept = self.get(concept_id)
+        steps = self.saved_steps(concept_id)
+        chosen = next((saved for saved in steps if saved.step == step), None)
+        if chosen is None:
+            accepted = ", ".join(str(saved.step) for saved in steps) or "none: the concept has no saved adapter yet"
+            raise UserError(f"step {step} is not a saved step of '{concept.name}'; saved steps: {accepted}")
+        concept.adapter_step = step
+        self.save(concept)
+        return chosen
 
     # --- reading ------------------------------------------------------------------------------
     def concepts(self) -> list[Concept]:

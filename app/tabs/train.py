@@ -25,7 +25,7 @@ from personalize.prompts import check_template
 from personalize.shapes import recipe
 from personalize.shapes.world import CLASS_NOUN as SHAPES_CLASS_NOUN
 from personalize.train import MIXED_PRECISION, TrainConfig, effective_config
-from personalize.training.config import MASKS, OPTIMIZERS, PRIORS, PRODIGY_LR, default_of
+from personalize.training.config import MASKS, OPTIMIZERS, PRIORS, PRODIGY_LR, SELECTION_RULES, default_of
 
 from ..feedback import guarded, human_count, human_duration, human_size, message_of
 from ..jobs import JobState
@@ -35,6 +35,8 @@ from ..workspace import Concept, check_name
 from .mask_editor import MASK_OPACITY, drawn_mask, editor_value, mask_choices, mask_status
 
 POLL_SECONDS = 0.5  # how often the page asks the job for progress while one runs
+TOKEN_VECTORS = 1  # the app's learned token: one vector, as diffusers' textual inversion example
+PLOTTED = ("fidelity", "alignment", "drift")  # curves drawn and captioned (Vendi counts images: another scale)
 
 
 def _field(name: str) -> dataclasses.Field:
@@ -99,10 +101,11 @@ def upload_message(accepted: list[str], rejected: list[str]) -> str:
     return "\n".join(lines)
 
 
-def estimate_text(state: AppState, method: str, rows: Any) -> str:
-    """Trainable parameters and adapter file size of the chosen method/options on the base UNet."""
+def estimate_text(state: AppState, method: str, rows: Any, text_encoder: bool = False, token: bool = False) -> str:
+    """Trainable parameters and adapter file size of the chosen method/options on the base model (with
+    the text-encoder adapters and the learned token when switched on)."""
     try:
-        count, size = state.base.estimate(method, parse_options(method, rows))
+        count, size = state.base.estimate(method, parse_options(method, rows), bool(text_encoder), TOKEN_VECTORS if token else 0)
     except Exception as exc:  # shown next to the options: the user is editing them
         return f"Cannot size this adapter: {html.escape(message_of(exc))}"
     return f"**Trainable parameters:** {human_count(count)} · **Adapter file:** {human_size(size)} (on `{state.base.name}`)"
@@ -132,12 +135,34 @@ def loss_frame(job: JobState | None) -> pd.DataFrame:
     return pd.DataFrame({"step": [p[0] for p in points], "loss": [p[1] for p in points]}).astype({"step": int, "loss": float})
 
 
+def metrics_frame(job: JobState | None) -> pd.DataFrame:
+    """The tracked curves in long form (step, metric, value) for one line per metric."""
+    rows = [(point["step"], name, point[name]) for point in (job.curves if job else []) for name in PLOTTED if name in point]
+    return pd.DataFrame(rows, columns=["step", "metric", "value"]).astype({"step": int, "value": float})
+
+
+def sample_gallery(job: JobState | None) -> list[tuple[str, str]]:
+    """Each validation grid, captioned with its step, its scores and the best-step mark."""
+    if job is None:
+        return []
+    scores = {point["step"]: point for point in job.curves}
+    gallery = []
+    for path, caption in job.samples:
+        step = int(caption.split()[-1])
+        point = scores.get(step, {})
+        numbers = ", ".join(f"{name} {point[name]:.2f}" for name in PLOTTED if name in point)
+        mark = " · best" if step == job.best_step else (" · base model" if step == 0 else "")
+        gallery.append((path, f"{caption}{mark}" + (f" · {numbers}" if numbers else "")))
+    return gallery
+
+
 def job_status(job: JobState | None) -> str:
     if job is None:
         return ""
+    best = f" Best step so far: **{job.best_step}**." if job.best_step is not None else ""
     if job.running:
-        return f"Training **{html.escape(job.concept_name)}**: {html.escape(job.phase)}."
-    return html.escape(job.message)
+        return f"Training **{html.escape(job.concept_name)}**: {html.escape(job.phase)}.{best}"
+    return html.escape(job.message) + best
 
 
 def build(state: AppState) -> dict[str, Any]:
@@ -235,6 +260,27 @@ def build(state: AppState) -> dict[str, Any]:
             )
             with gr.Accordion("Advanced", open=False):
                 with gr.Row():
+                    tracked = gr.Textbox(
+                        label="Metrics tracked at each validation",
+                        value=train_default("track_metrics"),
+                        info=train_help("track_metrics"),
+                        elem_id="train-track-metrics",
+                    )
+                    select_by = gr.Dropdown(
+                        label="Keep the step chosen by",
+                        choices=list(SELECTION_RULES),
+                        value=train_default("select_by"),
+                        info=train_help("select_by"),
+                        elem_id="train-select-by",
+                    )
+                    drift_limit = gr.Number(
+                        label="Drift limit",
+                        value=train_default("drift_limit"),
+                        minimum=0,
+                        info=train_help("drift_limit"),
+                        elem_id="train-drift-limit",
+                    )
+                with gr.Row():
                     class_images = gr.Number(
                         label="Class images",
                         value=train_default("class_images"),
@@ -327,6 +373,19 @@ def build(state: AppState) -> dict[str, Any]:
                         info=train_help("ema_decay"),
                         elem_id="train-ema-decay",
                     )
+            with gr.Row():
+                text_encoder = gr.Checkbox(
+                    label="Train the text encoder too",
+                    value=train_default("train_text_encoder"),
+                    info=train_help("train_text_encoder"),
+                    elem_id="train-text-encoder",
+                )
+                learned_token = gr.Checkbox(
+                    label="Learn the token (pivotal tuning)",
+                    value=train_default("token_vectors") > 0,
+                    info=f"the token becomes {TOKEN_VECTORS} new embedding vector, started from the class noun, trained with the adapter",
+                    elem_id="train-token",
+                )
             estimate = gr.Markdown(estimate_text(state, default_method, option_rows(default_method)), elem_id="train-estimate")
             with gr.Row():
                 start = gr.Button("Start training", variant="primary", elem_id="train-start")
@@ -335,7 +394,16 @@ def build(state: AppState) -> dict[str, Any]:
     progress = gr.HTML(elem_id="train-progress")
     with gr.Row():
         loss_plot = gr.LinePlot(loss_frame(None), x="step", y="loss", title="Training loss", height=260, elem_id="train-loss")
-        samples = gr.Gallery(label="Validation images", columns=3, height=260, elem_id="train-samples", interactive=False)
+        metrics_plot = gr.LinePlot(
+            metrics_frame(None),
+            x="step",
+            y="value",
+            color="metric",
+            title="Fidelity, alignment and drift at each validation (step 0 = base model)",
+            height=260,
+            elem_id="train-metrics",
+        )
+    samples = gr.Gallery(label="Validation images per step", columns=4, height=280, elem_id="train-samples", interactive=False)
     timer = gr.Timer(POLL_SECONDS, active=False)
 
     def fresh_masks(good: list[str]) -> tuple:
@@ -471,7 +539,7 @@ def build(state: AppState) -> dict[str, Any]:
     )
 
     @guarded
-    def on_method(chosen: str, opt: str):
+    def on_method(chosen: str, opt: str, te: bool, tok: bool):
         method_cls = get_method(chosen)
         rows = option_rows(chosen)
         paper = method_cls.train_defaults
@@ -480,12 +548,14 @@ def build(state: AppState) -> dict[str, Any]:
             default_lr(chosen, opt),
             rows,
             f"Paper defaults: {html.escape(paper.source)}",
-            estimate_text(state, chosen, rows),
+            estimate_text(state, chosen, rows, te, tok),
         )
 
-    method.change(on_method, [method, optimizer], [steps, lr, options, defaults_note, estimate])
+    method.change(on_method, [method, optimizer, text_encoder, learned_token], [steps, lr, options, defaults_note, estimate])
     optimizer.change(default_lr, [method, optimizer], lr)  # Prodigy's lr is a multiplier: 1.0
-    options.input(lambda chosen, rows: estimate_text(state, chosen, rows), [method, options], estimate)
+    sizing = [method, options, text_encoder, learned_token]
+    for control in (options, text_encoder, learned_token):
+        control.input(lambda chosen, rows, te, tok: estimate_text(state, chosen, rows, te, tok), sizing, estimate)
 
     @guarded
     def on_start(
@@ -513,6 +583,11 @@ def build(state: AppState) -> dict[str, Any]:
         background_weight,
         bucketed,
         decay,
+        metric_names,
+        rule,
+        limit,
+        te,
+        tok,
         drawn,
     ):
         if state.jobs.busy:
@@ -549,6 +624,11 @@ def build(state: AppState) -> dict[str, Any]:
             mask_background_weight=background_weight,
             buckets=bool(bucketed),
             ema_decay=decay,
+            track_metrics=str(metric_names).strip() or "none",
+            select_by=rule,
+            drift_limit=limit,
+            train_text_encoder=bool(te),
+            token_vectors=TOKEN_VECTORS if tok else 0,
         )
         texts = image_captions(caption_table, len(images))
         concept = state.workspace.create(Concept.from_config(concept_id, concept_name, config), images, texts, drawn)
@@ -558,7 +638,7 @@ def build(state: AppState) -> dict[str, Any]:
             state.workspace.delete(concept.id)
             raise
         job = state.jobs.snapshot()
-        return job_status(job), progress_html(job), loss_frame(job), [], gr.Timer(active=True)
+        return job_status(job), progress_html(job), loss_frame(job), metrics_frame(job), [], gr.Timer(active=True)
 
     start.click(
         on_start,
@@ -587,9 +667,14 @@ def build(state: AppState) -> dict[str, Any]:
             mask_weight,
             buckets,
             ema_decay,
+            tracked,
+            select_by,
+            drift_limit,
+            text_encoder,
+            learned_token,
             masks,
         ],
-        [status, progress, loss_plot, samples, timer],
+        [status, progress, loss_plot, metrics_plot, samples, timer],
     )
 
     @guarded
@@ -603,8 +688,8 @@ def build(state: AppState) -> dict[str, Any]:
     def on_tick():
         job = state.jobs.snapshot()
         running = job is not None and job.running
-        gallery = [(path, caption) for path, caption in job.samples] if job else []
-        return job_status(job), progress_html(job), loss_frame(job), gallery, gr.Timer(active=running)
+        return job_status(job), progress_html(job), loss_frame(job), metrics_frame(job), sample_gallery(job), gr.Timer(active=running)
 
-    timer.tick(on_tick, None, [status, progress, loss_plot, samples, timer], show_progress="hidden")
-    return {"refresh": (on_tick, [], [status, progress, loss_plot, samples, timer])}
+    shown = [status, progress, loss_plot, metrics_plot, samples, timer]
+    timer.tick(on_tick, None, shown, show_progress="hidden")
+    return {"refresh": (on_tick, [], shown)}

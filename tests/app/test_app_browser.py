@@ -1,7 +1,9 @@
 """End-to-end: the real app in headless Chromium, offline.
 
 On `tiny`: upload a corrupt file (visible error, app keeps working), upload 4 images, train 5 steps,
-watch progress reach the end, generate 2 images, evaluate them, delete the concept. Then paint a loss
+watch progress reach the end, generate 2 images, evaluate them, export the concept as a kohya LoRA,
+continue its run and stop it, continue the stopped run to the end, switch to a checkpoint's step,
+delete the concept. Then paint a loss
 mask on one image, make the others' with Auto masks, clear one, train: the masks lie next to the copies.
 On an unreachable model: the app falls back to `shapes` and says so; the demo concept trains with
 the shapes recipe, and the judge finds the adapted images closer to the instance images than the base model's images of the same seeds.
@@ -196,6 +198,8 @@ def test_train_generate_delete_in_browser(running_app, page, tmp_path):
     saved = tmp_path / "downloaded.safetensors"
     download.value.save_as(saved)
     assert saved.read_bytes() == state.workspace.adapter_path(concept.id).read_bytes()
+    export_in_browser(page, state, concept.id, tmp_path)
+    continue_in_browser(page, state, concept.id)
     page.get_by_role("button", name="Delete").click()
     expect(page.locator("#concepts-confirm-text")).to_contain_text("test dog")
     page.get_by_role("button", name="Yes, delete").click()
@@ -203,6 +207,66 @@ def test_train_generate_delete_in_browser(running_app, page, tmp_path):
     expect(page.locator("#concepts-table")).not_to_contain_text("test dog")
     assert state.workspace.concepts() == []
     print(f"\nscreenshots in {SCREENSHOTS.resolve()}; browser flow took {time.perf_counter() - started:.1f} s")
+
+
+def export_in_browser(page, state, concept_id: str, tmp_path: Path) -> None:
+    """Concepts tab: export the concept as a kohya LoRA; the per-layer table, the error and the file."""
+    from playwright.sync_api import expect
+
+    page.locator("#concepts-export-section button.label-wrap").click()
+    expect(page.locator("#concepts-export-format input[value=kohya]")).to_be_checked()
+    page.locator("#concepts-export").click()
+    expect(page.locator("#concepts-export-summary")).to_contain_text("overall relative error")
+    expect(page.locator("#concepts-export-table")).to_contain_text("down_blocks")
+    expect(page.locator("#concepts-export-download")).to_be_visible()
+    shoot(page, "8-export")
+    (exported,) = state.workspace.exports_dir(concept_id).glob("*.safetensors")
+    assert "-step5-kohya-" in exported.name
+    with page.expect_download() as download:
+        page.locator("#concepts-export-download").click()
+    saved = tmp_path / "exported.safetensors"
+    download.value.save_as(saved)
+    assert saved.read_bytes() == exported.read_bytes()
+
+
+def continue_in_browser(page, state, concept_id: str) -> None:
+    """Continue the finished run towards 1000 steps and stop it, continue the stopped run by 2 steps and
+    see it finish in the Train tab, then switch the concept to the stopped step's checkpoint."""
+    from playwright.sync_api import expect
+
+    page.locator("#concepts-continue-section button.label-wrap").click()
+    expect(page.locator("#concepts-continue-info")).to_contain_text("step 5 (of 5 configured)")
+    set_number(page, "#concepts-continue-steps", "1000")
+    page.locator("#concepts-continue").click()
+    expect(page.locator("#concepts-status")).to_contain_text("Continuing test dog from step 5 to 1000")
+    page.get_by_role("tab", name="Train").click()
+    expect(page.locator("#train-progress")).to_contain_text(re.compile(r"step ([6-9]|\d\d+)/1000"))
+    page.locator("#train-stop").click()
+    expect(page.locator("#train-status")).to_contain_text("Training stopped after")
+    stopped = state.workspace.get(concept_id)
+    assert stopped.status == "stopped" and state.workspace.latest_checkpoint(concept_id) == stopped.steps_done > 5
+
+    page.get_by_role("tab", name="Concepts").click()
+    expect(page.locator("#concepts-details")).to_contain_text("status: stopped")
+    total = stopped.steps_done + 2
+    set_number(page, "#concepts-continue-steps", str(total))
+    page.locator("#concepts-continue").click()
+    page.get_by_role("tab", name="Train").click()
+    expect(page.locator("#train-status")).to_contain_text(f"finished after {total} steps")
+    expect(page.locator("#train-progress")).to_contain_text(f"step {total}/{total}")
+    shoot(page, "9-continue")
+    finished = state.workspace.get(concept_id)
+    assert (finished.status, finished.steps_done, finished.steps) == ("done", total, total)
+
+    page.get_by_role("tab", name="Concepts").click()
+    default = state.workspace.adapter_in_use(concept_id)  # the best validation step, else the final one
+    assert not default.chosen and default.saved.step <= total
+    expect(page.locator("#concepts-details")).to_contain_text(f"generates with: {default.saved.label}")
+    pick(page, "#concepts-step", f"step {stopped.steps_done} (")
+    page.locator("#concepts-use-step").click()
+    expect(page.locator("#concepts-status")).to_contain_text(f"now generates with step {stopped.steps_done}")
+    expect(page.locator("#concepts-details")).to_contain_text("(chosen)")
+    assert state.workspace.get(concept_id).adapter_step == stopped.steps_done
 
 
 def paint_stroke(page, selector: str) -> None:

@@ -1,17 +1,20 @@
-"""The background training job: progress recording, one job at a time, clean stop, failures recorded."""
+"""The background training job: progress and scores recorded, one job at a time, clean stop, failures recorded, continuing a run."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
 
-from app.jobs import TrainingJobs
+from app.jobs import TrainingJobs, continue_config
 from app.workspace import DONE, FAILED, STOPPED, Workspace
 from personalize import attach
+from personalize.atomic import write_json_atomic
 from personalize.errors import UserError
 from personalize.models import tiny_unet
-from personalize.train import Progress, TrainConfig, TrainResult
+from personalize.train import Progress, TrainConfig, TrainResult, effective_config
+from personalize.training.callbacks import CallbackList
 from tests.app.test_workspace import make_images, new_concept
 
 
@@ -26,20 +29,18 @@ class ScriptedTrainer:
     def __call__(self, config, callbacks=(), cancel=None):
         if self.fail is not None:
             raise self.fail
-        for cb in callbacks:
-            cb.on_start(config, self.steps, 21504)
+        hooks = CallbackList(callbacks, enabled=True)  # as the trainer calls them
+        hooks.on_start(config, self.steps, 21504)
         done = 0
         for step in range(1, self.steps + 1):
             if cancel is not None and cancel.is_set():
                 break
             done = step
-            for cb in callbacks:
-                cb.on_step(Progress(step, self.steps, 1.0 / step, 1e-4, 0.1 * step, 0.1 * (self.steps - step)))
+            hooks.on_step(Progress(step, self.steps, 1.0 / step, 1e-4, 0.1 * step, 0.1 * (self.steps - step)))
             if step == 1:
                 self.first_step.set()
                 self.release.wait(10)
-        for cb in callbacks:
-            cb.on_samples(done, [], f"{config.output_dir}/samples/step_{done:06d}.png")
+        hooks.on_samples(done, [], f"{config.output_dir}/samples/step_{done:06d}.png")
         path = f"{config.output_dir}/adapter.safetensors"
         attach(tiny_unet(), "lora").save(path)
         return TrainResult(path, config.output_dir, done, done < self.steps, 1.0, 0.9, 21504, 0.5)
@@ -48,7 +49,12 @@ class ScriptedTrainer:
 def setup(tmp_path, trainer):
     space = Workspace(tmp_path / "ws")
     concept = space.create(new_concept(), make_images(tmp_path))
-    config = TrainConfig(instance_images=str(space.images_dir(concept.id)), output_dir=str(space.train_dir(concept.id)), base_model="tiny")
+    config = TrainConfig(
+        instance_images=str(space.images_dir(concept.id)),
+        output_dir=str(space.train_dir(concept.id)),
+        base_model="tiny",
+        track_metrics="none",
+    )
     return space, concept, config, TrainingJobs(space, train_fn=trainer)
 
 
@@ -121,3 +127,84 @@ def test_stop_before_the_first_step_leaves_the_concept_untrained(tmp_path):
     jobs.wait(30)
     stored = space.get(concept.id)
     assert stored.status == UNTRAINED and not stored.usable and "untrained" in jobs.snapshot().message
+
+
+def test_scores_reach_the_snapshot_and_the_tracker_is_handed_to_the_trainer(tmp_path, monkeypatch):
+    class Tracker:  # stands in for metrics.tracking.MetricTracker (its embedders take seconds to load)
+        def __init__(self, config):
+            self.config = config
+
+    class ScoringTrainer(ScriptedTrainer):
+        def __call__(self, config, callbacks=(), cancel=None):
+            trackers.extend(cb for cb in callbacks if isinstance(cb, Tracker))
+            for step, best in ((0, None), (2, 2), (4, 2)):
+                CallbackList(callbacks, enabled=True).on_scores(step, {"fidelity": 0.5 + step / 10, "alignment": 0.3}, best)
+            return super().__call__(config, callbacks, cancel)
+
+    trackers = []
+    monkeypatch.setattr("app.jobs.tracker_for", Tracker)
+    trainer = ScoringTrainer()
+    trainer.release.set()
+    _, concept, config, jobs = setup(tmp_path, trainer)
+    jobs.start(concept, config)
+    jobs.wait(120)  # saving the adapter builds the tiny UNet: slow on a busy machine
+    assert [tracker.config for tracker in trackers] == [config]
+    state = jobs.snapshot()
+    assert [point["step"] for point in state.curves] == [0, 2, 4] and state.best_step == 2
+    assert state.curves[1] == {"step": 2, "fidelity": 0.7, "alignment": 0.3}
+    state.curves[0]["fidelity"] = -1.0  # a snapshot is a copy
+    assert jobs.snapshot().curves[0]["fidelity"] == 0.5
+
+
+def trained_run(tmp_path, checkpoint: int | None = 5, steps: int = 10):
+    """A concept whose run stopped at `checkpoint` of `steps`: its saved config.json and checkpoint folder."""
+    space = Workspace(tmp_path / "ws")
+    concept = space.create(new_concept(status=STOPPED, steps=steps, steps_done=checkpoint or 0, adapter_step=3), make_images(tmp_path))
+    run = space.train_dir(concept.id)
+    saved = effective_config(
+        instance_images=str(space.images_dir(concept.id)), output_dir=str(run), base_model="tiny", steps=steps, track_metrics="none"
+    )
+    write_json_atomic(run / "config.json", saved.to_dict())
+    if checkpoint is not None:
+        write_json_atomic(run / "checkpoints" / f"step_{checkpoint:06d}" / "state.json", {"step": checkpoint})
+    return space, space.get(concept.id)
+
+
+def test_continue_config_is_the_saved_config_with_resume(tmp_path):
+    space, concept = trained_run(tmp_path)
+    config = continue_config(space, concept, 12)
+    assert config.resume and config.steps == 12 and config.output_dir == str(space.train_dir(concept.id))
+    saved = json.loads((space.train_dir(concept.id) / "config.json").read_text())
+    assert {k: v for k, v in config.to_dict().items() if k not in ("resume", "steps")} == {
+        k: v for k, v in saved.items() if k not in ("resume", "steps")
+    }
+    for steps, shown in ((5, "5"), (3, "3"), (None, "nothing")):
+        with pytest.raises(UserError, match=rf"total steps must be a whole number larger than 5, the step .*; got {shown}$"):
+            continue_config(space, concept, steps)
+    space, concept = trained_run(tmp_path / "none", checkpoint=None)
+    with pytest.raises(UserError, match="'My Dog' has no checkpoint saved yet: train it again"):
+        continue_config(space, concept, 12)
+
+
+def test_continue_run_trains_again_and_is_refused_while_a_job_runs(tmp_path):
+    space, concept = trained_run(tmp_path)
+    seen = []
+    trainer = ScriptedTrainer(steps=12)
+
+    def resumed(config, callbacks=(), cancel=None):
+        seen.append(config)
+        return trainer(config, callbacks, cancel)
+
+    jobs = TrainingJobs(space, train_fn=resumed)
+    jobs.continue_run(concept.id, 12)
+    assert trainer.first_step.wait(10)
+    assert space.get(concept.id).status == "training"
+    with pytest.raises(UserError, match="already running"):  # one job at a time; the concept is left as it is
+        jobs.continue_run(concept.id, 20)
+    trainer.release.set()
+    jobs.wait(120)  # saving the adapter builds the tiny UNet: slow on a busy machine
+    (config,) = seen
+    assert config.resume and config.steps == 12
+    stored = space.get(concept.id)
+    assert (stored.status, stored.steps, stored.steps_done, stored.adapter_step) == (DONE, 12, 12, None)
+    assert jobs.snapshot().message.startswith("Training finished after 12 steps")

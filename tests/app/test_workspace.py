@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from app.workspace import DONE, INTERRUPTED, STOPPED, TRAINING, Concept, Workspace, default_workspace
@@ -193,5 +197,123 @@ def test_concept_json_of_earlier_versions_loads(tmp_path):
         path = space.folder(concept.id) / "concept.json"
         data = json.loads(path.read_text())
         del data["prior"]
+        del data["adapter_step"]  # added with the step switch
         path.write_text(json.dumps({**data, "prior_preservation": old}))
     assert (space.get(on.id).prior, space.get(off.id).prior) == ("images", "none")
+    assert space.get(on.id).adapter_step is None
+
+
+@functools.cache
+def tiny_lora():
+    """A LoRA on the tiny model, moved off zero as training would (a zero update has nothing to export)."""
+    from personalize import attach
+    from personalize.models import tiny_unet
+
+    adapter = attach(tiny_unet(), "lora")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, param, _ in adapter.named_trainables():
+            param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    return adapter
+
+
+def save_adapter_at(path: Path, step: int) -> Path:
+    """The tiny LoRA saved as the trainer saves it at `step`."""
+    return tiny_lora().save(path, {"base_model": "tiny", "steps": step})
+
+
+def saved_run(space: Workspace, concept_id: str, final: int = 6, best: int | None = 4, checkpoints=(2, 4, 6), ema=(2,)) -> Path:
+    """A run folder as the trainer leaves it: final adapter, best/ (chosen by metric tracking), checkpoints."""
+    run = space.train_dir(concept_id)
+    save_adapter_at(run / "adapter.safetensors", final)
+    if best is not None:
+        save_adapter_at(run / "best" / "adapter.safetensors", best)
+        (run / "result.json").write_text(json.dumps({"best_step": best, "curves": [{"step": 0}, {"step": 2}, {"step": 4}]}))
+    (run / "config.json").write_text(json.dumps({"select_by": "balanced"}))
+    for step in checkpoints:
+        folder = run / "checkpoints" / f"step_{step:06d}"
+        save_adapter_at(folder / "adapter.safetensors", step)
+        if step in ema:
+            save_adapter_at(folder / "adapter_ema.safetensors", step)
+        (folder / "state.json").write_text(json.dumps({"step": step}))
+    return run
+
+
+def test_saved_steps_list_final_best_and_checkpoints(tmp_path):
+    space = Workspace(tmp_path)
+    concept = space.create(new_concept(status=DONE), make_images(tmp_path, 1))
+    run = saved_run(space, concept.id)
+    steps = space.saved_steps(concept.id)
+    assert [s.label for s in steps] == ["step 6 (final)", "step 4 (best: balanced score)", "step 2 (checkpoint)"]
+    # one file per step: the final and best files over their checkpoint copies; a checkpoint's EMA weights
+    assert [s.path for s in steps] == [
+        run / "adapter.safetensors",
+        run / "best" / "adapter.safetensors",
+        run / "checkpoints" / "step_000002" / "adapter_ema.safetensors",
+    ]
+    assert space.latest_checkpoint(concept.id) == 6 and space.run_result(concept.id)["best_step"] == 4
+    shutil.rmtree(run / "checkpoints")
+    saved_run(space, concept.id, final=4, best=4, checkpoints=())  # the best step is also the last one
+    assert [s.label for s in space.saved_steps(concept.id)] == ["step 4 (final, best: balanced score)"]
+
+
+def test_the_default_step_is_best_else_final_and_a_choice_persists(tmp_path):
+    space = Workspace(tmp_path)
+    concept = space.create(new_concept(status=DONE), make_images(tmp_path, 1))
+    run = saved_run(space, concept.id)
+    in_use = space.adapter_in_use(concept.id)
+    assert (in_use.path, in_use.saved.step, in_use.chosen, in_use.note) == (run / "best" / "adapter.safetensors", 4, False, "")
+
+    assert space.choose_step(concept.id, 2).step == 2
+    reopened = Workspace(tmp_path)  # the choice is in concept.json
+    assert reopened.get(concept.id).adapter_step == 2
+    assert reopened.adapter_path(concept.id) == run / "checkpoints" / "step_000002" / "adapter_ema.safetensors"
+    with pytest.raises(UserError, match=r"step 3 is not a saved step of 'My Dog'; saved steps: 6, 4, 2"):
+        space.choose_step(concept.id, 3)
+
+    # a continued run pruned the chosen checkpoint: the default again, and the details say why
+    shutil.rmtree(run / "checkpoints" / "step_000002")
+    in_use = space.adapter_in_use(concept.id)
+    assert in_use.path == run / "best" / "adapter.safetensors" and not in_use.chosen
+    assert "chosen step 2 is no longer saved" in in_use.note and "step 4 (best: balanced score)" in in_use.note
+    shutil.rmtree(run / "best")  # no metric tracking: the final adapter
+    assert space.adapter_path(concept.id) == run / "adapter.safetensors"
+
+
+def test_export_writes_a_lora_into_the_concept_folder(tmp_path):
+    from safetensors import safe_open
+
+    from app.base_model import BaseModel
+    from app.exports import export_adapter
+    from app.tabs.concepts import EXPORT_COLUMNS, export_frame, export_summary
+    from personalize.export import DIFFUSERS_ONLY
+
+    space = Workspace(tmp_path)
+    concept = space.create(new_concept(status=DONE), make_images(tmp_path, 1))
+    saved_run(space, concept.id, best=None, checkpoints=())
+    in_use = space.adapter_in_use(concept.id)
+    base = BaseModel("shapes")  # not the adapter's model: `tiny`'s UNet is loaded for the export
+    output = space.new_export_path(concept.id, "kohya", in_use.saved.step)
+    assert output.parent == space.folder(concept.id) / "exports" and output.name.startswith("my-dog-step6-kohya-")
+    layers = []
+    report = export_adapter(base, in_use.path, "kohya", output, None, 0.99, "float16", on_layer=lambda d, t, n: layers.append(d))
+    assert output.is_file() and report.file_size == output.stat().st_size and layers[-1] == len(layers)
+    with safe_open(str(output), framework="pt") as handle:
+        assert any(key.startswith("lora_unet_") for key in handle.keys())
+    frame = export_frame(report)
+    assert list(frame.columns) == EXPORT_COLUMNS and len(frame) == len(report.layers) > 0
+    assert "overall relative error" in export_summary(report, in_use) and DIFFUSERS_ONLY not in export_summary(report, in_use)
+
+    second = space.new_export_path(concept.id, "diffusers", 6)
+    report = export_adapter(base, in_use.path, "diffusers", second, 2, None, "float32")
+    assert {layer.rank for layer in report.layers} <= {1, 2} and DIFFUSERS_ONLY in export_summary(report, in_use)
+    for bad, message in (
+        (dict(format="onnx"), "unknown export format 'onnx'; accepted: diffusers, kohya"),
+        (dict(rank=0), "rank must be a positive integer"),
+        (dict(energy=1.5), "energy must be a number in (0, 1]"),
+        (dict(dtype="int8"), "unknown export dtype 'int8'; accepted: float16, bfloat16, float32"),
+    ):
+        options = {"format": "kohya", "rank": None, "energy": 0.99, "dtype": "float16", **bad}
+        with pytest.raises(UserError, match=re.escape(message)):
+            export_adapter(base, in_use.path, output=space.new_export_path(concept.id, "x", 6), **options)
+    assert sorted(p.name for p in space.exports_dir(concept.id).iterdir()) == sorted([output.name, second.name])
