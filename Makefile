@@ -23,11 +23,13 @@ browser:
 app: $(STAMP)
 	$(BIN)/personalize app $(ARGS)
 
-# Lint and format check first (seconds), then the tests.
+# Lint and format check first (seconds), then the tests: TEST_WORKERS processes (pytest-xdist), one torch
+# thread each, a test file's tests in one process (its module fixtures, e.g. the browser test's app, start once).
+TEST_WORKERS ?= 2
 test: $(STAMP) browser
 	$(BIN)/ruff check --quiet .
 	$(BIN)/ruff format --check --quiet .
-	GRADIO_ANALYTICS_ENABLED=False $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	GRADIO_ANALYTICS_ENABLED=False $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

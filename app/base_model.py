@@ -16,6 +16,7 @@ from typing import Any, Iterator
 from personalize import load_pipeline
 from personalize.errors import USER_ERRORS, user_message
 from personalize.models import BUILTIN_DESCRIPTIONS, BUILTIN_MODELS, load_unet
+from personalize.shapes import recipe
 from personalize.train import TrainConfig
 from personalize.training.text_side import build_adapter
 
@@ -66,6 +67,15 @@ class BaseModel:
         if self.name == "shapes":
             return "shapes"
         return "tiny" if self.name in BUILTIN_MODELS else "default"
+
+    @property
+    def validation_settings(self) -> dict:
+        """TrainConfig fields for validation that fit this model: on `shapes`, prompts in its captions'
+        language and its guidance (SD's "in the jungle" names nothing the shapes judge can check);
+        none otherwise (the trainer's defaults)."""
+        if self.name != "shapes":
+            return {}
+        return {"validation_prompts": list(recipe.VALIDATION_PROMPTS), "validation_guidance": recipe.GUIDANCE}
 
     @property
     def mask_model(self) -> str:

@@ -119,7 +119,22 @@ def merged_deltas(root: nn.Module, updates: Sequence[tuple[Deltas, float]]) -> I
         restore_weights(root, originals)
 
 
-class Adapter:
+class Trainables:
+    """`parameters()` and `num_trainable` of an object that yields `named_trainables()`
+    ((name, parameter, optimiser group) triples): an Adapter, or a PipelineAdapter of several."""
+
+    def named_trainables(self) -> Iterator[tuple[str, nn.Parameter, str]]:
+        raise NotImplementedError
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for _, p, _ in self.named_trainables()]
+
+    @property
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class Adapter(Trainables):
     """Handle over one method attached to a model: count, scale, merge, save, detach."""
 
     def __init__(self, root: nn.Module, method: type[Method], config: AdapterConfig, slots: dict[str, Slot]) -> None:
@@ -141,13 +156,6 @@ class Adapter:
         for layer, slot in self.slots.items():
             for tensor, param, group in slot.named_trainables():
                 yield f"{layer}.{tensor}", param, group
-
-    def parameters(self) -> list[nn.Parameter]:
-        return [p for _, p, _ in self.named_trainables()]
-
-    @property
-    def num_trainable(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def expected_num_trainable(self) -> int:
         """The documented per-layer formula summed over the targets."""

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .inject import Adapter, adapter_part, base_model_id, check_scale, load_part
+from .inject import Adapter, Trainables, adapter_part, base_model_id, check_scale, load_part
 from .inject import load_adapter as load_model_adapter
 from .io import PARTS, TOKEN_KEY, AdapterFile, read_adapter_file, write_adapter_file
 from .parts import is_pipeline, part_model
@@ -37,7 +37,7 @@ TOKEN_GROUP = "tokens"  # the parameter group of token vectors
 TOKEN_LR = 5e-4
 
 
-class PipelineAdapter:
+class PipelineAdapter(Trainables):
     """Adapters on parts of `pipe` (`{part: Adapter}`, part names as in `io.PARTS`) and its inserted tokens."""
 
     def __init__(self, pipe: Any, parts: Mapping[str, Adapter], tokens: Tokens | None = None) -> None:
@@ -61,13 +61,6 @@ class PipelineAdapter:
         if self.tokens is not None:
             for part, token, param in self.tokens.named_parameters():
                 yield f"{part}.{TOKEN_KEY}.{token}", param, TOKEN_GROUP
-
-    def parameters(self) -> list[nn.Parameter]:
-        return [p for _, p, _ in self.named_trainables()]
-
-    @property
-    def num_trainable(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def expected_num_trainable(self) -> int:
         """Each part's documented formula, plus n_vectors * width per token and text encoder."""

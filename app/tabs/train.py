@@ -34,7 +34,7 @@ from ..state import AppState
 from ..workspace import Concept, check_name
 from .mask_editor import MASK_OPACITY, drawn_mask, editor_value, mask_choices, mask_status
 
-POLL_SECONDS = 0.5  # how often the page asks the job for progress while one runs
+POLL_SECONDS = 1.0  # how often the page asks the job for progress while one runs
 TOKEN_VECTORS = 1  # the app's learned token: one vector, as diffusers' textual inversion example
 PLOTTED = ("fidelity", "alignment", "drift")  # curves drawn and captioned (Vendi counts images: another scale)
 
@@ -135,9 +135,12 @@ def loss_frame(job: JobState | None) -> pd.DataFrame:
     return pd.DataFrame({"step": [p[0] for p in points], "loss": [p[1] for p in points]}).astype({"step": int, "loss": float})
 
 
-def metrics_frame(job: JobState | None) -> pd.DataFrame:
-    """The tracked curves in long form (step, metric, value) for one line per metric."""
+def metrics_frame(job: JobState | None) -> pd.DataFrame | None:
+    """The tracked curves in long form (step, metric, value) for one line per metric; None before the
+    first scored validation (Gradio 6 draws no lines in a colour-split plot that once held an empty frame)."""
     rows = [(point["step"], name, point[name]) for point in (job.curves if job else []) for name in PLOTTED if name in point]
+    if not rows:
+        return None
     return pd.DataFrame(rows, columns=["step", "metric", "value"]).astype({"step": int, "value": float})
 
 
@@ -154,6 +157,18 @@ def sample_gallery(job: JobState | None) -> list[tuple[str, str]]:
         mark = " · best" if step == job.best_step else (" · base model" if step == 0 else "")
         gallery.append((path, f"{caption}{mark}" + (f" · {numbers}" if numbers else "")))
     return gallery
+
+
+def drawn_from(job: JobState | None) -> dict[str, tuple]:
+    """What each plot and the gallery shows of `job`: the job, and how many points and grids."""
+    if job is None:
+        return {"loss": (), "metrics": (), "samples": ()}
+    run = (job.concept_id, job.started)
+    return {
+        "loss": (*run, len(job.losses)),
+        "metrics": (*run, len(job.curves)),
+        "samples": (*run, len(job.samples), len(job.curves), job.best_step),
+    }
 
 
 def job_status(job: JobState | None) -> str:
@@ -403,8 +418,11 @@ def build(state: AppState) -> dict[str, Any]:
             height=260,
             elem_id="train-metrics",
         )
-    samples = gr.Gallery(label="Validation images per step", columns=4, height=280, elem_id="train-samples", interactive=False)
+    samples = gr.Gallery(
+        label="Validation images per step", columns=4, height=280, object_fit="contain", elem_id="train-samples", interactive=False
+    )
     timer = gr.Timer(POLL_SECONDS, active=False)
+    drawn = gr.State({})  # what the plots and the gallery were last drawn from (drawn_from)
 
     def fresh_masks(good: list[str]) -> tuple:
         """The mask editor's parts for newly accepted images: no masks yet, the first image picked."""
@@ -629,6 +647,7 @@ def build(state: AppState) -> dict[str, Any]:
             drift_limit=limit,
             train_text_encoder=bool(te),
             token_vectors=TOKEN_VECTORS if tok else 0,
+            **state.base.validation_settings,
         )
         texts = image_captions(caption_table, len(images))
         concept = state.workspace.create(Concept.from_config(concept_id, concept_name, config), images, texts, drawn)
@@ -685,11 +704,21 @@ def build(state: AppState) -> dict[str, Any]:
 
     stop.click(on_stop, None, status)
 
-    def on_tick():
+    def job_views(shown: dict | None = None):
+        """Status, progress, plots, gallery and timer of the current job, and what the plots and the
+        gallery now show. A plot or the gallery is sent only when its data changed since `shown`: a
+        redraw of both plots and every grid on each tick kept half a browser core busy during training."""
         job = state.jobs.snapshot()
         running = job is not None and job.running
-        return job_status(job), progress_html(job), loss_frame(job), metrics_frame(job), sample_gallery(job), gr.Timer(active=running)
+        now = drawn_from(job)
+        shown = shown or {}
 
-    shown = [status, progress, loss_plot, metrics_plot, samples, timer]
-    timer.tick(on_tick, None, shown, show_progress="hidden")
-    return {"refresh": (on_tick, [], shown)}
+        def view(name: str, make):
+            return gr.skip() if shown.get(name) == now[name] else make(job)
+
+        views = (view("loss", loss_frame), view("metrics", metrics_frame), view("samples", sample_gallery))
+        return job_status(job), progress_html(job), *views, gr.Timer(active=running), now
+
+    outputs = [status, progress, loss_plot, metrics_plot, samples, timer, drawn]
+    timer.tick(job_views, drawn, outputs, show_progress="hidden")
+    return {"refresh": (job_views, [], outputs)}

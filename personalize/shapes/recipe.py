@@ -20,6 +20,9 @@ LR_FACTOR = 20.0
 GUIDANCE = 5.0  # classifier-free guidance for this model: 7.5 washes its colours out towards white
 TOKEN = "sks"
 INSTANCE_PROMPT = "a {token} {class_noun}"  # the captions' own form ("a red star ..."), not SD's "a photo of"
+# Validation prompts in the captions' language, on backgrounds no instance image shows, so the tracked
+# alignment (the share of prompted attributes the judge sees) measures whether the token took the background.
+VALIDATION_PROMPTS = [f"a {{token}} {{class_noun}} on a {background} background" for background in W.UNSEEN_BACKGROUNDS]
 DEMO_CONCEPT = "pink-heart"  # the concept the app offers as a demo (4 images also in examples/shapes-pink-heart)
 
 
@@ -40,6 +43,8 @@ def train_settings(method: str, lr_factor: float = LR_FACTOR) -> dict:
         batch_size=BATCH_SIZE,
         lr=learning_rate(method, lr_factor),
         prior="none",
+        validation_prompts=list(VALIDATION_PROMPTS),
+        validation_guidance=GUIDANCE,
     )
 
 

@@ -99,7 +99,10 @@ class TrainConfig:
     class_data_dir: str | None = field(
         default=None, metadata=_help("folder of class images; default: a cache shared by runs with the same model, prompt, size")
     )
-    class_batch_size: int = field(default=4, metadata=_help("images per batch when generating class images (diffusers' default 4)"))
+    class_batch_size: int = field(
+        default=4,
+        metadata=_help("images per pipeline call when rendering class images and validation samples (diffusers' class-image default 4)"),
+    )
     # DPM-Solver++ (Lu et al. 2022) converges in 20-25 steps; used for class images and validation samples.
     sample_steps: int = field(default=25, metadata=_help("denoising steps for class images and validation samples (DPM-Solver++)"))
     validation_prompts: list[str] = field(

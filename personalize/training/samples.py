@@ -27,16 +27,22 @@ def render_samples(
     steps: int,
     guidance: float,
     autocast,
+    batch_size: int,
 ) -> list[Image.Image]:
-    """One image per validation prompt; prompt i always uses seed `seed + i`."""
+    """One image per validation prompt; prompt i always uses seed `seed + i`, whatever the batch.
+
+    Up to `batch_size` prompts go through the pipeline together (each with its own generator, so its
+    starting noise is the one a single-image call would draw). Measured on 2 CPU cores, 8 images (4
+    prompts, 4 drift images) 4 per call against one per call: `shapes` 32 px 5.8 s vs 12.0 s, `tiny`
+    64 px 25 s vs 35 s. On a GPU the batch trades memory for speed (`class_batch_size`)."""
     sampler = pipe.scheduler
     pipe.scheduler = dpm_solver(pipe)
     was_training = pipe.unet.training
     pipe.unet.eval()
     images = []
     try:
-        for i in range(len(positive)):
-            index = torch.tensor([i])
+        for start in range(0, len(positive), batch_size):
+            index = torch.arange(start, min(start + batch_size, len(positive)))  # (k,)
             with autocast():
                 images += pipe(
                     **positive.take(index).pipeline_kwargs(negative.take(index)),
@@ -44,7 +50,7 @@ def render_samples(
                     width=resolution,
                     num_inference_steps=steps,
                     guidance_scale=guidance,
-                    generator=torch.Generator().manual_seed(seed + i),
+                    generator=[torch.Generator().manual_seed(seed + int(i)) for i in index],
                 ).images
     finally:
         pipe.scheduler = sampler

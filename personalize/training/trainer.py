@@ -434,7 +434,15 @@ class Trainer:
         c = self.config
         positive, negative = conditioning
         return render_samples(
-            self.pipe, positive, negative, c.seed, self.resolution, c.sample_steps, c.validation_guidance, self.accelerator.autocast
+            self.pipe,
+            positive,
+            negative,
+            c.seed,
+            self.resolution,
+            c.sample_steps,
+            c.validation_guidance,
+            self.accelerator.autocast,
+            c.class_batch_size,
         )
 
     def validate(self, step: int) -> None:

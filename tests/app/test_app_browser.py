@@ -163,6 +163,7 @@ def test_train_generate_delete_in_browser(running_app, page, tmp_path):
     expect(page.locator("#train-progress")).to_contain_text("step 5/5")
     expect(page.locator("#train-status")).to_contain_text("finished after 5 steps")
     expect(page.locator("#train-samples img").first).to_be_visible()
+    expect(page.locator("#train-metrics")).to_contain_text("fidelity")  # the curves' legend: lines drawn per metric
     shoot(page, "1-train")
     concept = state.workspace.find_by_name("test dog")
     assert concept is not None and concept.status == "done" and concept.steps_done == 5
@@ -280,6 +281,22 @@ def paint_stroke(page, selector: str) -> None:
     page.mouse.up()
 
 
+def paint_and_save(page, selector: str, saved: str, attempts: int = 3) -> None:
+    """Paint a stroke and save it until the status says `saved`: on a loaded machine the editor can
+    still be loading its image when the first stroke lands (the app then says nothing was painted)."""
+    from playwright.sync_api import expect
+
+    for attempt in range(attempts):
+        paint_stroke(page, selector)
+        page.get_by_role("button", name="Save mask").click()
+        try:
+            expect(page.locator("#train-mask-status")).to_contain_text(saved, timeout=15_000)
+            return
+        except AssertionError:
+            if attempt == attempts - 1:
+                raise
+
+
 def test_masks_drawn_in_browser_reach_the_trainer(running_app, page, tmp_path):
     from playwright.sync_api import expect
 
@@ -292,9 +309,7 @@ def test_masks_drawn_in_browser_reach_the_trainer(running_app, page, tmp_path):
     expect(page.locator("#train-mask-status")).to_contain_text("No masks")
     page.locator("#train-thumbs img").nth(1).click()  # a thumbnail picks the image to paint
     expect(page.locator("#train-mask-image input")).to_have_value("2. dog_1.png")
-    paint_stroke(page, "#train-mask-editor")
-    page.get_by_role("button", name="Save mask").click()
-    expect(page.locator("#train-mask-status")).to_contain_text("Masks for 1 of 4 image(s): dog_1.png")
+    paint_and_save(page, "#train-mask-editor", "Masks for 1 of 4 image(s): dog_1.png")
     shoot(page, "7-masks")
     page.get_by_role("button", name="Auto masks").click()  # the form's mask model on `tiny`: the offline random CLIPSeg
     expect(page.locator("#train-mask-status")).to_contain_text("Masks for 4 of 4 image(s)")
@@ -311,7 +326,7 @@ def test_masks_drawn_in_browser_reach_the_trainer(running_app, page, tmp_path):
     page.locator("#train-buckets input").check()
     set_number(page, "#train-ema-decay", "0.9")
     page.get_by_role("button", name="Start training").click()
-    expect(page.locator("#train-status")).to_contain_text("finished after 2 steps")
+    expect(page.locator("#train-status")).to_contain_text("finished after 2 steps", timeout=2 * TIMEOUT_MS)  # a shared, noisy CPU
     concept = state.workspace.find_by_name("masked dog")
     assert concept.prior == "none"
     effective = json.loads((state.workspace.train_dir(concept.id) / "config.json").read_text())
@@ -337,11 +352,14 @@ def test_offline_demo_learns_the_concept_in_browser(page, tmp_path):
         page.get_by_role("button", name=re.compile("Use the demo concept")).click()
         expect(page.locator("#train-upload-status")).to_contain_text("4 image(s) accepted")
         expect(page.get_by_label("Concept name")).to_have_value("pink heart")
-        page.get_by_text("Advanced").click()
-        set_number(page, "#train-validation", str(recipe.STEPS))
-        page.get_by_role("button", name="Start training").click()
+        page.get_by_role("button", name="Start training").click()  # the form's defaults: validation and tracking on
         expect(page.locator("#train-status")).to_contain_text(f"finished after {recipe.STEPS} steps", timeout=180_000)
+        expect(page.locator("#train-metrics")).to_contain_text("drift")
         shoot(page, "5-demo-train")
+        concept = state.workspace.find_by_name("pink heart")
+        curves = json.loads((state.workspace.train_dir(concept.id) / "result.json").read_text())["curves"]
+        # validation prompts in the shapes captions' language: the base model (step 0) draws the prompted backgrounds
+        assert curves[0]["step"] == 0 and curves[0]["alignment"] >= 0.5, curves[0]
 
         page.get_by_role("tab", name="Generate").click()
         pick(page, "#gen-concept", "pink heart")
@@ -352,7 +370,6 @@ def test_offline_demo_learns_the_concept_in_browser(page, tmp_path):
         expect(page.locator("#gen-status")).to_contain_text("8 image(s) saved")
         expect(page.locator("#gen-baseline img")).to_have_count(8)
         shoot(page, "6-demo-generate")
-        concept = state.workspace.find_by_name("pink heart")
         (run,) = state.workspace.generation_runs(concept.id)
         folder = state.workspace.generated_dir(concept.id) / run
         tuned, base = ([Image.open(p).convert("RGB") for p in sorted(where.glob("[0-9]*.png"))] for where in (folder, folder / "base"))
