@@ -1,5 +1,5 @@
 """How to personalise the built-in `shapes` model: one training recipe, chosen once for this model
-size, used by `personalize bench --quality`, the learning test and the app's demo concept.
+size, used by `personalize bench --quality`, the app's demo concept and (at half its steps) the learning test.
 
 The methods' default learning rates come from their papers, for SD's 860M-parameter UNet at 512 px
 and hundreds of steps. On this 1.5M-parameter UNet at 32 px, `STEPS` steps of `BATCH_SIZE` images at
