@@ -515,8 +515,9 @@ def build(state: AppState) -> dict[str, Any]:
         good, bad = check_uploads([str(p) for p in recipe.demo_images(state.workspace.demo_dir)])
         note = (
             f"Demo concept: train, then generate `a {recipe.TOKEN} {SHAPES_CLASS_NOUN} on a teal background`. "
-            f"Steps, learning rate, batch size and instance prompt follow the `shapes` recipe ({recipe.STEPS} steps of "
-            f"{recipe.BATCH_SIZE} images at {recipe.LR_FACTOR:g}x the method's paper rate); generate with guidance {recipe.GUIDANCE:g}."
+            f"Learning rate, batch size and instance prompt follow the `shapes` recipe ({recipe.BATCH_SIZE} images per step at "
+            f"{recipe.LR_FACTOR:g}x the method's paper rate), {recipe.DEMO_STEPS} steps (the concept's fidelity peaks there); "
+            f"generate with guidance {recipe.GUIDANCE:g}."
         )
         return (
             good,
@@ -527,7 +528,7 @@ def build(state: AppState) -> dict[str, Any]:
             "pink heart",
             recipe.TOKEN,
             SHAPES_CLASS_NOUN,
-            recipe.STEPS,
+            recipe.DEMO_STEPS,
             recipe.learning_rate(chosen),
             "none",
             recipe.INSTANCE_PROMPT,

@@ -23,6 +23,9 @@ INSTANCE_PROMPT = "a {token} {class_noun}"  # the captions' own form ("a red sta
 # Validation prompts in the captions' language, on backgrounds no instance image shows, so the tracked
 # alignment (the share of prompted attributes the judge sees) measures whether the token took the background.
 VALIDATION_PROMPTS = [f"a {{token}} {{class_noun}} on a {background} background" for background in W.UNSEEN_BACKGROUNDS]
+# The app's demo trains half the recipe's steps: on the demo concept fidelity peaks at 100-150 steps and the
+# balanced rule chose 150 (BENCHMARKS.md, "Metric curves while training"), so a newcomer waits half as long.
+DEMO_STEPS = STEPS // 2
 DEMO_CONCEPT = "pink-heart"  # the concept the app offers as a demo (4 images also in examples/shapes-pink-heart)
 
 
