@@ -18,8 +18,9 @@ def digests(folder: Path) -> dict[str, tuple[str, int]]:
     return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
 
 
-def test_cli_train_thirty_steps(photos, class_dir, tmp_path, capsys):
+def test_cli_train_thirty_steps(photos, tmp_path, capsys):
     out = tmp_path / "run"
+    class_dir = tmp_path / "class_images"  # its own: the session's class images are 32 px, this run trains at 64
     config = tmp_path / "train.toml"
     config.write_text(
         f'instance_images = "{photos}"\nbase_model = "tiny"\nmethod = "svfit"\nclass_noun = "toy"\n'

@@ -131,7 +131,8 @@ def test_callbacks_see_steps_and_samples(fast):
         ),
         [recorder],
     )
-    assert recorder.events == [("start", 4, result.num_trainable, 64), ("samples", 2, 1, True), ("samples", 4, 1, True), ("end", 4)]
+    start = ("start", 4, result.num_trainable, fast["resolution"])
+    assert recorder.events == [start, ("samples", 2, 1, True), ("samples", 4, 1, True), ("end", 4)]
     steps = recorder.progress
     assert [p.step for p in steps] == [1, 2, 3, 4] and all(p.total_steps == 4 for p in steps)
     assert [p.lr for p in steps] == pytest.approx([1e-2 * (1 - s / 4) for s in range(1, 5)])  # linear decay to 0
