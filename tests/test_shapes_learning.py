@@ -20,10 +20,10 @@ CONCEPT = W.concept_by_name(recipe.DEMO_CONCEPT)
 METHOD = "lora"  # among the quickest to train per step (BENCHMARKS.md)
 # Measured margins (BENCHMARKS.md, "Quality on `shapes`"): below the issue's goal of recognition 0.6.
 COSINE_GAIN, SHAPE_GAIN = 0.05, 0.1
-# Half the recipe's steps at its learning rate: fidelity peaks at 100-150 steps (BENCHMARKS.md, "Metric
-# curves while training"). Measured at 150 steps, 12 images a side: cosine +0.074, shape share +0.25
-# (300 steps: +0.08, +0.33), in 37 s of training instead of 67 s on one thread.
-STEPS = recipe.STEPS // 2
+# The demo's steps (half the recipe's): fidelity peaks at 100-150 steps (BENCHMARKS.md, "Metric curves while
+# training"). Measured at 150 steps, 12 images a side: cosine +0.074, shape share +0.25 (300 steps: +0.08,
+# +0.33), in 37 s of training instead of 67 s on one thread.
+STEPS = recipe.DEMO_STEPS
 PROMPTS = [f"a {recipe.TOKEN} {W.CLASS_NOUN} on a {bg} background" for bg in W.UNSEEN_BACKGROUNDS]
 
 
