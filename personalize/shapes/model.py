@@ -4,7 +4,7 @@ A complete Stable Diffusion pipeline at 32 px, trained from scratch on the shape
 `python -m personalize.shapes.pretrain` (settings and measured time in `data/shapes.json`):
 - `AutoencoderKL` with two levels (2x downsampling): 32x32x3 images <-> 16x16x4 latents;
 - `UNet2DConditionModel` with three levels (32, 64, 64 channels; cross-attention on the first
-  two) conditioned on 77 tokens of 64-d text states, epsilon prediction, SD 1.5's noise schedule;
+  two, 2 heads) conditioned on 77 tokens of 64-d text states, epsilon prediction, SD 1.5's noise schedule;
 - a 2-layer, 64-d `CLIPTextModel` with the CLIP BPE tokenizer the project already ships, trained
   jointly with the UNet and frozen afterwards, as in SD.
 Weights are stored once in fp16 (`data/shapes.safetensors`, prefixes `unet.`, `vae.`,
@@ -35,7 +35,9 @@ UNET_CONFIG: dict[str, Any] = dict(
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=64,
-    attention_head_dim=8,
+    # diffusers' legacy name: this is the number of heads (2: 16- and 32-d heads). 8 heads of 4-8 dims made
+    # CPU attention 53% of a training step; 2 heads train 1.7x faster per step (0.65 vs 1.12 s, batch 32, 2 threads).
+    attention_head_dim=2,
     norm_num_groups=16,
 )
 VAE_CONFIG: dict[str, Any] = dict(

@@ -38,9 +38,9 @@ class PretrainConfig:
     vae_batch: int = 32
     vae_lr: float = 1e-3
     kl_weight: float = 1e-4  # small: the latents stay close to a Gaussian without blurring stripes
-    unet_steps: int = 3000
+    unet_steps: int = 5000
     unet_batch: int = 32
-    unet_lr: float = 6e-4
+    unet_lr: float = 8e-4
     warmup: int = 100
     ema_decay: float = 0.998
     empty_caption: float = 0.1  # caption dropout for classifier-free guidance
