@@ -46,9 +46,10 @@ def defaults(method: str) -> dict[str, Any]:
     return values
 
 
-def option_rows(method: str) -> list[list[str]]:
-    """One [option, value, default] row per config field, values at the method's defaults."""
-    return [[name, _text(value), _text(value) or "(none)"] for name, value in defaults(method).items()]
+def option_rows(method: str, values: dict[str, Any] | None = None) -> list[list[str]]:
+    """One [option, value, default] row per config field, values at the method's defaults except `values`."""
+    chosen = values or {}
+    return [[name, _text(chosen.get(name, value)), _text(value) or "(none)"] for name, value in defaults(method).items()]
 
 
 def parse_options(method: str, rows: Any) -> dict[str, Any]:

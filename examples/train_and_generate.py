@@ -21,7 +21,7 @@ EPILOG = """examples:
   python examples/train_and_generate.py photos/my_dog --class-noun dog
   python examples/train_and_generate.py photos/my_dog --class-noun dog --method svfit --prompt "a {token} {class_noun} on the moon"
   python examples/train_and_generate.py examples/shapes-pink-heart --base-model shapes --embedders shapes --class-noun shape \
-      --steps 150 --lr 1e-3 --prior none --prompt "a {token} {class_noun} on a teal background"   # offline, CPU
+      --steps 150 --lr 4e-3 --option preset=attention_convs --prior none --prompt "a {token} {class_noun} on a teal background"  # offline
   python examples/train_and_generate.py photos/ --base-model tiny --embedders tiny --steps 5 --prior none   # smoke test
 """
 

@@ -1,4 +1,5 @@
-"""The shared adapter matrix: every registered method on every tiny UNet family.
+"""The shared adapter matrix: every registered method (and each other target preset it offers) on
+every tiny UNet family.
 
 Unchanged at init, only adapter tensors change after an optimiser step, merged == live,
 detach restores W0 bit-exactly, save/load round trip, parameter count formula, scale 0 == base.
@@ -37,14 +38,26 @@ def base_outputs():
     return cache
 
 
+def configurations() -> list:
+    """Every method at its defaults, then every method's non-default target presets (e.g. lora:attention_convs)."""
+    defaults = [pytest.param(method, "", id=method) for method in P.METHODS]
+    presets = [
+        pytest.param(method, preset, id=f"{method}:{preset}")
+        for method in P.METHODS
+        for preset in P.get_method(method).presets
+        if preset != P.get_method(method).default_preset
+    ]
+    return defaults + presets
+
+
 @pytest.mark.parametrize("style", UNET_STYLES)
-@pytest.mark.parametrize("method", P.METHODS)
-def test_adapter_matrix(method, style, base_outputs, tmp_path):
+@pytest.mark.parametrize("method, preset", configurations())
+def test_adapter_matrix(method, preset, style, base_outputs, tmp_path):
     unet = tiny_unet(style)
     inputs, base_out = base_outputs[style]
     original = {k: v.clone() for k, v in unet.state_dict().items()}
 
-    adapter = P.attach(unet, method)
+    adapter = P.attach(unet, method, preset=preset)
     with torch.no_grad():
         assert rel(run_unet(unet, inputs), base_out) < 1e-5, "output changed at init"
 

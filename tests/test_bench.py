@@ -171,6 +171,9 @@ def test_text_conditioning_is_the_pipelines(style):
         (["--steps", "0"], "steps must be a positive integer"),
         (["--profile", "__file__"], "is a file; accepted: a folder"),
         (["--chart", "__folder__"], "is a folder; accepted: a file path"),
+        (["--quality", "--methods", "lora:preset=convs"], "unknown preset 'convs' for method 'lora'"),
+        (["--quality", "--methods", "none"], "--quality has no 'none' method"),
+        (["--quality", "--threads", "0"], "--threads must be a positive integer"),
     ],
 )
 def test_bad_input_is_one_line_error(argv, message, tmp_path, capsys):

@@ -16,12 +16,24 @@ from personalize.shapes import world as W
 
 def test_minimal_quality_run(tmp_path):
     config = QualityConfig(
-        work_dir=str(tmp_path), methods=["lora"], concepts=["pink-heart"], steps=2, images_per_background=1, sample_steps=2, base_images=2
+        work_dir=str(tmp_path),
+        methods=["lora", "lora:preset=attention_convs"],
+        concepts=["pink-heart"],
+        steps=2,
+        images_per_background=1,
+        sample_steps=2,
+        base_images=2,
     )
     record = run_quality(config, diversity=lambda features: float(len(features)))
-    assert [row["label"] for row in record["rows"]] == [INSTANCES, BASE, "lora"]
-    lora = record["rows"][2]
+    assert [row["label"] for row in record["rows"]] == [INSTANCES, BASE, "lora", "lora:preset=attention_convs"]
+    lora, convs = record["rows"][2:]
     assert lora["trainable"] > 0 and lora["file_bytes"] > 0 and lora["scores"]["images"] == len(W.UNSEEN_BACKGROUNDS)
+    assert convs["trainable"] > lora["trainable"]  # the same method with the convs as well: its options reached training
+
+    def used_options(run: str) -> dict:
+        return json.loads((tmp_path / "runs" / run / "pink-heart" / "config.json").read_text())["method_options"]
+
+    assert used_options("lora") == {} and used_options("lora-preset-attention_convs") == {"preset": "attention_convs"}
     assert np.isnan(record["rows"][0]["scores"]["alignment"])  # the instance images are not prompted
     assert set(record["base_quality"]["per_attribute"]) == {"shape", "colour", "pattern", "background"}
     text = markdown(record)

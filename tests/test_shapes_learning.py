@@ -1,7 +1,7 @@
 """The built-in `shapes` model loads offline, generates, and learns a concept it never saw: after a
-short training run with the shapes recipe, the images of the same prompts on backgrounds the
-instance images do not show move towards the concept in the judge's eyes (feature cosine to the
-instance images, and the share of images in which it sees the concept's shape)."""
+short training run with the shapes recipe, the judge recognises the concept (shape, colour and pattern
+all right) in most images of prompts on backgrounds the instance images do not show, where it
+recognised it in few of the base model's images of the same prompts and seeds."""
 
 from __future__ import annotations
 
@@ -17,13 +17,9 @@ from personalize.shapes import world as W
 from personalize.train import TrainConfig, train
 
 CONCEPT = W.concept_by_name(recipe.DEMO_CONCEPT)
-METHOD = "lora"  # among the quickest to train per step (BENCHMARKS.md)
-# Measured margins (BENCHMARKS.md, "Quality on `shapes`"): below the issue's goal of recognition 0.6.
-COSINE_GAIN, SHAPE_GAIN = 0.05, 0.1
-# The demo's steps (half the recipe's): fidelity peaks at 100-150 steps (BENCHMARKS.md, "Metric curves while
-# training"). Measured at 150 steps, 12 images a side: cosine +0.074, shape share +0.25 (300 steps: +0.08,
-# +0.33), in 37 s of training instead of 67 s on one thread.
-STEPS = recipe.DEMO_STEPS
+METHOD = "lora"  # among the quickest to train per step (BENCHMARKS.md), with the recipe's conv targets
+# The issue's goal: recognised in 0.6 or more of the images, and at least 0.4 more often than by the base model.
+FIDELITY, FIDELITY_GAIN = 0.6, 0.4
 PROMPTS = [f"a {recipe.TOKEN} {W.CLASS_NOUN} on a {bg} background" for bg in W.UNSEEN_BACKGROUNDS]
 
 
@@ -63,11 +59,11 @@ def test_a_short_run_teaches_the_concept(pipe, tmp_path):
             validation_every=0,
             checkpoint_every=0,
             cpu=True,
-            **{**recipe.train_settings(METHOD), "steps": STEPS},
+            **{**recipe.train_settings(METHOD, recipe.DEMO_LR_FACTOR), "steps": recipe.DEMO_STEPS},
         )
     )
     tuned = [g.image for p in PROMPTS for g in generate(pipe, p, adapters=[AdapterSpec(result.adapter_path)], **render)]
     before, after = judged(base, instances), judged(tuned, instances)
     print(f"\ncosine, shape share, recognised: base {before}, trained {after}")
-    assert after[0] - before[0] >= COSINE_GAIN, (before, after)
-    assert after[1] - before[1] >= SHAPE_GAIN, (before, after)
+    assert after[2] >= FIDELITY and after[2] - before[2] >= FIDELITY_GAIN, (before, after)
+    assert after[0] > before[0], (before, after)  # and the judge's features move towards the instance images

@@ -388,6 +388,14 @@ def build(state: AppState) -> dict[str, Any]:
                         info=train_help("ema_decay"),
                         elem_id="train-ema-decay",
                     )
+                    snr_gamma = gr.Number(
+                        label="Min-SNR gamma (0 = off)",
+                        value=train_default("snr_gamma") or 0,
+                        minimum=0,
+                        step=0.5,
+                        info=train_help("snr_gamma"),
+                        elem_id="train-snr-gamma",
+                    )
             with gr.Row():
                 text_encoder = gr.Checkbox(
                     label="Train the text encoder too",
@@ -513,11 +521,13 @@ def build(state: AppState) -> dict[str, Any]:
     @guarded
     def on_demo(chosen: str):
         good, bad = check_uploads([str(p) for p in recipe.demo_images(state.workspace.demo_dir)])
+        recommended = recipe.RECOMMENDED_OPTIONS.get(chosen, {})
         note = (
             f"Demo concept: train, then generate `a {recipe.TOKEN} {SHAPES_CLASS_NOUN} on a teal background`. "
-            f"Learning rate, batch size and instance prompt follow the `shapes` recipe ({recipe.BATCH_SIZE} images per step at "
-            f"{recipe.LR_FACTOR:g}x the method's paper rate), {recipe.DEMO_STEPS} steps (the concept's fidelity peaks there); "
-            f"generate with guidance {recipe.GUIDANCE:g}."
+            f"Learning rate, batch size, loss weighting and instance prompt follow the `shapes` recipe ({recipe.BATCH_SIZE} images "
+            f"per step at {recipe.DEMO_LR_FACTOR:g}x the method's paper rate, Min-SNR gamma {recipe.SNR_GAMMA:g}"
+            + "".join(f", {key} {value}" for key, value in recommended.items())
+            + f"), {recipe.DEMO_STEPS} steps; generate with guidance {recipe.GUIDANCE:g}."
         )
         return (
             good,
@@ -525,15 +535,17 @@ def build(state: AppState) -> dict[str, Any]:
             upload_message(good, bad) + "\n\n" + note,
             caption_rows(good),
             *fresh_masks(good),
-            "pink heart",
+            recipe.DEMO_CONCEPT.replace("-", " "),
             recipe.TOKEN,
             SHAPES_CLASS_NOUN,
             recipe.DEMO_STEPS,
-            recipe.learning_rate(chosen),
+            recipe.learning_rate(chosen, recipe.DEMO_LR_FACTOR),
+            option_rows(chosen, recommended),
             "none",
             recipe.INSTANCE_PROMPT,
             recipe.BATCH_SIZE,
             "adamw",  # the recipe's learning rate is AdamW's
+            recipe.SNR_GAMMA,
         )
 
     demo.click(
@@ -550,10 +562,12 @@ def build(state: AppState) -> dict[str, Any]:
             class_noun,
             steps,
             lr,
+            options,
             prior,
             instance_prompt,
             batch_size,
             optimizer,
+            snr_gamma,
         ],
     )
 
@@ -602,6 +616,7 @@ def build(state: AppState) -> dict[str, Any]:
         background_weight,
         bucketed,
         decay,
+        gamma,
         metric_names,
         rule,
         limit,
@@ -643,6 +658,7 @@ def build(state: AppState) -> dict[str, Any]:
             mask_background_weight=background_weight,
             buckets=bool(bucketed),
             ema_decay=decay,
+            snr_gamma=gamma or None,
             track_metrics=str(metric_names).strip() or "none",
             select_by=rule,
             drift_limit=limit,
@@ -687,6 +703,7 @@ def build(state: AppState) -> dict[str, Any]:
             mask_weight,
             buckets,
             ema_decay,
+            snr_gamma,
             tracked,
             select_by,
             drift_limit,

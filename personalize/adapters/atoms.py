@@ -25,8 +25,8 @@ from torch import nn
 
 from ..errors import UserError
 from ..options import coerce_options
-from .base import ATTENTION, AdapterConfig, Method, join_patterns, register
-from .filter_atoms import CONVS, TRAIN_DEFAULTS, FilterAtoms, FilterAtomsConfig, is_spatial_conv
+from .base import ATTENTION, CONVS, AdapterConfig, Method, join_patterns, register
+from .filter_atoms import TRAIN_DEFAULTS, FilterAtoms, FilterAtomsConfig, is_spatial_conv
 from .kron_atoms import KronAtoms, KronAtomsConfig
 
 # Per-part options of the paper's configurations (Table 9: "m=6, kc=4", "m=9, kc=8", "m=9, kc=8, m1=3").

@@ -29,6 +29,8 @@ ATTENTION = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
 PROJECTIONS = r"attentions\.\d+\.(proj_in|proj_out)$"
 # Feed-forward linears of transformer blocks (GEGLU input projection and output).
 FEED_FORWARD = r"ff\.net\.(0\.proj|2)$"
+# 3x3 convs of the UNet's ResNet blocks and resamplers (every diffusers UNet2DConditionModel).
+CONVS = r"(resnets\.\d+\.conv[12]|(down|up)samplers\.\d+\.conv)$"
 
 
 def join_patterns(*patterns: str) -> str:

@@ -46,12 +46,10 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import AdapterConfig, LayerAdapter, Method, TrainDefaults, join_patterns, register
+from .base import CONVS, AdapterConfig, LayerAdapter, Method, TrainDefaults, join_patterns, register
 from .forms import Form
 from .slots import compute_dtype
 
-# 3x3 convs of the UNet's ResNet blocks and resamplers (every diffusers UNet2DConditionModel).
-CONVS = r"(resnets\.\d+\.conv[12]|(down|up)samplers\.\d+\.conv)$"
 # The UNet's first and last convs (latent <-> feature channels); optional (ADAPTERS.md §1).
 CONV_IO = r"^(conv_in|conv_out)$"
 

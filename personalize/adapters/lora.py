@@ -3,6 +3,12 @@
 This is the reference every benchmark compares against (ADAPTERS.md "Baseline: LoRA": rank 4,
 alpha 4, gaussian init). peft owns the layers (`peft_slot.PeftSlot`); the core merges by swapping
 weights, as for every other method, so unmerge and detach restore W0 bit-exactly.
+
+Targets: preset `attention` (default) is diffusers' DreamBooth-LoRA set, the attention projections.
+Preset `attention_convs` adds the 3x3 convs of the ResNet blocks and resamplers, as kohya's LoCon
+(`conv_dim`) and LyCORIS do: a conv `W: (out, in, k, k)` gets `B: (out, r, 1, 1)` after
+`A: (r, in, k, k)`, i.e. r * (in*k*k + out) parameters. On the built-in `shapes` model this is what
+lets LoRA draw a shape pretraining never drew (BENCHMARKS.md, "Quality on `shapes`").
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import UserError
-from .base import AdapterConfig, TrainDefaults, register
+from .base import ATTENTION, CONVS, AdapterConfig, TrainDefaults, join_patterns, register
 from .peft_slot import PeftMethod
 
 
@@ -27,6 +33,7 @@ class LoRA(PeftMethod):
     name = "lora"
     description = "LoRA (peft): low-rank update B·A on the attention projections, the common baseline"
     config_cls = LoRAConfig
+    presets = {"attention": ATTENTION, "attention_convs": join_patterns(ATTENTION, CONVS)}
     train_defaults = TrainDefaults(lr=1e-4, steps=500, source="diffusers train_dreambooth_lora.py defaults (lr 1e-4, 500 steps)")
 
     @classmethod

@@ -7,8 +7,8 @@ sees each requested attribute.
 
 Personalization: for each concept of `world.CONCEPTS` (a shape or pattern pretraining never drew),
 4 instance images on `INSTANCE_BACKGROUNDS` (with `captions`, each captioned with its background);
-every method trains with its default options for the
-same number of steps, then renders `a {token} shape on a <colour> background` for each of
+every method trains with its default options (plus `recipe.QUALITY_VARIANTS`, or the `method:key=value`
+configurations asked for) for the same number of steps, then renders `a {token} shape on a <colour> background` for each of
 `UNSEEN_BACKGROUNDS`. Per method (mean over concepts):
 - fidelity: share of images in which the judge sees the concept (shape, colour and pattern);
 - cosine: mean cosine of judge features between generated and instance images;
@@ -22,6 +22,7 @@ same for the base model (no adapter) and for the instance images themselves.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +40,7 @@ from ..generate import generate
 from ..shapes import judge as J
 from ..shapes import recipe
 from ..shapes import world as W
+from .config import MethodSpec, parse_method_spec
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ Diversity = Callable[[torch.Tensor], float]
 @dataclass
 class QualityConfig:
     work_dir: str = "outputs/quality"
-    methods: list[str] | None = None  # None: every registered method
+    methods: list[str] | None = None  # `lora`, `lora:preset=attention_convs`, ...; None: every method + recipe.QUALITY_VARIANTS
     concepts: list[str] | None = None  # None: every concept of the world
     steps: int = recipe.STEPS
     lr_factor: float = recipe.LR_FACTOR  # times each method's paper learning rate
@@ -160,8 +162,8 @@ def render_concept(pipe, concept: W.Concept, adapter: str | None, config: Qualit
     return images, backgrounds
 
 
-def train_concept(method: str, instance_dir: Path, out: Path, config: QualityConfig):
-    """(TrainResult, seconds from the call to the first step) of one method on one concept."""
+def train_concept(spec: MethodSpec, instance_dir: Path, out: Path, config: QualityConfig):
+    """(TrainResult, seconds from the call to the first step) of one method configuration on one concept."""
     from ..train import TrainConfig, train
     from ..training.callbacks import TrainCallback
 
@@ -172,7 +174,8 @@ def train_concept(method: str, instance_dir: Path, out: Path, config: QualityCon
         def on_start(self, *_: Any) -> None:
             self.seconds = time.perf_counter() - self.began
 
-    settings = recipe.train_settings(method, config.lr_factor) | {
+    settings = recipe.train_settings(spec.name, config.lr_factor) | {
+        "method_options": dict(spec.options),
         "steps": config.steps,
         "prior": config.prior,
         "mask_background_weight": config.mask_background_weight,
@@ -228,7 +231,7 @@ def run_quality(config: QualityConfig, diversity: Diversity, progress: Callable[
     began = time.perf_counter()
     work = Path(config.work_dir)
     concepts = [W.concept_by_name(n) for n in config.concepts] if config.concepts else list(W.CONCEPTS)
-    methods = config.methods or list(method_names())
+    specs = [parse_method_spec(text) for text in (config.methods or [*method_names(), *recipe.QUALITY_VARIANTS])]
     pipe = load_pipeline("shapes", device="cuda" if torch.cuda.is_available() else "cpu")
     base, base_images = None, []
     if config.base_images:
@@ -247,21 +250,23 @@ def run_quality(config: QualityConfig, diversity: Diversity, progress: Callable[
         images, bgs = render_concept(pipe, concept, None, config)
         rows[BASE].append((concept, score(images, bgs, concept, inst, diversity)))
         gallery[concept.name][BASE] = images[:: config.images_per_background]
-    for method in methods:
-        rows[method] = []
-        extra[method] = {"trainable": 0, "train_s": 0.0}
+    for spec in specs:
+        label = spec.label
+        rows[label] = []
+        extra[label] = {"trainable": 0, "train_s": 0.0}
         for concept in concepts:
-            progress(f"{method}: {concept.name}")
-            result, first_step_s = train_concept(method, work / "instances" / concept.name, work / "runs" / method / concept.name, config)
+            progress(f"{label}: {concept.name}")
+            run_dir = work / "runs" / re.sub(r"[:,=]", "-", label) / concept.name  # lora:preset=x -> runs/lora-preset-x
+            result, first_step_s = train_concept(spec, work / "instances" / concept.name, run_dir, config)
             images, bgs = render_concept(pipe, concept, result.adapter_path, config)
-            rows[method].append((concept, score(images, bgs, concept, instances[concept.name], diversity)))
-            gallery[concept.name][method] = images[:: config.images_per_background]
-            extra[method]["trainable"] = result.num_trainable
-            extra[method]["train_s"] += result.train_time / len(concepts)
-            extra[method]["wall_s"] = extra[method].get("wall_s", 0.0) + result.wall_time / len(concepts)
+            rows[label].append((concept, score(images, bgs, concept, instances[concept.name], diversity)))
+            gallery[concept.name][label] = images[:: config.images_per_background]
+            extra[label]["trainable"] = result.num_trainable
+            extra[label]["train_s"] += result.train_time / len(concepts)
+            extra[label]["wall_s"] = extra[label].get("wall_s", 0.0) + result.wall_time / len(concepts)
             # the slowest start: the first concept's, when class images (prior 'images') are generated into an empty cache
-            extra[method]["first_step_s"] = max(extra[method].get("first_step_s", 0.0), first_step_s)
-            extra[method]["file_bytes"] = adapter_info(result.adapter_path)["file_size"]
+            extra[label]["first_step_s"] = max(extra[label].get("first_step_s", 0.0), first_step_s)
+            extra[label]["file_bytes"] = adapter_info(result.adapter_path)["file_size"]
     table = []
     for label, scored in rows.items():
         row = MethodRow(label, Scores.mean([s for _, s in scored]), per_concept={c.name: asdict(s) for c, s in scored})
@@ -275,7 +280,12 @@ def run_quality(config: QualityConfig, diversity: Diversity, progress: Callable[
         base_grid(base_images).save(work / "base-grid.png")
     return {
         "settings": asdict(config)
-        | {"concepts": [c.name for c in concepts], "methods": methods, "token": TOKEN, "prompts": [p for p, _ in prompts_for(concepts[0])]},
+        | {
+            "concepts": [c.name for c in concepts],
+            "methods": [spec.label for spec in specs],
+            "token": TOKEN,
+            "prompts": [p for p, _ in prompts_for(concepts[0])],
+        },
         "base_quality": base,
         "rows": table,
         "grid": str(grid),

@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..benchmark import BenchConfig, markdown_table, run_benchmark, text_table, write_chart, write_json, write_markdown
-from ..benchmark.config import PRECISIONS
+from ..benchmark.config import PRECISIONS, parse_method_spec
 from ..errors import UserError
 from ..training.config import PRIORS
 
@@ -178,6 +178,8 @@ def run_quality_command(args: argparse.Namespace) -> int:
     """`bench --quality`: the CLI wires the metrics package's Vendi score into the quality runner."""
     import importlib
 
+    import torch
+
     from ..benchmark.quality import QualityConfig, markdown, run_quality
     from ..benchmark.report import write_section
     from ..shapes.world import BACKGROUND_NAMES, CONCEPTS
@@ -186,7 +188,10 @@ def run_quality_command(args: argparse.Namespace) -> int:
     for name in args.concepts or []:
         if name not in known:
             raise UserError(f"unknown concept '{name}'; accepted: {', '.join(known)}")
-    methods = [m.partition(":")[0] for m in args.methods] if args.methods else None
+    specs = [parse_method_spec(text) for text in args.methods or []]  # a typo fails here, before any training
+    if any(spec.is_floor for spec in specs):
+        raise UserError("--quality has no 'none' method: its table always has the base model (no adapter) row")
+    methods = [spec.label for spec in specs] or None
     if args.instance_background and args.instance_background not in BACKGROUND_NAMES:
         raise UserError(f"unknown background '{args.instance_background}'; accepted: {', '.join(BACKGROUND_NAMES)}")
     if args.base_images < 0:
@@ -205,6 +210,10 @@ def run_quality_command(args: argparse.Namespace) -> int:
         train_text_encoder=args.train_text_encoder,
         token_vectors=args.token_vectors,
     )
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be a positive integer, got {args.threads}")
+        torch.set_num_threads(args.threads)
     vendi = importlib.import_module("metrics.vendi").vendi_score
     with tqdm(desc="quality", unit="run") as bar:
         record = run_quality(config, vendi, lambda label: (bar.set_description(label), bar.update()))

@@ -364,6 +364,9 @@ def test_offline_demo_learns_the_concept_in_browser(page, tmp_path):
         expect(page.locator("#train-metrics")).to_contain_text("drift")
         shoot(page, "5-demo-train")
         concept = state.workspace.find_by_name("pink heart")
+        used = json.loads((state.workspace.train_dir(concept.id) / "config.json").read_text())
+        # the demo filled the form with the recipe: its learning rate, Min-SNR, and LoRA's recommended conv targets
+        assert used["snr_gamma"] == recipe.SNR_GAMMA and used["method_options"] == recipe.RECOMMENDED_OPTIONS["lora"], used
         curves = json.loads((state.workspace.train_dir(concept.id) / "result.json").read_text())["curves"]
         # validation prompts in the shapes captions' language: the base model (step 0) draws the prompted backgrounds
         assert curves[0]["step"] == 0 and curves[0]["alignment"] >= 0.5, curves[0]
@@ -381,8 +384,12 @@ def test_offline_demo_learns_the_concept_in_browser(page, tmp_path):
         folder = state.workspace.generated_dir(concept.id) / run
         tuned, base = ([Image.open(p).convert("RGB") for p in sorted(where.glob("[0-9]*.png"))] for where in (folder, folder / "base"))
         assert len(tuned) == len(base) == 8
-        # the concept appears: the judge finds the adapted images closer to the instance images than the
-        # base model's images of the same seeds (cosine +0.074 in the learning test at the same 150 steps)
+        # the concept appears: the judge recognises the pink heart in the adapted images, not in the base model's
+        # images of the same seeds, and finds them closer to the instance images
+        heart = W.concept_by_name(recipe.DEMO_CONCEPT)
+        recognised = [float(np.mean([judge.recognises(r, heart) for r in judge.predict(images)])) for images in (tuned, base)]
         instances = judge.embed([Image.open(p).convert("RGB") for p in sorted(state.workspace.images_dir(concept.id).glob("*.png"))])
         closer = [float((judge.embed(images) @ instances.T).mean()) for images in (tuned, base)]
+        print(f"\nrecognised (tuned, base): {recognised}; cosine to the instances: {closer}")
+        assert recognised[0] >= 0.5 and recognised[0] - recognised[1] >= 0.4, recognised
         assert closer[0] - closer[1] >= 0.03, closer
