@@ -33,7 +33,7 @@ def test_minimal_quality_run(tmp_path):
     def used_options(run: str) -> dict:
         return json.loads((tmp_path / "runs" / run / "pink-heart" / "config.json").read_text())["method_options"]
 
-    assert used_options("lora") == {} and used_options("lora-preset-attention_convs") == {"preset": "attention_convs"}
+    assert used_options("lora")["preset"] == "attention" and used_options("lora-preset-attention_convs")["preset"] == "attention_convs"
     assert np.isnan(record["rows"][0]["scores"]["alignment"])  # the instance images are not prompted
     assert set(record["base_quality"]["per_attribute"]) == {"shape", "colour", "pattern", "background"}
     text = markdown(record)

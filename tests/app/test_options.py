@@ -25,6 +25,12 @@ def test_values_are_typed_and_only_changes_are_returned():
     assert defaults("lora")["preset"] == get_method("lora").default_preset
 
 
+def test_rows_with_chosen_values_parse_back_to_them():
+    rows = option_rows("lora", {"preset": "attention_convs"})
+    assert ["preset", "attention_convs", "attention"] in rows  # the default column still shows the default
+    assert parse_options("lora", rows) == {"preset": "attention_convs"}
+
+
 def test_optional_fields_accept_empty():
     method = next(
         m for m in METHODS if any(f.default is None and f.name != "targets" for f in dataclasses.fields(get_method(m).config_cls))
