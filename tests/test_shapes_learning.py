@@ -21,6 +21,7 @@ METHOD = "lora"  # among the quickest to train per step (BENCHMARKS.md), with th
 # The goal: recognised in 0.6 or more of the images, and at least 0.4 more often than by the base model.
 # Measured (12 images a side): recognised 0.92 after training, 0.00 by the base model; judge cosine 0.70 -> 0.94.
 FIDELITY, FIDELITY_GAIN = 0.6, 0.4
+COSINE_GAIN = 0.05  # the judge's features move towards the instance images too (measured +0.24)
 PROMPTS = [f"a {recipe.TOKEN} {W.CLASS_NOUN} on a {bg} background" for bg in W.UNSEEN_BACKGROUNDS]
 
 
@@ -60,11 +61,11 @@ def test_a_short_run_teaches_the_concept(pipe, tmp_path):
             validation_every=0,
             checkpoint_every=0,
             cpu=True,
-            **{**recipe.train_settings(METHOD, recipe.DEMO_LR_FACTOR), "steps": recipe.DEMO_STEPS},
+            **recipe.demo_settings(METHOD),
         )
     )
     tuned = [g.image for p in PROMPTS for g in generate(pipe, p, adapters=[AdapterSpec(result.adapter_path)], **render)]
     before, after = judged(base, instances), judged(tuned, instances)
     print(f"\ncosine, shape share, recognised: base {before}, trained {after}")
     assert after[2] >= FIDELITY and after[2] - before[2] >= FIDELITY_GAIN, (before, after)
-    assert after[0] > before[0], (before, after)  # and the judge's features move towards the instance images
+    assert after[0] - before[0] >= COSINE_GAIN, (before, after)

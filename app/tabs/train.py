@@ -522,12 +522,13 @@ def build(state: AppState) -> dict[str, Any]:
     def on_demo(chosen: str):
         good, bad = check_uploads([str(p) for p in recipe.demo_images(state.workspace.demo_dir)])
         recommended = recipe.RECOMMENDED_OPTIONS.get(chosen, {})
+        settings = recipe.demo_settings(chosen)
         note = (
             f"Demo concept: train, then generate `a {recipe.TOKEN} {SHAPES_CLASS_NOUN} on a teal background`. "
             f"Learning rate, batch size, loss weighting and instance prompt follow the `shapes` recipe ({recipe.BATCH_SIZE} images "
             f"per step at {recipe.DEMO_LR_FACTOR:g}x the method's paper rate, Min-SNR gamma {recipe.SNR_GAMMA:g}"
             + "".join(f", {key} {value}" for key, value in recommended.items())
-            + f"), {recipe.DEMO_STEPS} steps; generate with guidance {recipe.GUIDANCE:g}."
+            + f"), {settings['steps']} steps; generate with guidance {recipe.GUIDANCE:g}."
         )
         return (
             good,
@@ -536,16 +537,16 @@ def build(state: AppState) -> dict[str, Any]:
             caption_rows(good),
             *fresh_masks(good),
             recipe.DEMO_CONCEPT.replace("-", " "),
-            recipe.TOKEN,
-            SHAPES_CLASS_NOUN,
-            recipe.DEMO_STEPS,
-            recipe.learning_rate(chosen, recipe.DEMO_LR_FACTOR),
-            option_rows(chosen, recommended),
-            "none",
-            recipe.INSTANCE_PROMPT,
-            recipe.BATCH_SIZE,
+            settings["token"],
+            settings["class_noun"],
+            settings["steps"],
+            settings["lr"],
+            option_rows(chosen, settings["method_options"]),
+            settings["prior"],
+            settings["instance_prompt"],
+            settings["batch_size"],
             "adamw",  # the recipe's learning rate is AdamW's
-            recipe.SNR_GAMMA,
+            settings["snr_gamma"],
         )
 
     demo.click(

@@ -7,9 +7,9 @@ sees each requested attribute.
 
 Personalization: for each concept of `world.CONCEPTS` (a shape or pattern pretraining never drew),
 4 instance images on `INSTANCE_BACKGROUNDS` (with `captions`, each captioned with its background);
-every method trains with its default options (plus `recipe.QUALITY_VARIANTS`, or the `method:key=value`
-configurations asked for) for the same number of steps, then renders `a {token} shape on a <colour> background` for each of
-`UNSEEN_BACKGROUNDS`. Per method (mean over concepts):
+every method trains with its default options (plus `recipe.QUALITY_VARIANTS`, or the
+`method:key=value` configurations asked for) for the same number of steps, then renders
+`a {token} shape on a <colour> background` for each of `UNSEEN_BACKGROUNDS`. Per method (mean over concepts):
 - fidelity: share of images in which the judge sees the concept (shape, colour and pattern);
 - cosine: mean cosine of judge features between generated and instance images;
 - alignment: share of images whose background is the prompted one;

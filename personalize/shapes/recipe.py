@@ -63,6 +63,12 @@ def train_settings(method: str, lr_factor: float = LR_FACTOR) -> dict:
     )
 
 
+def demo_settings(method: str) -> dict:
+    """The demo's TrainConfig fields (the app's demo button and the learning test): the recipe at
+    `DEMO_STEPS` and `DEMO_LR_FACTOR`."""
+    return train_settings(method, DEMO_LR_FACTOR) | {"steps": DEMO_STEPS}
+
+
 def demo_images(folder: str | Path) -> list[Path]:
     """Write the demo concept's 4 instance images into `folder` and return their paths."""
     return W.write_instance_images(W.concept_by_name(DEMO_CONCEPT), folder)
