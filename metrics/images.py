@@ -21,6 +21,8 @@ def open_image(path: Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
+    except Image.DecompressionBombError as err:
+        raise _too_large(path, err) from err
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"cannot read image {path}: {err}; accepted: valid {', '.join(IMAGE_SUFFIXES)} files") from err
 
@@ -30,5 +32,12 @@ def png_text(path: Path) -> dict[str, str]:
     try:
         with Image.open(path) as image:
             return dict(getattr(image, "text", {}) or {})
+    except Image.DecompressionBombError as err:
+        raise _too_large(path, err) from err
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"cannot read image {path}: {err}") from err
+
+
+def _too_large(path: Path, err: Image.DecompressionBombError) -> ValueError:
+    """PIL's decompression-bomb guard refused `path` (its text names no file): one line that does."""
+    return ValueError(f"image {path} is too large to evaluate ({str(err).rstrip('.')}); downscale it first")

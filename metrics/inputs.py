@@ -76,6 +76,8 @@ def _record_to_image(folder: Path, record: Mapping, where: str) -> GeneratedImag
     if not isinstance(record, Mapping) or not isinstance(record.get("file"), str):
         raise ValueError(f"{where}: each record must be a JSON object with a 'file' string")
     path = folder / record["file"]
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"{where}: 'file' {record['file']!r} is outside the generated image folder {folder}; accepted: a file inside it")
     if not path.is_file():
         raise FileNotFoundError(f"{where}: image file not found: {path}")
     adapters = record.get("adapters") or []

@@ -30,19 +30,32 @@ FILE_MODE = 0o666 & ~_umask()  # what open(path, "w") creates
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success it replaces `path` in one rename."""
+    """Yield a temporary path next to `path`; on success it replaces `path` in one rename. An OSError
+    about the temporary file (a read-only folder, a full disk) names `path` instead."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise _naming(exc, target) from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, target)
+    except OSError as exc:
+        if exc.filename is None or Path(os.fsdecode(exc.filename)) != tmp:
+            raise
+        raise _naming(exc, target) from exc
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """`exc` (same errno, same subclass) about `path` instead of a temporary file the user never asked for."""
+    return OSError(exc.errno, exc.strerror, str(path)) if exc.errno is not None else OSError(f"{path}: {exc}")
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -64,12 +77,20 @@ def make_writable_dir(path: str | os.PathLike, what: str) -> list[Path]:
         if folder.exists() and not folder.is_dir():
             raise FileExistsError(errno.EEXIST, "File exists", str(folder))
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder, prefix=".write-check-"):
-            pass
+        _check_writable(folder)
     except OSError as exc:
         remove_empty_dirs(missing)
         raise user_error_from_os(exc, what) from exc
     return missing
+
+
+def _check_writable(folder: Path) -> None:
+    """Create and drop a file in `folder`; a failure names the folder, not the probe file."""
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise _naming(exc, folder) from exc
 
 
 def remove_empty_dirs(created: list[Path]) -> None:

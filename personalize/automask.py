@@ -47,9 +47,9 @@ class Segmenter:
 def load_segmenter(name: str, device: str | torch.device | None = None) -> Segmenter:
     """The CLIPSeg named `name` (hub id, local folder, or 'tiny') on `device` (default: CUDA, MPS, CPU);
     the last one loaded is kept for the next call. A model that cannot be loaded is a one-line UserError."""
-    from .models import default_device
+    from .models import resolve_device
 
-    return _load(str(name).strip(), torch.device(device) if device is not None else default_device())
+    return _load(str(name).strip(), resolve_device(device))
 
 
 @functools.lru_cache(maxsize=1)

@@ -143,23 +143,26 @@ def read_captions(images: Sequence[str | os.PathLike]) -> dict[str, str]:
     return captions
 
 
-def validate_instance_images(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Check that every image can be used for training; returns the image files as strings.
+def validate_instance_images(
+    paths: str | os.PathLike | Sequence[str | os.PathLike], min_side: int = MIN_SIDE, what: str = "instance images"
+) -> list[str]:
+    """Check that every image can be used for training (each side at least `min_side` px); returns the
+    image files as strings.
 
     Raises one UserError naming every bad file and why (missing, unreadable, not an image, corrupt,
     too small, too large), so one attempt shows all that needs fixing.
     """
-    files = list_image_files(paths)
+    files = list_image_files(paths, what)
     problems = []
     for file in files:
         try:
-            load_image(file)
+            load_image(file, min_side)
         except UserError as exc:
             problems.append(str(exc))
     if len(problems) == 1:
         raise UserError(problems[0])
     if problems:
-        raise UserError(f"{len(problems)} of {len(files)} instance images cannot be used: " + "; ".join(problems))
+        raise UserError(f"{len(problems)} of {len(files)} {what} cannot be used: " + "; ".join(problems))
     return [str(f) for f in files]
 
 

@@ -117,9 +117,48 @@ def default_device() -> torch.device:
     """CUDA, then Apple MPS, then CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+DEVICE_FORMS = "cpu, cuda, cuda:N or mps"  # the device kinds this project runs on
+
+
+def available_devices() -> list[str]:
+    """The devices this machine can run on, by name: cpu, each CUDA GPU, mps."""
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    if _mps_available():
+        names.append("mps")
+    return names
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The torch device named by `device` (None: `default_device()`). The one check of a user's --device:
+    an unknown name, a kind this project does not run on, or a device this machine lacks is a one-line
+    UserError naming the value and the devices available here."""
+    if device is None:
+        return default_device()
+    here = f"available here: {', '.join(available_devices())}"
+    try:
+        parsed = device if isinstance(device, torch.device) else torch.device(str(device).strip().lower())
+    except RuntimeError as exc:
+        raise UserError(f"unknown device '{device}'; accepted: {DEVICE_FORMS} ({here})") from exc
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{device}': cuda requested but no CUDA GPU is available ({here})")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise UserError(f"device '{device}': this machine has no CUDA GPU {parsed.index} ({here})")
+    if parsed.type == "mps" and not _mps_available():
+        raise UserError(f"device '{device}': mps requested but Apple MPS is not available ({here})")
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device '{device}' is not supported; accepted: {DEVICE_FORMS} ({here})")
+    return parsed
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -347,7 +386,7 @@ def load_pipeline(
 ):
     """A diffusers pipeline for `base_model`, on `device` (default: CUDA, MPS, CPU) in `dtype`
     (default: fp16 on GPU, fp32 on CPU). `config` helps single-file checkpoints load offline."""
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     dtype = dtype or default_dtype(device)
     if base_model in BUILTIN_MODELS:
         pipe = _builtin_pipeline(base_model).to(device)
@@ -362,7 +401,7 @@ def load_pipeline(
 
 def load_unet(base_model: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> nn.Module:
     """Only the UNet of `base_model` (the benchmark needs no text encoder or VAE)."""
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     dtype = dtype or default_dtype(device)
     if base_model == "sd15-random":
         unet = sd15_random_unet()

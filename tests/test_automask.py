@@ -88,3 +88,51 @@ def test_cli_errors_are_one_line_with_status_2(argv, tmp_path, monkeypatch, caps
     assert main([*argv, "--mask-model", "tiny"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
+
+
+def test_cli_checks_every_image_before_writing_any_mask(tmp_path, capsys):
+    files = photos(tmp_path, sizes=[(64, 64)] * 6)  # more than one batch before the bad file
+    (tmp_path / "zz-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png")
+    assert main(["masks", str(tmp_path), "--class-noun", "dog", "--mask-model", "tiny", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "zz-broken.png" in err[0], err
+    assert not any(mask_file(f).exists() for f in files)
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """read_only(folder): creating a file in `folder` fails as on a read-only mount (works as root too)."""
+    import errno
+    import os
+
+    folders = []
+    real_open = os.open
+
+    def guarded_open(path, flags, *args, **kwargs):
+        creates = flags & (os.O_CREAT | getattr(os, "O_TMPFILE", 0))
+        target = os.path.abspath(os.fsdecode(path))
+        if creates and any(target == f or os.path.dirname(target) == f for f in folders):
+            raise OSError(errno.EROFS, "Read-only file system", os.fsdecode(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", guarded_open)
+    return lambda folder: folders.append(os.path.abspath(folder))
+
+
+def test_cli_read_only_folder_names_the_folder_and_writes_nothing(tmp_path, capsys, read_only):
+    files = photos(tmp_path)
+    read_only(tmp_path)
+    assert main(["masks", str(tmp_path), "--class-noun", "dog", "--mask-model", "tiny", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"mask folder '{tmp_path}': the file system is read-only" in err[0], err
+    assert ".tmp" not in err[0] and ".write-check-" not in err[0]
+    assert sorted(tmp_path.iterdir()) == sorted(files)
+
+
+def test_mask_write_error_names_the_mask_not_its_temporary_file(tmp_path, read_only):
+    from personalize.commands.masks import write_mask
+
+    (image,) = photos(tmp_path, sizes=[(64, 64)])
+    read_only(tmp_path)
+    with pytest.raises(UserError, match=rf"^mask '{mask_file(image)}': the file system is read-only"):
+        write_mask(image, Image.new("L", (64, 64)))

@@ -153,3 +153,62 @@ def test_generate_api_checks_prompts_and_seeds_before_rendering():
         generate("tiny", "a photo of {subject}")
     with pytest.raises(UserError, match="seed must be an integer from 0 to"):
         generate("tiny", "a photo", seed=2**64)
+
+
+# --- --device: one check (personalize.models.resolve_device) for every command that takes it -------------
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    """A machine without CUDA or MPS: the same answers on every test machine."""
+    import torch._dynamo  # noqa: F401  (its import reads torch.cuda.is_available.__wrapped__: import it before the patch)
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    monkeypatch.setattr("torch.backends.mps.is_available", lambda: False)
+
+
+def device_argv(command: str, tmp_path, photos) -> list[str]:
+    """`command` with valid arguments apart from --device, writing (if it ever got that far) under tmp_path/out."""
+    if command == "masks":
+        return ["masks", str(photos), "--class-noun", "dog", "--mask-model", "tiny"]
+    if command == "bench":
+        out = tmp_path / "out"
+        return ["bench", "--methods", "lora", "--base-model", "tiny", "--output", str(out / "b.json"), "--markdown", "", "--chart", ""]
+    import personalize as P
+    from personalize.models import tiny_unet
+
+    adapter = tmp_path / "adapter.safetensors"
+    P.attach(tiny_unet("sd1"), "lora").save(str(adapter))
+    return ["export", "--adapter", str(adapter), "--output", str(tmp_path / "out" / "lora.safetensors")]
+
+
+@pytest.mark.parametrize("command", ["masks", "bench", "export"])
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("toaster", "unknown device 'toaster'; accepted: cpu, cuda, cuda:N or mps (available here: cpu)"),
+        ("cuda", "device 'cuda': cuda requested but no CUDA GPU is available (available here: cpu)"),
+        ("cuda:1", "device 'cuda:1': cuda requested but no CUDA GPU is available (available here: cpu)"),
+        ("mps", "device 'mps': mps requested but Apple MPS is not available (available here: cpu)"),
+        ("meta", "device 'meta' is not supported; accepted: cpu, cuda, cuda:N or mps (available here: cpu)"),
+    ],
+)
+def test_every_device_flag_is_one_line_naming_the_value(command, device, message, tmp_path, photos, capsys, no_gpu):
+    line = cli_error(capsys, [*device_argv(command, tmp_path, photos), "--device", device])
+    assert line == f"error: {message}"
+    assert not (tmp_path / "out").exists()
+    assert not list(photos.glob("*.mask.png"))
+
+
+def test_device_names_a_gpu_this_machine_has(monkeypatch):
+    import torch
+
+    from personalize.models import resolve_device
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    assert resolve_device(" CUDA:1 ") == torch.device("cuda", 1)
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match=r"^device 'cuda:2': this machine has no CUDA GPU 2 \(available here: cpu, cuda:0, cuda:1"):
+        resolve_device("cuda:2")

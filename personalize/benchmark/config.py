@@ -111,21 +111,13 @@ class BenchConfig:
         if self.forms not in FORM_MODES:
             raise UserError(f"unknown form choice '{self.forms}'; accepted: {', '.join(FORM_MODES)}")
         resolve_specs(self.methods)
+        self.torch_device()
 
     def torch_device(self) -> torch.device:
-        from ..models import default_device
+        """The device to measure on; an unknown or unavailable one is a one-line UserError."""
+        from ..models import resolve_device
 
-        if self.device is None:
-            return default_device()
-        try:
-            device = torch.device(self.device)
-        except RuntimeError as exc:
-            raise UserError(f"unknown device '{self.device}'; accepted: cpu, cuda, cuda:N, mps") from exc
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"device '{self.device}' requested but CUDA is not available; use --device cpu")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise UserError(f"device '{self.device}' requested but MPS is not available; use --device cpu")
-        return device
+        return resolve_device(self.device)
 
     def autocast_dtype(self, device: torch.device) -> torch.dtype:
         """The compute dtype: float32 means no autocast."""

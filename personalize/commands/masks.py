@@ -4,6 +4,7 @@
 
 Writes `photo.mask.png` (white = subject) next to each `photo.jpg` that has no mask yet; `--overwrite`
 replaces existing ones. Edit a mask in any paint program: training with masks 'files' reads it.
+Every photo and folder is checked (decoded, written to) before the model loads: a bad one writes no mask.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..models import resolve_device
+
     noun = " ".join(args.class_noun.split())
     if not noun:
         raise UserError("--class-noun is empty; give what the subject is, e.g. --class-noun dog")
@@ -48,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
     if not todo:
         print(f"all {len(files)} image(s) already have a mask; --overwrite replaces them")
         return 0
-    segmenter = load_segmenter(args.mask_model, args.device)
+    device = resolve_device(args.device)  # an unknown or missing device is refused before any image is decoded
+    check_inputs(todo)
+    segmenter = load_segmenter(args.mask_model, device)
     with tqdm(total=len(todo), desc="masks", unit="img") as bar:
         for start in range(0, len(todo), BATCH_SIZE):
             batch = todo[start : start + BATCH_SIZE]
@@ -59,6 +64,17 @@ def run(args: argparse.Namespace) -> int:
     skipped = f"; kept {kept} existing mask(s) (--overwrite replaces them)" if kept else ""
     print(f"wrote {len(todo)} mask(s) next to the images (white = {noun}){skipped}")
     return 0
+
+
+def check_inputs(images: list[Path]) -> None:
+    """Before the model loads: every folder of `images` takes a new file and every image decodes; a
+    failure is one UserError naming the folder or the image(s), and no mask is written."""
+    from ..atomic import make_writable_dir
+    from ..data import validate_instance_images
+
+    for folder in dict.fromkeys(image.parent for image in images):
+        make_writable_dir(folder, "mask folder")
+    validate_instance_images(images, MIN_RESOLUTION, "images")
 
 
 def write_mask(image: Path, mask: Image.Image) -> None:

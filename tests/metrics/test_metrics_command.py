@@ -75,6 +75,20 @@ def test_eval_command_defaults_and_user_errors(make_real, make_generated, tmp_pa
         command.run(into_folder)
 
 
+@pytest.mark.parametrize("where", ["real", "generated", "generated without manifest"])
+def test_eval_names_a_decompression_bomb_in_one_line_with_status_2(where, make_real, make_generated, tmp_path, capsys):
+    from personalize.cli import main
+    from tests.test_data import png_header_only
+
+    real = make_real(n=2)
+    generated = make_generated([manifest_record(0, "a dog")], manifest=where != "generated without manifest")
+    bomb = png_header_only((real if where == "real" else generated) / "0000.png", 20_000, 20_000)  # 400 MP claimed
+    argv = ["eval", "--real", str(real), "--generated", str(generated), "--output", str(tmp_path / "report.json")]
+    assert main([*argv, "--metrics", "dino", "--embedders", "tiny"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: image {bomb} is too large to evaluate (") and "downscale" in err[0], err
+
+
 PACKAGE = Path(__file__).resolve().parents[2] / "metrics"
 PURE_MATH = {"matrix", "similarity", "vendi", "frechet", "kid"}
 

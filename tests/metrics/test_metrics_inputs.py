@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from metrics_testdata import manifest_record, save_image
 
@@ -69,6 +71,26 @@ def test_generated_bad_inputs(make_generated, tmp_path):
     (folder / "manifest.jsonl").write_text('{"file": "9999.png", "prompt": "x"}\n')
     with pytest.raises(FileNotFoundError, match="image file not found: .*9999.png"):
         read_generated(folder)
+
+
+@pytest.mark.parametrize("entry", ["../outside.png", "../generated/../outside.png", "{tmp}/outside.png", "sub/../../outside.png"])
+def test_manifest_entries_outside_the_folder_are_refused(entry, make_generated, tmp_path):
+    save_image(tmp_path / "outside.png", seed=7)  # a real image, one level above the generated folder
+    folder = make_generated([manifest_record(0, "a dog")])
+    entry = entry.format(tmp=tmp_path)
+    (folder / "manifest.jsonl").write_text(json.dumps({**manifest_record(0, "a dog"), "file": entry}) + "\n")
+    with pytest.raises(ValueError) as info:
+        read_generated(folder)
+    message = str(info.value)
+    assert f"manifest.jsonl line 1: 'file' {entry!r} is outside the generated image folder" in message and "\n" not in message
+
+
+def test_manifest_entries_in_subfolders_are_read(make_generated):
+    folder = make_generated([manifest_record(0, "a dog")])
+    save_image(folder / "sub" / "one.png", seed=3)
+    (folder / "manifest.jsonl").write_text(json.dumps({**manifest_record(0, "a dog"), "file": "sub/../sub/one.png"}) + "\n")
+    (image,) = read_generated(folder)[0]
+    assert image.path.resolve() == (folder / "sub" / "one.png").resolve()
 
 
 def test_group_by_subject(make_real, make_generated):
