@@ -7,17 +7,33 @@ SVD of each update (`personalize.lowrank`) is a LoRA. A linear update `(out, in)
 `up (out, r, 1, 1)`, exact for any kernel size, 1x1 included.
 
 An adapter with text-encoder parts (`PipelineAdapter`) exports those layers into the same file, and
-its learned tokens into textual-inversion files next to it (`embedding_paths`): one per token, holding
-its vectors (n_vectors, width) as `emb_params` (SD 1.x/2.x, A1111's key) or `clip_l` / `clip_g` (SDXL's
-two encoders), for `pipe.load_textual_inversion` and A1111's embeddings folder.
+its learned tokens into textual-inversion files (`embedding_paths`): one per token, holding its vectors
+(n_vectors, width) as `emb_params` (SD 1.x/2.x, A1111's key) or `clip_l` / `clip_g` (SDXL's two
+encoders), for `pipe.load_textual_inversion` and the embeddings folders of A1111 and ComfyUI. Those two
+take the prompt word from the file name (A1111: the name itself; ComfyUI: `embedding:<name>`), so a
+file is named after its token (`prompt_words` says what to type in each tool).
+
+Rank per layer (`layer_limits`): `rank` caps it and `energy` picks the smallest rank holding that
+share of the update's squared norm. With neither, a layer whose method bounds its update's rank below
+the layer's own (`Slot.rank_bound`: LoRA's r, LoHa's r^2, LoLDU's r, AOFT's d) is written exactly at
+that rank; the others keep energy 0.99. The report counts the layers cut below their update's rank.
 
 Formats:
-- `diffusers`: PEFT keys `<part>.<module>.lora_A.weight` / `.lora_B.weight` for
-  `pipe.load_lora_weights(file)`: `unet.<module>`, and `text_encoder.text_model.<module>` /
-  `text_encoder_2.text_model.<module>` (diffusers drops `text_model.` where transformers 5 has none).
+- `diffusers`: keys that both diffusers' `pipe.load_lora_weights(file)` and ComfyUI's LoRA loader map
+  to layers. UNet attention projections use the attention-processor spelling
+  `unet.<block>.attn1.processor.to_q_lora.down.weight` / `.up.weight` (`to_out.0` as
+  `processor.to_out_lora`), the other UNet layers `unet.<module>.lora.down.weight` / `.lora.up.weight`.
+  diffusers turns both into PEFT names on load (it drops `.processor.`, maps `to_q_lora.down` to
+  `to_q.lora_A` and `.lora.down` to `.lora_A`; it converts a UNet state dict only when its first key
+  is not PEFT-spelled, so no UNet key is). ComfyUI (comfy/lora.py `model_lora_keys_unet`) maps
+  `unet.` + the module path with `.to_` as `.processor.to_` and `to_out.0` as `to_out`, and reads
+  `_lora.up` / `.lora.up` factors; it has no name for `unet.<...>.attn1.to_q.lora_A.weight`, PEFT's.
+  Text-encoder layers: PEFT keys `text_encoder.text_model.<module>.lora_A.weight` / `.lora_B.weight`
+  (and `text_encoder_2.`), which both read (diffusers drops `text_model.` where transformers 5 has none).
   Each part's per-layer ranks, with alpha = rank (scale 1), are stored as a PEFT LoraConfig in the
-  `lora_adapter_metadata` header (keys prefixed by the part), which diffusers reads instead of guessing.
-  A1111 and ComfyUI do not read these key names: they skip the file's layers.
+  `lora_adapter_metadata` header (keys prefixed by the part), which diffusers reads instead of guessing;
+  ComfyUI scales a factor pair without an alpha by 1. A1111 does not read this format: it takes a
+  key's text before the first dot as the layer name.
 - `kohya`: `lora_unet_<name>.lora_down.weight` / `.lora_up.weight` / `.alpha`, named as kohya's
   sd-scripts names them, read by A1111, ComfyUI and diffusers; text-encoder layers as
   `lora_te_text_model_encoder_layers_0_self_attn_q_proj` (SD 1.x/2.x) and `lora_te1_...` /
@@ -49,7 +65,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -62,13 +78,16 @@ from .io import MAIN_PART, read_adapter_file
 from .lowrank import factorize, validate_rank_energy
 from .pipeline_adapter import PipelineAdapter, load_adapter
 
+if TYPE_CHECKING:
+    from .adapters.slots import Slot
+
 log = logging.getLogger(__name__)
 
 FORMATS = ("diffusers", "kohya")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_FORMAT = "kohya"  # the one layout A1111, ComfyUI and diffusers all load
 DEFAULT_DTYPE = "float16"  # what LoRA files ship as; float32 only to check exactness
-DEFAULT_ENERGY = 0.99  # keep 99% of each update's squared norm: relative error <= 10% per layer
+DEFAULT_ENERGY = 0.99  # by default, for updates without a rank bound: keep 99% of the squared norm (error <= 10%)
 KOHYA_ALPHA = 1.0  # sd-scripts' default --network_alpha; the factors absorb sqrt(rank) each
 KOHYA_PREFIX = "lora_unet_"
 # sd-scripts' text-encoder prefixes (networks/lora.py): one encoder (SD 1.x/2.x), or SDXL's two.
@@ -94,9 +113,13 @@ LDM_RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": 
 # The block types the LDM mapping knows -> whether the block has attentions (transformers).
 LDM_BLOCK_TYPES = {"DownBlock2D": False, "CrossAttnDownBlock2D": True, "UpBlock2D": False, "CrossAttnUpBlock2D": True}
 LDM_MID_BLOCK = "UNetMidBlock2DCrossAttn"
-DIFFUSERS_ONLY = (
-    "diffusers format: loads with diffusers' pipe.load_lora_weights; A1111 and ComfyUI do not read it, use --format kohya for them"
-)
+# The attention projections of a diffusers UNet: the diffusers format spells them as attention-processor LoRAs.
+ATTENTION_PROJECTION = re.compile(r"\.(to_q|to_k|to_v|to_out)(\.0)?$")
+# Which tools load a file of each format, and where it goes.
+READERS = {
+    "kohya": "diffusers (pipe.load_lora_weights), A1111 (models/Lora, <lora:NAME:1> in the prompt) and ComfyUI (models/loras, Load LoRA)",
+    "diffusers": "diffusers (pipe.load_lora_weights) and ComfyUI (models/loras, Load LoRA); not A1111, which needs --format kohya",
+}
 
 ProgressCallback = Callable[[int, int, str], None]  # (layers done, layers in total, layer name)
 
@@ -109,6 +132,7 @@ class LayerExport:
     kind: str  # "linear" or "conv<k>x<k>"
     shape: tuple[int, ...]  # the layer's weight shape
     rank: int
+    update_rank: int  # the update's own rank: below it the layer is truncated
     full_rank: int  # min(out, in*k*k)
     error: float  # ||delta - exported||_F / ||delta||_F, with the factors as stored (dtype included)
     norm: float  # ||delta||_F
@@ -118,6 +142,10 @@ class LayerExport:
     @property
     def label(self) -> str:
         return layer_label(self.part, self.name)
+
+    @property
+    def truncated(self) -> bool:
+        return self.rank < self.update_rank
 
 
 def layer_label(part: str, name: str) -> str:
@@ -140,6 +168,7 @@ class ExportReport:
     lost_norm2: float = 0.0  # squared norm of updates that could not be exported
     file_size: int = 0
     embeddings: dict[str, Path] = field(default_factory=dict)  # token -> its textual-inversion file
+    limits: str = ""  # how ranks were chosen (`limits_text`)
 
     @property
     def num_params(self) -> int:
@@ -152,13 +181,34 @@ class ExportReport:
         missing = sum((layer.error * layer.norm) ** 2 for layer in self.layers) + self.lost_norm2
         return math.sqrt(missing / total) if total > 0 else 0.0
 
+    @property
+    def truncated(self) -> list[LayerExport]:
+        """The layers kept below their update's rank."""
+        return [layer for layer in self.layers if layer.truncated]
+
+    def truncation(self) -> str:
+        """How many layers were cut below their update's rank, and their relative errors."""
+        cut = sorted(layer.error for layer in self.truncated)
+        if not cut:
+            return f"no layer truncated: each keeps its update's whole rank ({self.limits}); what error is left is {self.dtype} rounding"
+        return (
+            f"{len(cut)} of {len(self.layers)} layers truncated below their update's rank ({self.limits}): "
+            f"relative error {cut[0]:.2e} to {cut[-1]:.2e}"
+        )
+
+    def readers(self) -> str:
+        return f"loads in {READERS[self.format]}"
+
     def table(self) -> str:
-        """Per-layer ranks and errors, then the totals, as plain text."""
+        """Per-layer ranks and errors, then the totals, truncation, the tools that read the file and the tokens, as plain text."""
         width = max([len(layer.label) for layer in self.layers] + [5])
-        lines = [f"{'layer':{width}s}  {'kind':8s} {'weight shape':18s} {'rank':>11s}  rel. error"]
+        lines = [f"{'layer':{width}s}  {'kind':8s} {'weight shape':18s} {'rank':>5s} {'update':>6s} {'full':>5s}  rel. error"]
         for layer in self.layers:
             shape = "x".join(str(d) for d in layer.shape)
-            lines.append(f"{layer.label:{width}s}  {layer.kind:8s} {shape:18s} {layer.rank:5d}/{layer.full_rank:<5d}  {layer.error:.2e}")
+            lines.append(
+                f"{layer.label:{width}s}  {layer.kind:8s} {shape:18s} {layer.rank:5d} {layer.update_rank:6d} {layer.full_rank:5d}  "
+                f"{layer.error:.2e}"
+            )
         for name, reason in self.skipped.items():
             lines.append(f"not exported: {name} ({reason})")
         base = f", {KOHYA_BASE_VERSIONS[self.family]} base" if self.format == "kohya" and self.family else ""
@@ -166,11 +216,47 @@ class ExportReport:
             f"{len(self.layers)} layers, {self.num_params:,} parameters, overall relative error {self.error:.2e}, "
             f"{format_size(self.file_size)} ({self.format}, {self.dtype}{base}) -> {self.output}"
         )
+        lines.append(self.truncation())
+        lines.append(f"{self.format} format: {self.readers()}")
         for token, path in self.embeddings.items():
-            lines.append(f"token '{token}': textual-inversion embedding -> {path}")
-        if self.format == "diffusers":
-            lines.append(f"note: {DIFFUSERS_ONLY}")
+            lines.append(f"token '{token}': textual-inversion embedding -> {path}; {embedding_note(token, path)}")
         return "\n".join(lines)
+
+
+def prompt_words(token: str, path: Path) -> dict[str, str]:
+    """What to type in a prompt, per tool, for the learned `token` whose textual-inversion file is `path`:
+    A1111 names an embedding by its file name, ComfyUI reads `embedding:<file name>`, diffusers the token
+    given to `load_textual_inversion`."""
+    return {"A1111": path.stem, "ComfyUI": f"embedding:{path.stem}", "diffusers": token}
+
+
+def embedding_note(token: str, path: Path) -> str:
+    """Where each tool takes the embedding file and what its prompt says instead of the token."""
+    words = prompt_words(token, path)
+    return (
+        f"in the prompt write '{words['A1111']}' in A1111 (file in embeddings/), '{words['ComfyUI']}' in ComfyUI "
+        f"(file in models/embeddings/), '{words['diffusers']}' in diffusers (pipe.load_textual_inversion(file, token='{token}'))"
+    )
+
+
+def limits_text(rank: int | None, energy: float | None) -> str:
+    """The rank options of an export, as the report words them."""
+    if rank is None and energy is None:
+        return f"default: exact where the method bounds the update's rank, else energy {DEFAULT_ENERGY}"
+    chosen = [f"energy {energy}"] if energy is not None else []
+    return ", ".join(chosen + ([f"rank at most {rank}"] if rank is not None else []))
+
+
+def layer_limits(slot: Slot, shape: tuple[int, ...], rank: int | None, energy: float | None) -> tuple[int | None, float | None]:
+    """The rank cap and energy of one layer's factorisation: the options where given. By default the
+    method's rank bound where it is below the layer's own (the update is written exactly), else energy
+    DEFAULT_ENERGY (the update is about full rank: its whole rank would make a file as large as the weights)."""
+    if rank is not None or energy is not None:
+        return rank, energy
+    bound = slot.rank_bound()
+    if bound is not None and bound < min(shape[0], math.prod(shape[1:])):
+        return bound, None
+    return None, DEFAULT_ENERGY
 
 
 def lora_config(report: ExportReport, part: str) -> dict[str, Any]:
@@ -233,26 +319,66 @@ def export_lora(
     energy: float | None = None,
     dtype: str | torch.dtype = DEFAULT_DTYPE,
     on_layer: ProgressCallback | None = None,
+    overwrite: bool = False,
+    embedding_dir: str | Path | None = None,
 ) -> ExportReport:
     """Write the adapter file `adapter_path`, applied to its base model, as a LoRA file (and its
-    tokens as textual-inversion files). `pipe_or_unet`: the base pipeline, whose text encoders a file
-    with text-encoder parts or tokens needs, or for a UNet-only file the bare UNet.
+    tokens as textual-inversion files in `embedding_dir`, by default the output's folder).
+    `pipe_or_unet`: the base pipeline, whose text encoders a file with text-encoder parts or tokens
+    needs, or for a UNet-only file the bare UNet.
 
     Each layer keeps the fewest singular triplets that hold `energy` of its update's squared
-    Frobenius norm, and at most `rank` of them; with neither given, energy 0.99. The model is left as it was.
+    Frobenius norm, and at most `rank` of them; with neither given, see `layer_limits`. An existing
+    output or embedding file is refused unless `overwrite`. The model is left as it was.
     """
     check_options(format, output, rank, energy, dtype, source=adapter_path)
     tokens = [token for tokens in read_adapter_file(adapter_path).tokens.values() for token in tokens]
-    for token, path in embedding_paths(output, tokens).items():
-        if path.resolve() == Path(adapter_path).resolve():
+    check_outputs(output, tokens, source=adapter_path, overwrite=overwrite, embedding_dir=embedding_dir)
+    adapter = load_adapter(pipe_or_unet, adapter_path)
+    try:
+        return export_adapter(
+            adapter,
+            format,
+            output=output,
+            rank=rank,
+            energy=energy,
+            dtype=dtype,
+            on_layer=on_layer,
+            overwrite=overwrite,
+            embedding_dir=embedding_dir,
+        )
+    finally:
+        adapter.detach()
+
+
+def check_outputs(
+    output: str | Path,
+    tokens: Iterable[str],
+    *,
+    source: str | Path | None = None,
+    overwrite: bool = False,
+    embedding_dir: str | Path | None = None,
+) -> dict[str, Path]:
+    """The textual-inversion file of each token (`embedding_paths`), after refusing a file that is the
+    adapter file `source` or the LoRA output, and, unless `overwrite`, a file that exists already."""
+    output = Path(output)
+    paths = embedding_paths(output.parent if embedding_dir is None else embedding_dir, tokens)
+    for token, path in paths.items():
+        if source is not None and path.resolve() == Path(source).resolve():
             raise UserError(
                 f"the embedding of token '{token}' would be written to '{path}', the adapter file itself; choose another output name"
             )
-    adapter = load_adapter(pipe_or_unet, adapter_path)
-    try:
-        return export_adapter(adapter, format, output=output, rank=rank, energy=energy, dtype=dtype, on_layer=on_layer)
-    finally:
-        adapter.detach()
+        if path.resolve() == output.resolve():
+            raise UserError(
+                f"the embedding of token '{token}' is named '{path.name}' (A1111 and ComfyUI take the prompt word from the file name), "
+                f"which is the LoRA output itself; choose another output name"
+            )
+    if not overwrite:
+        for token, path in [(None, output), *paths.items()]:
+            if path.exists():
+                what = "output" if token is None else f"the embedding file of token '{token}',"
+                raise UserError(f"{what} '{path}' already exists; choose another output name or pass --overwrite to replace it")
+    return paths
 
 
 @torch.no_grad()
@@ -265,15 +391,16 @@ def export_adapter(
     energy: float | None = None,
     dtype: str | torch.dtype = DEFAULT_DTYPE,
     on_layer: ProgressCallback | None = None,
+    overwrite: bool = False,
+    embedding_dir: str | Path | None = None,
 ) -> ExportReport:
     """Export an attached adapter (at its current `scale`) as a LoRA file; see `export_lora`."""
     dtype_name = check_options(format, output, rank, energy, dtype)
-    if rank is None and energy is None:
-        energy = DEFAULT_ENERGY
     whole = isinstance(adapter, PipelineAdapter)
     parts = adapter.parts if whole else {MAIN_PART: adapter}
     unet = adapter.pipe.unet if whole else adapter.root
     tokens = adapter.tokens.vectors() if whole and adapter.tokens is not None else {}
+    paths = check_outputs(output, [t for vectors in tokens.values() for t in vectors], overwrite=overwrite, embedding_dir=embedding_dir)
     tensors: dict[str, torch.Tensor] = {}
     methods = {part: part_adapter.name for part, part_adapter in parts.items()}
     method = next(iter(methods.values()), "")  # "unet: svfit, text_encoder: lora" when the parts differ
@@ -287,6 +414,7 @@ def export_adapter(
         base_model=base_model_id(unet),
         layers=[],
         family=unet_family(unet),
+        limits=limits_text(rank, energy),
     )
     keys = {part: lora_keys(part, part_adapter, format, report.family) for part, part_adapter in parts.items()}  # before any SVD
     total, done = sum(len(part_adapter.slots) for part_adapter in parts.values()), 0
@@ -301,7 +429,8 @@ def export_adapter(
                 report.skipped[label] = reason
                 report.lost_norm2 += float(delta.double().norm()) ** 2
             else:
-                layer = export_layer(name, keys[part][name], delta, format, rank, energy, DTYPES[dtype_name], tensors)
+                layer_rank, layer_energy = layer_limits(slot, tuple(delta.shape), rank, energy)
+                layer = export_layer(name, keys[part][name], delta, layer_rank, layer_energy, DTYPES[dtype_name], tensors)
                 if layer is None:
                     report.skipped[label] = "its update is zero"
                 else:
@@ -316,52 +445,79 @@ def export_adapter(
             f"({', '.join(sorted(set(report.skipped.values()))) or 'it adapts no layer'})"
         )
     write(report, tensors)
-    write_embeddings(report, tokens, DTYPES[dtype_name])
+    write_embeddings(report, tokens, paths, DTYPES[dtype_name])
     log.info(
-        "exported %d layers to %s (%s), overall relative error %.2e",
+        "exported %d layers to %s (%s), overall relative error %.2e; %s",
         len(report.layers),
         report.output,
         format_size(report.file_size),
         report.error,
+        report.truncation(),
     )
     return report
 
 
-def lora_keys(part: str, adapter: Adapter, format: str, family: str | None) -> dict[str, str]:
-    """The LoRA key (no suffix) of each exportable layer of one part, in `format`."""
+@dataclass(frozen=True)
+class LoraKeys:
+    """The file keys of one layer's factors (and of its alpha, kohya only)."""
+
+    down: str
+    up: str
+    alpha: str | None = None
+
+
+def lora_keys(part: str, adapter: Adapter, format: str, family: str | None) -> dict[str, LoraKeys]:
+    """The keys of each exportable layer of one part, in `format` (module docstring)."""
     names = [name for name, slot in adapter.slots.items() if unsupported_reason(slot.base) is None]
-    if part == MAIN_PART:
-        return kohya_names(adapter.root, names) if format == "kohya" else {name: f"{part}.{name}" for name in names}
     if format == "kohya":
-        prefix = KOHYA_SDXL_TEXT_PREFIXES[part] if family == "sdxl" or part != "text_encoder" else KOHYA_TEXT_PREFIX
-        return {name: f"{prefix}text_model_{name.replace('.', '_')}" for name in names}
-    return {name: f"{part}.text_model.{name}" for name in names}
+        if part == MAIN_PART:
+            stems = kohya_names(adapter.root, names)
+        else:
+            prefix = KOHYA_SDXL_TEXT_PREFIXES[part] if family == "sdxl" or part != "text_encoder" else KOHYA_TEXT_PREFIX
+            stems = {name: f"{prefix}text_model_{name.replace('.', '_')}" for name in names}
+        return {name: LoraKeys(f"{stem}.lora_down.weight", f"{stem}.lora_up.weight", f"{stem}.alpha") for name, stem in stems.items()}
+    if part == MAIN_PART:
+        return {name: diffusers_unet_keys(name) for name in names}
+    return {name: LoraKeys(f"{part}.text_model.{name}.lora_A.weight", f"{part}.text_model.{name}.lora_B.weight") for name in names}
 
 
-def embedding_paths(output: str | Path, tokens: Iterable[str]) -> dict[str, Path]:
-    """Where each token's textual-inversion file goes: `<output stem>-<token, letters digits _ - only>.safetensors`
-    next to the LoRA file (A1111 uses the file name as the prompt word)."""
-    output = Path(output)
+def diffusers_unet_keys(name: str) -> LoraKeys:
+    """A UNet layer's diffusers-format keys: attention projections as attention-processor LoRAs
+    (`unet.<block>.attn1.processor.to_q_lora.down.weight`), other layers `unet.<module>.lora.down.weight`."""
+    match = ATTENTION_PROJECTION.search(name)
+    if match is None:
+        return LoraKeys(f"unet.{name}.lora.down.weight", f"unet.{name}.lora.up.weight")
+    stem = f"unet.{name[: match.start()]}.processor.{match.group(1)}_lora"
+    return LoraKeys(f"{stem}.down.weight", f"{stem}.up.weight")
+
+
+def embedding_paths(directory: str | Path, tokens: Iterable[str]) -> dict[str, Path]:
+    """Where each token's textual-inversion file goes: `<directory>/<word>.safetensors`, the word being the
+    token less characters other than letters, digits, `_` and `-` (`<sks>` -> `sks`): A1111 and ComfyUI
+    take the prompt word from the file name (`prompt_words`). A second token with the same word gets `-2`."""
+    directory = Path(directory)
     paths: dict[str, Path] = {}
     for token in dict.fromkeys(tokens):
-        stem = f"{output.stem}-{re.sub(r'[^0-9A-Za-z_-]+', '', token) or 'token'}"
-        path, count = output.with_name(f"{stem}.safetensors"), 1
+        stem = re.sub(r"[^0-9A-Za-z_-]+", "", token) or "token"
+        path, count = directory / f"{stem}.safetensors", 1
         while path in paths.values():
             count += 1
-            path = output.with_name(f"{stem}-{count}.safetensors")
+            path = directory / f"{stem}-{count}.safetensors"
         paths[token] = path
     return paths
 
 
-def write_embeddings(report: ExportReport, tokens: Mapping[str, Mapping[str, torch.Tensor]], dtype: torch.dtype) -> None:
-    """One textual-inversion file per token (module docstring), written atomically; recorded in `report.embeddings`."""
+def write_embeddings(
+    report: ExportReport, tokens: Mapping[str, Mapping[str, torch.Tensor]], paths: Mapping[str, Path], dtype: torch.dtype
+) -> None:
+    """One textual-inversion file per token at `paths[token]` (module docstring), written atomically; recorded in `report.embeddings`."""
     by_token: dict[str, dict[str, torch.Tensor]] = {}
     for part, vectors in tokens.items():
         for token, value in vectors.items():
             by_token.setdefault(token, {})[part] = value
     sdxl = report.family == "sdxl" or "text_encoder_2" in tokens
-    for token, path in embedding_paths(report.output, by_token).items():
-        found = by_token[token]
+    for token, found in by_token.items():
+        path = paths[token]
         if sdxl:
             tensors = {SDXL_EMBEDDING_KEYS[part]: value for part, value in found.items()}
         else:
@@ -382,21 +538,20 @@ def unsupported_reason(module: nn.Module) -> str | None:
 
 def export_layer(
     name: str,
-    key: str,
+    keys: LoraKeys,
     delta: torch.Tensor,
-    format: str,
     rank: int | None,
     energy: float | None,
     dtype: torch.dtype,
     tensors: dict[str, torch.Tensor],
 ) -> LayerExport | None:
-    """Factor one update, add its tensors under `key` (in `dtype`, on the CPU) to `tensors`; None if it is zero."""
+    """Factor one update, add its tensors under `keys` (in `dtype`, on the CPU) to `tensors`; None if it is zero."""
     matrix = delta.reshape(delta.shape[0], -1)  # (out, in*k*k)
     low = factorize(matrix, rank=rank, energy=energy)
     if low.rank == 0:
         return None
     # kohya loaders apply alpha/rank to up @ down: give each factor sqrt(rank/alpha) to undo it.
-    factor_scale = math.sqrt(low.rank / KOHYA_ALPHA) if format == "kohya" else 1.0
+    factor_scale = math.sqrt(low.rank / KOHYA_ALPHA) if keys.alpha is not None else 1.0
     up = (low.up * factor_scale).to(dtype)  # (out, r)
     down = (low.down * factor_scale).to(dtype)  # (r, in*k*k)
     applied = up.double() @ down.double() / factor_scale**2  # what a loader adds to W0
@@ -409,16 +564,15 @@ def export_layer(
         kind = f"conv{kh}x{kw}"
     else:
         kind = "linear"
-    if format == "diffusers":
-        tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = down.cpu().contiguous(), up.cpu().contiguous()
-    else:
-        tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down.cpu().contiguous(), up.cpu().contiguous()
-        tensors[f"{key}.alpha"] = torch.tensor(KOHYA_ALPHA, dtype=torch.float32)
+    tensors[keys.down], tensors[keys.up] = down.cpu().contiguous(), up.cpu().contiguous()
+    if keys.alpha is not None:
+        tensors[keys.alpha] = torch.tensor(KOHYA_ALPHA, dtype=torch.float32)
     return LayerExport(
         name=name,
         kind=kind,
         shape=tuple(delta.shape),
         rank=low.rank,
+        update_rank=low.matrix_rank,
         full_rank=low.full_rank,
         error=error,
         norm=norm,

@@ -32,6 +32,7 @@ class LowRank:
     up: torch.Tensor  # (m, r) float64
     down: torch.Tensor  # (r, n) float64
     full_rank: int  # min(m, n): the largest rank any factorisation of this shape can have
+    matrix_rank: int  # the matrix's own (numerical) rank: below it, `up @ down` is a truncation
 
     @property
     def rank(self) -> int:
@@ -102,4 +103,4 @@ def factorize(matrix: torch.Tensor, rank: int | None = None, energy: float | Non
         sigma = projected.norm(dim=0)
         root = sigma.sqrt()
         up, down = projected / root, (basis * root).T
-    return LowRank(up=up, down=down, full_rank=min(m, n))
+    return LowRank(up=up, down=down, full_rank=min(m, n), matrix_rank=numerical_rank(s2))

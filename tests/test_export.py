@@ -1,7 +1,10 @@
 """LoRA export: every registered method's update survives the trip to a diffusers or kohya file.
 
 At full rank the diffusers file, loaded with `pipe.load_lora_weights`, reproduces the adapted UNet,
-and the kohya file, read through diffusers' own kohya converter, gives the same LoRA weights.
+and the kohya file, read through diffusers' own kohya converter, gives the same LoRA weights. Both
+files, read the way ComfyUI reads them (`tests.tool_conventions`), patch every exported layer with its
+update; the textual-inversion files are named for the word A1111 and ComfyUI prompts use; a method
+whose update has a known rank exports exactly by default; an existing file is replaced only when asked.
 Also: every Linear/Conv2d layer of SD 1.x- and SDXL-style UNets, SDXL's LDM key names (on the real
 SDXL layout too, built on the meta device), the base-model header, the rank/energy choice, zero and
 unexportable updates, the CLI and its error messages. An adapter with text-encoder parts and a learned
@@ -25,10 +28,11 @@ from safetensors.torch import load_file
 
 import personalize as P
 from personalize import cli
-from personalize.export import KOHYA_ALPHA, export_adapter, export_lora, kohya_names
+from personalize.export import KOHYA_ALPHA, READERS, export_adapter, export_lora, kohya_names, prompt_words
 from personalize.lowrank import factorize
 from personalize.models import tiny_pipeline, tiny_unet
 from tests.helpers import encode_text, run_unet, unet_inputs
+from tests.tool_conventions import a1111_embedding_name, comfy_clip_key_map, comfy_embedding, comfy_load, comfy_unet_key_map
 
 FULL = 10**6  # a rank above every layer's own: each layer is capped at its full rank
 # Module-name parts only the diffusers UNet spells: no key of an SDXL kohya file may hold one.
@@ -244,11 +248,12 @@ def test_kohya_header_names_the_base_model(style, version, v2, tmp_path):
         metadata, keys = handle.metadata(), list(handle.keys())
     assert (metadata["ss_base_model_version"], metadata["ss_v2"]) == (version, v2)
     assert metadata["ss_sd_model_name"] == unet.config._name_or_path
-    assert f"{version} base" in report.table() and "A1111" not in report.table()
+    assert f"{version} base" in report.table()
     spelled = [k for k in keys if any(part in k for part in DIFFUSERS_SPELLINGS)]
     assert not spelled if style == "sdxl" else len(spelled) == len(keys)
+    assert f"kohya format: loads in {READERS['kohya']}" in report.table()
     diffusers = export_adapter(adapter, "diffusers", output=tmp_path / "diffusers.safetensors", rank=2)
-    assert "A1111 and ComfyUI do not read it, use --format kohya" in diffusers.table()
+    assert f"diffusers format: loads in {READERS['diffusers']}" in diffusers.table() and "not A1111" in diffusers.table()
 
 
 def test_fixed_rank_is_the_best_approximation_of_that_rank(adapter_file, tmp_path):
@@ -337,8 +342,8 @@ def test_cli_exports_text_encoder_parts_with_the_whole_pipeline(tmp_path, capsys
     assert cli.main(["export", "--adapter", str(source), "--rank", "2", "--output", str(output)]) == 0
     printed = capsys.readouterr().out
     assert "text_encoder.encoder.layers.0.self_attn.q_proj" in printed
-    assert f"token '<sks>': textual-inversion embedding -> {tmp_path / 'lora-sks.safetensors'}" in printed
-    assert set(load_file(str(tmp_path / "lora-sks.safetensors"))) == {"emb_params"}
+    assert f"token '<sks>': textual-inversion embedding -> {tmp_path / 'sks.safetensors'}; in the prompt write 'sks' in A1111" in printed
+    assert set(load_file(str(tmp_path / "sks.safetensors"))) == {"emb_params"}
     assert all(k.startswith("lora_te_text_model_encoder_layers_") for k in load_file(str(output)))
 
 
@@ -419,10 +424,10 @@ def test_text_encoders_and_tokens_round_trip_through_diffusers(style, tmp_path):
             assert rel(out[1:], encode_text(pipe, part, prompts[1:])) > 1e-2, f"the adapter must change {part}"
     prefixes = {"sd1": ["lora_te_"], "sdxl": ["lora_te1_", "lora_te2_"]}[style]
     for fmt in ("kohya", "diffusers"):
-        report = export_lora(pipe, source, fmt, output=tmp_path / f"{fmt}.safetensors", rank=FULL, dtype="float32")
+        report = export_lora(pipe, source, fmt, output=tmp_path / fmt / f"{fmt}.safetensors", rank=FULL, dtype="float32")
         assert report.error < 1e-6 and {layer.part for layer in report.layers} == {"unet", *text}
-        assert list(report.embeddings) == ["<sks>"] and report.embeddings["<sks>"] == tmp_path / f"{fmt}-sks.safetensors"
-        assert f"token '<sks>': textual-inversion embedding -> {tmp_path / f'{fmt}-sks.safetensors'}" in report.table()
+        assert list(report.embeddings) == ["<sks>"] and report.embeddings["<sks>"] == tmp_path / fmt / "sks.safetensors"
+        assert f"token '<sks>': textual-inversion embedding -> {tmp_path / fmt / 'sks.safetensors'}" in report.table()
         keys = load_file(str(report.output)).keys()
         if fmt == "kohya":
             assert {k.split("text_model")[0] for k in keys if "text_model" in k} == set(prefixes)
@@ -444,3 +449,137 @@ def test_text_encoders_and_tokens_round_trip_through_diffusers(style, tmp_path):
             assert rel(run_unet(fresh.unet, inputs), unet_out) < 1e-4, f"{fmt}: UNet"
             for part, out in adapted.items():
                 assert rel(encode_text(fresh, part, prompts), out) < 1e-4, f"{fmt}: {part}"
+
+
+def trained_pipeline(style: str, tokens: dict[str, str]) -> tuple[P.PipelineAdapter, dict[str, torch.Tensor]]:
+    """svfit on every UNet Linear/Conv2d and on the text encoders' attention and MLP layers, and learned
+    tokens, all moved off their start; with each layer's update by its report label."""
+    pipe = tiny_pipeline(style)
+    text = P.attach_text_encoders(pipe, "svfit", layers="attention_mlp")
+    whole = P.PipelineAdapter(pipe, {"unet": P.attach(pipe.unet, "svfit", targets=r"."), **text}, P.new_tokens(pipe, tokens))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in whole.parameters():
+            param.add_(0.3 * (param.abs().mean().item() or 1.0) * torch.randn(param.shape, generator=generator))
+    deltas = {
+        name if part == "unet" else f"{part}.{name}": delta for part, layers in whole.deltas().items() for name, delta in layers.items()
+    }
+    return whole, deltas
+
+
+@pytest.mark.parametrize("style", ["sd1", "sdxl"])
+def test_comfyui_applies_every_layer_of_either_format(style, tmp_path):
+    """Read as ComfyUI's loader reads a file (its key names for the UNet and CLIP layers, its factor
+    suffixes, alpha / rank): every key of the kohya and of the diffusers file is loaded, every exported
+    layer is patched, with its update. (diffusers' own loader reads both files whole: the round trips above.)"""
+    whole, deltas = trained_pipeline(style, {"<sks>": "dog"})
+    pipe = whole.pipe
+    source = whole.save(tmp_path / "adapter.safetensors")
+    whole.detach()
+    key_map = comfy_unet_key_map(pipe.unet)
+    key_map.update(
+        comfy_clip_key_map(
+            {part: getattr(pipe, part).config.num_hidden_layers for part in ("text_encoder", "text_encoder_2") if getattr(pipe, part, None)}
+        )
+    )
+    for fmt in ("kohya", "diffusers"):
+        report = export_lora(pipe, source, fmt, output=tmp_path / fmt / "lora.safetensors", rank=FULL, dtype="float32")
+        assert not report.skipped and {layer.label for layer in report.layers} == set(deltas)
+        patches, not_loaded = comfy_load(load_file(str(report.output)), key_map)
+        assert not not_loaded, f"{fmt}: ComfyUI leaves {len(not_loaded)} keys unloaded, e.g. {sorted(not_loaded)[:3]}"
+        assert set(patches) == set(deltas), f"{fmt}: ComfyUI patches {len(set(patches) & set(deltas))} of {len(deltas)} layers"
+        for label, delta in deltas.items():
+            assert rel(patches[label].reshape(delta.shape), delta) < 1e-5, f"{style} {fmt}: ComfyUI's update of {label}"
+
+
+@pytest.mark.parametrize("style", ["sd1", "sdxl"])
+def test_embedding_files_are_named_for_the_word_each_tool_prompts_with(style, tmp_path):
+    """A1111 names an embedding by its file name, ComfyUI finds `embedding:<name>` in its embeddings folder:
+    a token that is a plain word is that word in both; `<sks>` is `sks`. The report says what to write."""
+    whole, _ = trained_pipeline(style, {"zwx": "cat", "<sks>": "dog"})
+    vectors = whole.tokens.vectors()  # {part: {token: (n_vectors, width)}}
+    source = whole.save(tmp_path / "adapter.safetensors")
+    whole.detach()
+    report = export_lora(whole.pipe, source, "kohya", output=tmp_path / "concept-lora.safetensors", rank=2)
+    assert report.embeddings == {"zwx": tmp_path / "zwx.safetensors", "<sks>": tmp_path / "sks.safetensors"}
+    keys = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+    for token, path in report.embeddings.items():
+        words = prompt_words(token, path)
+        assert words["A1111"] == a1111_embedding_name(path) == token.strip("<>")
+        assert words == {"A1111": token.strip("<>"), "ComfyUI": f"embedding:{token.strip('<>')}", "diffusers": token}
+        for part, by_token in vectors.items():
+            found = comfy_embedding(words["ComfyUI"], tmp_path, keys[part])
+            assert found is not None and torch.allclose(found.float(), by_token[token].float(), atol=1e-3), (
+                f"ComfyUI's {part} vectors of {token}"
+            )
+        line = f"token '{token}': textual-inversion embedding -> {path}; in the prompt write '{words['A1111']}' in A1111"
+        assert line in report.table() and f"'{words['ComfyUI']}' in ComfyUI" in report.table()
+
+
+def skewed_lora(method: str, **options) -> P.Adapter:
+    """`method` on the tiny UNet, moved off zero; LoRA's columns of B scaled so that two singular
+    directions hold over 99% of each update (as trained LoRAs often are)."""
+    adapter = perturbed(tiny_unet("sd1"), method, **options)
+    if method == "lora":
+        with torch.no_grad():
+            for slot in adapter.slots.values():
+                up = slot.layer.lora_B["default"].weight  # (out, r) or (out, r, 1, 1)
+                scales = torch.tensor([1.0, 0.3, 0.03, 0.01])
+                up.mul_(scales.view(1, -1, *[1] * (up.dim() - 2)))
+    return adapter
+
+
+@pytest.mark.parametrize(
+    "method, options, bound",
+    [("lora", {"preset": "attention_convs"}, 4), ("loha", {"rank": 2}, 4), ("loldu", {"rank": 4}, 4), ("aoft", {}, 8)],
+)
+def test_a_method_of_known_rank_exports_exactly_by_default(method, options, bound, tmp_path):
+    adapter = skewed_lora(method, **options)
+    report = export_adapter(adapter, "kohya", output=tmp_path / "lora.safetensors", dtype="float32")
+    assert not report.truncated and all(layer.rank == layer.update_rank <= bound for layer in report.layers)
+    assert max(layer.rank for layer in report.layers) == bound
+    assert report.error < 1e-5
+    assert "no layer truncated: each keeps its update's whole rank (default: exact where the method bounds" in report.table()
+    if method == "lora":  # asked for energy, it truncates, and says how many layers and by how much
+        cut = export_adapter(adapter, "kohya", output=tmp_path / "cut.safetensors", energy=0.99, dtype="float32")
+        errors = sorted(layer.error for layer in cut.truncated)
+        assert 0 < len(errors) <= len(cut.layers) and all(layer.rank < layer.update_rank == 4 for layer in cut.truncated)
+        line = f"{len(errors)} of {len(cut.layers)} layers truncated below their update's rank (energy 0.99): "
+        assert f"{line}relative error {errors[0]:.2e} to {errors[-1]:.2e}" in cut.table()
+
+
+def test_a_full_rank_update_keeps_the_default_energy(adapter_file, tmp_path):
+    """SVFit changes every singular value: by default its layers keep 99% of their energy, and the report counts them."""
+    source, _ = adapter_file
+    report = export_lora(tiny_unet("sd1"), source, "kohya", output=tmp_path / "lora.safetensors", dtype="float32")
+    assert report.truncated and all(layer.error <= 0.1 + 1e-6 for layer in report.layers)
+    assert (
+        f"{len(report.truncated)} of {len(report.layers)} layers truncated below their update's rank (default: exact where"
+        in report.table()
+    )
+
+
+def test_cli_refuses_to_replace_a_file_without_overwrite(tmp_path, capsys):
+    pipe = P.load_pipeline("tiny", device="cpu")
+    whole = P.PipelineAdapter(pipe, P.attach_text_encoders(pipe, "lora"), P.new_tokens(pipe, {"sks": "dog"}))
+    with torch.no_grad():
+        for param in whole.parameters():
+            param.add_(0.1)
+    source = whole.save(tmp_path / "adapter.safetensors")
+    whole.detach()
+    output, embedding = tmp_path / "lora.safetensors", tmp_path / "sks.safetensors"
+    argv = ["export", "--adapter", str(source), "--rank", "2", "--output", str(output)]
+    for existing, message in ((output, f"output '{output}' already exists"), (embedding, f"token 'sks', '{embedding}' already exists")):
+        existing.write_bytes(b"keep me")
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and message in err and "--overwrite" in err, err
+        assert existing.read_bytes() == b"keep me"
+        existing.unlink()
+    assert cli.main(argv) == 0 and output.is_file() and embedding.is_file()
+    assert cli.main(argv) == 2 and "already exists" in capsys.readouterr().err
+    before = output.read_bytes()
+    assert cli.main([*argv[:-2], "--rank", "1", "--output", str(output), "--overwrite"]) == 0
+    assert output.read_bytes() != before, "--overwrite replaces the file"
+    assert cli.main([*argv[:-1], str(embedding), "--overwrite"]) == 2
+    assert "the embedding of token 'sks' is named 'sks.safetensors'" in capsys.readouterr().err

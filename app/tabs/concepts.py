@@ -4,7 +4,8 @@ Under the selected concept: the saved step it generates with (final, best or a c
 step" switches), "Continue training" (a stopped, failed, interrupted or finished run resumes from its
 latest checkpoint with more steps, through `TrainingJobs.continue_run`; the Train tab shows its
 progress) and "Export as LoRA" (`app.exports`, the CLI's `personalize export`: a kohya or diffusers
-file with its per-layer ranks and errors).
+file with its per-layer ranks and errors, how many layers were truncated, which tools read it and,
+per learned token, what to write in each tool's prompt).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from personalize.export import DEFAULT_DTYPE, DEFAULT_ENERGY, DEFAULT_FORMAT, DIFFUSERS_ONLY, DTYPES, FORMATS, ExportReport
+from personalize.export import DEFAULT_DTYPE, DEFAULT_ENERGY, DEFAULT_FORMAT, DTYPES, FORMATS, READERS, ExportReport, prompt_words
 
 from ..exports import export_adapter
 from ..feedback import guarded, human_count, human_duration, human_size
@@ -24,8 +25,9 @@ from ..workspace import TRAINING, AdapterInUse, Concept, SavedStep
 from .common import concept_choices
 
 TABLE_COLUMNS = ["name", "method", "base model", "steps", "created", "parameters", "file size", "status"]
-EXPORT_COLUMNS = ["layer", "kind", "weight shape", "rank", "full rank", "relative error"]
+EXPORT_COLUMNS = ["layer", "kind", "weight shape", "rank", "update rank", "full rank", "relative error"]
 NO_RANK_LIMIT = 0  # the Rank box's "no limit" (an empty number box reaches callbacks as 0 or None)
+NO_ENERGY = 0  # the Energy box left empty: the default choice of ranks
 
 
 def concept_row(concept: Concept) -> list[str]:
@@ -92,13 +94,17 @@ def continue_info(concept: Concept, checkpoint: int | None) -> str:
 
 
 def export_frame(report: ExportReport | None) -> pd.DataFrame:
-    """One row per exported layer: its kind, weight shape, LoRA rank of its full rank and relative error."""
+    """One row per exported layer: its kind, weight shape, LoRA rank, its update's and its full rank, and relative error."""
     layers = report.layers if report is not None else []
     rows = [
-        [layer.label, layer.kind, "x".join(str(d) for d in layer.shape), layer.rank, layer.full_rank, f"{layer.error:.2e}"]
+        [layer.label, layer.kind, shape_text(layer.shape), layer.rank, layer.update_rank, layer.full_rank, f"{layer.error:.2e}"]
         for layer in layers
     ]
     return pd.DataFrame(rows, columns=EXPORT_COLUMNS)
+
+
+def shape_text(shape: tuple[int, ...]) -> str:
+    return "x".join(str(d) for d in shape)
 
 
 def export_summary(report: ExportReport, in_use: AdapterInUse) -> str:
@@ -108,11 +114,22 @@ def export_summary(report: ExportReport, in_use: AdapterInUse) -> str:
         f"{len(report.layers)} layers, {report.num_params:,} parameters, **overall relative error {report.error:.2e}**, "
         f"file size **{human_size(report.file_size)}**."
     ]
+    lines.append(f"- {html.escape(report.truncation(), quote=False)}")
+    lines.append(f"- **{report.format} format: {html.escape(report.readers(), quote=False)}**")
     lines += [f"- not exported: `{html.escape(name)}` ({html.escape(reason)})" for name, reason in report.skipped.items()]
-    lines += [f"- token `{html.escape(token)}`: textual-inversion embedding `{path.name}`" for token, path in report.embeddings.items()]
-    if report.format == "diffusers":
-        lines.append(f"\n**Note:** {DIFFUSERS_ONLY}.")
+    for token, path in report.embeddings.items():
+        words = {tool: code(word) for tool, word in prompt_words(token, path).items()}
+        lines.append(
+            f"- token {code(token)}: textual-inversion embedding {code(path.name)}; in the prompt write "
+            f"{words['A1111']} in A1111 (file in `embeddings/`), {words['ComfyUI']} in ComfyUI (file in `models/embeddings/`), "
+            f"{words['diffusers']} in diffusers (`pipe.load_textual_inversion(file, token=...)`)"
+        )
     return "\n".join(lines)
+
+
+def code(text: str) -> str:
+    """`text` as a Markdown code span, shown as it is (`<sks>` included); a backtick in it becomes a quote."""
+    return f"`{text.replace('`', chr(39))}`"
 
 
 def build(state: AppState) -> dict[str, Any]:
@@ -154,15 +171,18 @@ def build(state: AppState) -> dict[str, Any]:
             resume = gr.Button("Continue training", variant="primary", elem_id="concepts-continue", scale=1, interactive=False)
     with gr.Accordion("Export as LoRA", open=False, elem_id="concepts-export-section"):
         gr.Markdown(
-            "A standard LoRA file of the step in use, for diffusers, A1111 and ComfyUI: each layer's update is factored "
-            "(truncated SVD) at the smallest rank that keeps *Energy* of it, at most *Rank*."
+            "A standard LoRA file of the step in use: each layer's update is factored (truncated SVD) at the smallest rank "
+            "that keeps *Energy* of it, at most *Rank*. With both empty, a method of known rank (LoRA, LoHa, LoLDU, AOFT) is "
+            f"written exactly, the others keep {DEFAULT_ENERGY}; the summary counts the layers truncated. "
+            + " ".join(f"**{name}** loads in {readers}." for name, readers in READERS.items())
+            + " Learned tokens come as textual-inversion files named for the word to write in the prompt."
         )
         with gr.Row():
             export_format = gr.Radio(
                 list(FORMATS),
                 value=DEFAULT_FORMAT,
                 label="Format",
-                info="kohya: A1111, ComfyUI and diffusers; diffusers: PEFT keys for pipe.load_lora_weights only",
+                info="kohya: A1111, ComfyUI and diffusers; diffusers: diffusers and ComfyUI, not A1111",
                 elem_id="concepts-export-format",
             )
             export_dtype = gr.Dropdown(list(DTYPES), value=DEFAULT_DTYPE, label="Dtype", elem_id="concepts-export-dtype")
@@ -176,9 +196,9 @@ def build(state: AppState) -> dict[str, Any]:
             )
             export_energy = gr.Number(
                 label="Energy",
-                value=DEFAULT_ENERGY,
+                value=None,
                 step=0.01,
-                info="share of each layer's squared norm to keep, in (0, 1]; empty with a rank = exactly that rank",
+                info=f"share of each layer's squared norm to keep, in (0, 1]; empty: a method of known rank exactly, else {DEFAULT_ENERGY}",
                 elem_id="concepts-export-energy",
             )
         export = gr.Button("Export", variant="primary", elem_id="concepts-export", interactive=False)
@@ -331,7 +351,7 @@ def build(state: AppState) -> dict[str, Any]:
             format,
             output,
             None if rank in (None, NO_RANK_LIMIT) else rank,
-            energy,
+            None if energy in (None, NO_ENERGY) else energy,
             dtype,
             on_layer=lambda done, total, name: progress((done, total), desc="exporting", unit="layers"),
         )

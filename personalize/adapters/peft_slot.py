@@ -44,6 +44,18 @@ class PeftSlot(Slot):
             return self.layer.get_delta_weight(PEFT_NAME).float()  # includes scaling = scale * alpha / r
         return (self.merged_weight() - self.base_weight().float()) * self.scale
 
+    def rank_bound(self) -> int | None:
+        """LoRA's `B A` has rank at most r; LoHa's Hadamard product of two rank-r products at most r^2.
+        The non-additive updates (DoRA, OFT) and LoKr's Kronecker product: no bound taken."""
+        layer = self.layer
+        if not self.additive:
+            return None
+        if PEFT_NAME in getattr(layer, "lora_A", {}):
+            return layer.r[PEFT_NAME]
+        if PEFT_NAME in getattr(layer, "hada_w1_a", {}):
+            return layer.r[PEFT_NAME] ** 2
+        return None
+
     def base_weight(self) -> torch.Tensor:
         """W0, also while the core has the merged weight in place."""
         return self.base.weight if self.original_weight is None else self.original_weight

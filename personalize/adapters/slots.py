@@ -42,6 +42,11 @@ class Slot:
         """scale * delta in float32, shaped like W0."""
         raise NotImplementedError
 
+    def rank_bound(self) -> int | None:
+        """The largest rank the update can have by the method's form (LoRA's r), or None where the form
+        sets no bound below the layer's own. Export writes a bounded update exactly at its rank."""
+        return None
+
     def set_scale(self, scale: float) -> None:
         raise NotImplementedError
 
@@ -221,6 +226,11 @@ class DeltaSlot(Slot):
 
     def delta(self) -> torch.Tensor:
         return self.adapter.delta_weight() * self.adapter.scale
+
+    def rank_bound(self) -> int | None:
+        """A factored update's rank is at most the smallest size in its factor chain (LoLDU's r, AOFT's d)."""
+        factors = self.adapter.delta_factors()
+        return None if factors is None else min(size for factor in factors for size in factor.shape)
 
     def set_scale(self, scale: float) -> None:
         self.adapter.scale = scale

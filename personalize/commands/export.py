@@ -2,9 +2,11 @@
 
     personalize export --adapter concept.safetensors --format kohya --rank 16 --output concept-lora.safetensors
 
-Prints the rank and relative error of every layer, the overall error and the file size. An adapter
-with text-encoder parts or learned tokens is exported with its whole base pipeline (text-encoder
-layers into the LoRA, tokens into textual-inversion files next to it); a UNet-only one needs the UNet alone.
+Prints the rank and relative error of every layer, the overall error, the file size, how many layers
+were truncated below their update's rank, which tools read the file and, per learned token, what to
+type in each tool's prompt. An adapter with text-encoder parts or learned tokens is exported with its
+whole base pipeline (text-encoder layers into the LoRA, tokens into textual-inversion files next to
+it); a UNet-only one needs the UNet alone. An existing output is refused unless `--overwrite`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import argparse
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..export import DEFAULT_DTYPE, DEFAULT_ENERGY, DEFAULT_FORMAT, DTYPES, FORMATS, check_options, export_lora
+from ..export import DEFAULT_DTYPE, DEFAULT_ENERGY, DEFAULT_FORMAT, DTYPES, FORMATS, READERS, check_options, check_outputs, export_lora
 from ..io import MAIN_PART, adapter_info
 from ..models import load_pipeline, load_unet
 
@@ -25,8 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--format",
         default=DEFAULT_FORMAT,
         metavar="|".join(FORMATS),
-        help="diffusers: PEFT keys for pipe.load_lora_weights; kohya: lora_unet_* keys for A1111, ComfyUI and diffusers "
-        f"(default {DEFAULT_FORMAT})",
+        help="; ".join(f"{name}: loads in {readers}" for name, readers in READERS.items()) + f" (default {DEFAULT_FORMAT})",
     )
     parser.add_argument("--rank", type=int, metavar="R", help="largest LoRA rank per layer (alone: every layer gets min(R, its rank))")
     parser.add_argument(
@@ -34,9 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         metavar="E",
         help="per layer, the smallest rank keeping this share of the update's squared norm, at most --rank "
-        f"(default {DEFAULT_ENERGY} when --rank is not given)",
+        f"(default without --rank: a method of known rank, LoRA, LoHa, LoLDU, AOFT, exactly; others {DEFAULT_ENERGY})",
     )
     parser.add_argument("--output", required=True, metavar="OUT", help="the LoRA file to write (.safetensors)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output (and embedding) file; without it one is refused"
+    )
     parser.add_argument(
         "--base-model", default=None, help="base model the adapter was trained on (default: the one recorded in the adapter file)"
     )
@@ -49,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     check_options(args.format, args.output, args.rank, args.energy, args.dtype, source=args.adapter)  # fail before loading a model
     info = adapter_info(args.adapter)
+    tokens = [token for vectors in info["tokens"].values() for token in vectors]
+    check_outputs(args.output, tokens, source=args.adapter, overwrite=args.overwrite)
     base_model = args.base_model or info["base_model"]
     if not base_model:
         raise UserError(f"adapter '{args.adapter}' does not record its base model; pass --base-model")
@@ -65,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
             energy=args.energy,
             dtype=args.dtype,
             on_layer=lambda done, total, name: bar.update(1),
+            overwrite=args.overwrite,
         )
     print(report.table())
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import html
 import json
 import re
 import shutil
@@ -286,7 +287,7 @@ def test_export_writes_a_lora_into_the_concept_folder(tmp_path):
     from app.base_model import BaseModel
     from app.exports import export_adapter
     from app.tabs.concepts import EXPORT_COLUMNS, export_frame, export_summary
-    from personalize.export import DIFFUSERS_ONLY
+    from personalize.export import READERS
 
     space = Workspace(tmp_path)
     concept = space.create(new_concept(status=DONE), make_images(tmp_path, 1))
@@ -302,11 +303,15 @@ def test_export_writes_a_lora_into_the_concept_folder(tmp_path):
         assert any(key.startswith("lora_unet_") for key in handle.keys())
     frame = export_frame(report)
     assert list(frame.columns) == EXPORT_COLUMNS and len(frame) == len(report.layers) > 0
-    assert "overall relative error" in export_summary(report, in_use) and DIFFUSERS_ONLY not in export_summary(report, in_use)
+    summary = export_summary(report, in_use)
+    assert "overall relative error" in summary and f"kohya format: loads in {html.escape(READERS['kohya'])}" in summary
+    assert report.truncation() in summary and "(energy 0.99)" in report.truncation()
 
     second = space.new_export_path(concept.id, "diffusers", 6)
-    report = export_adapter(base, in_use.path, "diffusers", second, 2, None, "float32")
-    assert {layer.rank for layer in report.layers} <= {1, 2} and DIFFUSERS_ONLY in export_summary(report, in_use)
+    report = export_adapter(base, in_use.path, "diffusers", second, None, None, "float32")  # the panel's defaults
+    summary = export_summary(report, in_use)
+    assert {layer.rank for layer in report.layers} == {4} and not report.truncated, "the LoRA is written at its own rank"
+    assert "no layer truncated" in summary and f"diffusers format: loads in {READERS['diffusers']}" in summary
     for bad, message in (
         (dict(format="onnx"), "unknown export format 'onnx'; accepted: diffusers, kohya"),
         (dict(rank=0), "rank must be a positive integer"),
@@ -317,3 +322,32 @@ def test_export_writes_a_lora_into_the_concept_folder(tmp_path):
         with pytest.raises(UserError, match=re.escape(message)):
             export_adapter(base, in_use.path, output=space.new_export_path(concept.id, "x", 6), **options)
     assert sorted(p.name for p in space.exports_dir(concept.id).iterdir()) == sorted([output.name, second.name])
+
+
+def test_export_of_a_learned_token_says_what_each_tool_prompts_with(tmp_path):
+    """Each export's embeddings go to a folder of their own, named for the prompt word; the panel's summary
+    says what to write in A1111, ComfyUI and diffusers, and a second export meets none of the first's files."""
+    from app.base_model import BaseModel
+    from app.exports import export_adapter
+    from app.tabs.concepts import export_summary
+    from app.workspace import AdapterInUse
+    from personalize import PipelineAdapter, attach_text_encoders, load_pipeline, new_tokens
+
+    pipe = load_pipeline("tiny", device="cpu")
+    whole = PipelineAdapter(pipe, attach_text_encoders(pipe, "lora"), new_tokens(pipe, {"<sks>": "dog"}))
+    with torch.no_grad():
+        for param in whole.parameters():
+            param.add_(0.1)
+    source = whole.save(tmp_path / "adapter.safetensors", {"base_model": "tiny", "steps": 6})
+    whole.detach()
+    space = Workspace(tmp_path / "space")
+    concept = space.create(new_concept(status=DONE), make_images(tmp_path, 1))
+    base = BaseModel("shapes")
+    for _ in range(2):
+        output = space.new_export_path(concept.id, "kohya", 6)
+        report = export_adapter(base, source, "kohya", output, None, None, "float16")
+        embedding = output.with_name(f"{output.stem}-embeddings") / "sks.safetensors"
+        assert report.embeddings == {"<sks>": embedding} and embedding.is_file()
+        summary = export_summary(report, AdapterInUse(path=source, saved=None, chosen=False))
+        assert "in the prompt write `sks` in A1111 (file in `embeddings/`), `embedding:sks` in ComfyUI" in summary
+        assert "`<sks>` in diffusers" in summary and "no layer truncated" in summary
