@@ -12,16 +12,17 @@
 # Python: $PYTHON when set; else .venv/bin/python or python3, the first that imports what the check needs;
 # else python3 after installing the wheels in .whl/ into a private folder; else `make install` (needs network).
 #
-# On a lent machine (no network; its python3 has torch with CUDA but not diffusers or open_clip), from the
-# repository root: first, here, `benchmarks/gpu-check.sh --fetch-wheels`; then one device call with
-# carry [".whl"] and timeout_s 600:
-#   benchmarks/gpu-check.sh --json $OUT/gpu-check.json --markdown $OUT/gpu-check.md 2>&1 | tee $OUT/gpu-check.log
+# A GPU machine without network whose python3 has torch with CUDA (and transformers, peft, accelerate) but not
+# diffusers or open_clip: run `benchmarks/gpu-check.sh --fetch-wheels` where there is network, take .whl/ along
+# with the checkout (git ignores it), and there run, e.g.
+#   benchmarks/gpu-check.sh --json RESULTS/gpu-check.json --markdown RESULTS/gpu-check.md 2>&1 | tee RESULTS/gpu-check.log
+# Both files are rewritten after every part, so a run stopped early still leaves the parts it finished.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 NEEDS="import torch, diffusers, transformers, peft, accelerate, open_clip"
-# Not in the lent machines' image (/work/.library/device/KINDS.md lists what is): pure-Python wheels,
-# fetched at the versions this checkout runs with (diffusers needs huggingface-hub>=1.32, which the image has).
+# What such a machine lacks of the check's imports (open_clip holds the CLIP vocabulary the built-in models'
+# tokenizer is made from; ftfy and wcwidth are its imports), at the versions this checkout runs with.
 WHEELS=(diffusers open_clip_torch ftfy wcwidth)
 
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
@@ -31,7 +32,7 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
     mkdir -p .whl
     "$py" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
         --dest .whl "${pins[@]}"
-    echo "wrote .whl/ ($(du -sh .whl | cut -f1)): ${pins[*]}; carry it: .whl is git-ignored"
+    echo "wrote .whl/ ($(du -sh .whl | cut -f1)): ${pins[*]}; git ignores it: take it along with the checkout"
     exit 0
 fi
 
@@ -62,5 +63,5 @@ fi
 
 export PYTHONPATH="$PWD${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's personalize first
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" GRADIO_ANALYTICS_ENABLED=False PYTHONUNBUFFERED=1
-export TQDM_MININTERVAL="${TQDM_MININTERVAL:-10}"  # progress bars at most every 10 s: the log stays readable
+[[ -t 2 ]] || export TQDM_DISABLE="${TQDM_DISABLE:-1}"  # no progress bars in a log file: its tail stays the results
 exec "$PY" -m personalize.benchmark.gpu_check "$@"

@@ -107,9 +107,17 @@ def test_deadline_ends_the_worker_and_marks_its_part(tmp_path, capsys):
     assert "the deadline (440 s) ended the check" in capsys.readouterr().err
 
 
-def test_unknown_skip_is_one_line_error(capsys):
-    assert main(["--smoke", "--skip", "nope"]) == 2
-    assert capsys.readouterr().err.strip() == "error: unknown part 'nope' to skip; accepted: speed-fp32, speed-bf16, quality"
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--skip", "nope"], "unknown part 'nope' to skip; accepted: speed-fp32, speed-bf16, quality"),
+        (["--deadline", "15"], "--deadline must be more than 20 seconds (kept to close the report), got 15"),
+    ],
+)
+def test_bad_check_options_are_one_line_errors(argv, message, tmp_path, capsys):
+    assert main(["--smoke", "--work-dir", str(tmp_path), *argv]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert not list(tmp_path.iterdir())  # refused before anything was written
 
 
 def test_time_limit_leaves_methods_out_and_cuts_rounds():
