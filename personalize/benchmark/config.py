@@ -94,6 +94,7 @@ class BenchConfig:
     forms: str = "measure"  # how each layer's forward form is chosen: measure (timed per machine) | model (multiply-adds)
     profile_dir: str | None = None  # folder for per-method profiles: operators and per-layer replay (after the timed rounds)
     text_encoder: bool = False  # also time each method's step with its adapter on the text encoder(s) too (text_workload.py)
+    time_limit: float | None = None  # seconds for the run (model load to last timed step; runner.TimeLimit); None = no limit
 
     def validate(self) -> None:
         for name in ("resolution", "batch", "steps"):
@@ -106,6 +107,8 @@ class BenchConfig:
             raise UserError(f"bench threads must be a positive integer, got {self.threads!r}")
         if self.precision != "auto" and self.precision not in PRECISIONS:
             raise UserError(f"unknown precision '{self.precision}'; accepted: auto, {', '.join(PRECISIONS)}")
+        if self.time_limit is not None and (isinstance(self.time_limit, bool) or not self.time_limit > 0):
+            raise UserError(f"bench time limit must be a positive number of seconds, got {self.time_limit!r}")
         if self.profile_dir is not None and Path(self.profile_dir).exists() and not Path(self.profile_dir).is_dir():
             raise UserError(f"bench profile folder '{self.profile_dir}' is a file; accepted: a folder (created if missing)")
         if self.forms not in FORM_MODES:

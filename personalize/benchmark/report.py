@@ -124,6 +124,15 @@ def text_section(record: dict[str, Any]) -> list[str]:
     ]
 
 
+def _timed_steps(record: dict[str, Any]) -> str:
+    """The timed steps per method, and the rounds asked for when a time limit ran fewer."""
+    asked, rounds = record["settings"]["steps"], record.get("timed_rounds")
+    if not rounds or (rounds["train"], rounds["inference"]) == (asked, asked):
+        return f"{asked} timed steps per method"
+    limit = record["settings"]["time_limit"]
+    return f"{rounds['train']} timed training and {rounds['inference']} inference steps per method ({asked} asked; {limit:g} s time limit)"
+
+
 def markdown_section(record: dict[str, Any], chart: str | None) -> str:
     env, s = record["environment"], record["settings"]
     load = env.get("load_average_before"), env.get("load_average")
@@ -142,7 +151,7 @@ def markdown_section(record: dict[str, Any], chart: str | None) -> str:
         f"Python {env['python']}.",
         "",
         f"Batch {s['batch']}, latents {s['latent_size']}x{s['latent_size']}, weights {env['weight_dtype']}, "
-        f"{s['steps']} timed steps per method (one per round, methods interleaved), {s['warmup']} warm-up; "
+        f"{_timed_steps(record)} (one per round, methods interleaved), {s['warmup']} warm-up; "
         f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}. Times are medians; ratios are "
         "medians of per-round ratios; the CPU-time ratio uses process CPU seconds, which other jobs on a shared "
         "machine inflate far less than wall time when torch runs one thread. Memory: peak during a training step "
@@ -153,6 +162,8 @@ def markdown_section(record: dict[str, Any], chart: str | None) -> str:
         markdown_table(record),
         *text_section(record),
     ]
+    if record.get("skipped"):
+        lines += ["", f"Not measured within the time limit ({s['time_limit']:g} s): {', '.join(record['skipped'])}."]
     forms = forms_table(record)
     if forms:
         lines += [

@@ -12,6 +12,8 @@ it (kept apart from the training rounds, so no forward is timed in the aftermath
 With `--text-encoder` (text_workload.py) each method also gets an adapter on the text encoder(s):
 its set-up then warms up and measures the memory of the step through both adapters as well, and each
 training round times that step back to back with the method's UNet-only step.
+With a time limit (budget.py) methods past a share of it are not set up (listed as skipped) and
+fewer rounds run, the same number for every method.
 Only one UNet is ever held.
 """
 
@@ -34,6 +36,7 @@ from ..adapters.forms import form_choice
 from ..adapters.slots import Slot
 from ..allocator import tune_cpu_allocator
 from ..inject import Adapter, attach
+from .budget import TimeLimit
 from .config import FLOOR, REFERENCE, BenchConfig, MethodSpec, resolve_specs
 from .environment import environment, load_average
 from .memory import MB, PeakMemory
@@ -237,6 +240,8 @@ def _run(config: BenchConfig, progress: Progress | None) -> dict[str, Any]:
     base_memory = PeakMemory(device).current()
 
     candidates = [Candidate(spec, unet, text) for spec in specs]
+    limit = TimeLimit(config.time_limit, started)
+    skipped: list[str] = []  # methods not set up within the time limit
     total = len(candidates) * (1 + 2 * config.steps + (config.profile_dir is not None))
     done = 0
 
@@ -245,19 +250,27 @@ def _run(config: BenchConfig, progress: Progress | None) -> dict[str, Any]:
             progress(done, total, label)
 
     with tempfile.TemporaryDirectory(prefix="personalize-bench-") as tmp:
-        for candidate in candidates:
+        for index, candidate in enumerate(candidates):
+            if not limit.may_set_up(index):
+                skipped = [c.spec.label for c in candidates[index:]]
+                log.info("time limit: %s not measured", ", ".join(skipped))
+                del candidates[index:]
+                break
             report(f"set up {candidate.spec.label}")
             set_up(candidate, work, device, Path(tmp), config.warmup)
             done += 1
-    rounds = [(r, c) for r in range(config.steps) for c in _rotated(candidates, r)]
-    for round_index, candidate in rounds:
+
+    def train(round_index: int, candidate: Candidate) -> None:
+        nonlocal done
         report(f"train round {round_index + 1}/{config.steps}: {candidate.spec.label}")
         candidate.activate()
         train_round(candidate, work, round_index)
         candidate.result.forms = forms_used(candidate)
         candidate.park()
         done += 1
-    for round_index, candidate in rounds:
+
+    def infer(round_index: int, candidate: Candidate) -> None:
+        nonlocal done
         report(f"inference round {round_index + 1}/{config.steps}: {candidate.spec.label}")
         work.inference_step()  # untimed, as after a merge: the previous method's weights were just swapped out
         base_wall, _ = work.timed(work.inference_step)  # every adapter parked: the base UNet, right now
@@ -271,6 +284,9 @@ def _run(config: BenchConfig, progress: Progress | None) -> dict[str, Any]:
         candidate.unmerge()
         candidate.park()
         done += 1
+
+    train_rounds = _rounds(candidates, config.steps, limit.another_training_round, train)
+    inference_rounds = _rounds(candidates, train_rounds, limit.another_inference_round, infer)
     if config.profile_dir is not None:
         for candidate in candidates:
             report(f"profile {candidate.spec.label}")
@@ -298,6 +314,8 @@ def _run(config: BenchConfig, progress: Progress | None) -> dict[str, Any]:
         "load_s": round(load_s, 2),
         "total_s": round(time.perf_counter() - started, 2),
         "text_encoders": {} if text is None else text.sizes(),  # parameters of each text encoder measured
+        "timed_rounds": {"train": train_rounds, "inference": inference_rounds},  # fewer than `steps` when the time limit cut them
+        "skipped": skipped,  # methods left out by the time limit
         "results": [asdict(r) for r in results],
     }
 
@@ -374,6 +392,18 @@ def _rotated(candidates: list[Candidate], round_index: int) -> list[Candidate]:
     """Each round starts one method later, so no method always follows the same one."""
     shift = round_index % len(candidates)
     return candidates[shift:] + candidates[:shift]
+
+
+def _rounds(candidates: list[Candidate], count: int, fits: Callable[[int, float], bool], step: Callable[[int, Candidate], None]) -> int:
+    """Up to `count` rounds of `step(round_index, candidate)` over every candidate (each round rotated),
+    each started only while `fits(rounds done, their seconds)`; returns the rounds run."""
+    began = time.perf_counter()
+    for round_index in range(count):
+        if not fits(round_index, time.perf_counter() - began):
+            return round_index
+        for candidate in _rotated(candidates, round_index):
+            step(round_index, candidate)
+    return count
 
 
 def _paired(values: list[float], reference: list[float]) -> float:

@@ -39,6 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--warmup", type=int, help=f"untimed steps per method first (default: {FULL_WARMUP}; {QUICK_WARMUP} with --quick)")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} timed steps and {QUICK_WARMUP} warm-up per method")
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="SECONDS",
+        help="end within about this many seconds: methods not set up when most of it is spent are left out (the floor and "
+        "LoRA never are) and fewer rounds run, the same for every method (default: no limit; --profile runs after it)",
+    )
     parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: CUDA, then MPS, then CPU)")
     parser.add_argument(
         "--precision",
@@ -89,6 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="--quality: instance images, runs, generated grids (default: %(default)s)",
     )
     parser.add_argument("--concepts", nargs="+", metavar="NAME", help="--quality: concepts to use (default: all)")
+    parser.add_argument("--quality-steps", type=int, metavar="N", help="--quality: training steps per run (default: the shapes recipe's)")
+    parser.add_argument("--sample-steps", type=int, metavar="N", help="--quality: denoising steps per generated image (default: 25)")
     parser.add_argument(
         "--captions",
         action="store_true",
@@ -139,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         profile_dir=args.profile,
         text_encoder=args.text_encoder,
+        time_limit=args.time_limit,
     )
     config.validate()  # before the UNet is built
     for flag, path in (("--output", args.output), ("--markdown", args.markdown), ("--chart", args.chart)):
@@ -196,6 +206,10 @@ def run_quality_command(args: argparse.Namespace) -> int:
         raise UserError(f"unknown background '{args.instance_background}'; accepted: {', '.join(BACKGROUND_NAMES)}")
     if args.base_images < 0:
         raise UserError(f"--base-images must be 0 or more, got {args.base_images}")
+    for flag, value in (("--quality-steps", args.quality_steps), ("--sample-steps", args.sample_steps)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be a positive integer, got {value}")
+    counts = {k: v for k, v in (("steps", args.quality_steps), ("sample_steps", args.sample_steps)) if v is not None}
     config = QualityConfig(
         work_dir=args.quality_dir,
         methods=methods,
@@ -209,6 +223,7 @@ def run_quality_command(args: argparse.Namespace) -> int:
         base_images=args.base_images,
         train_text_encoder=args.train_text_encoder,
         token_vectors=args.token_vectors,
+        **counts,
     )
     if args.threads is not None:
         if args.threads < 1:
