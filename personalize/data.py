@@ -40,6 +40,9 @@ MAX_PIXELS = 150_000_000  # above the largest camera sensors (150 MP); guards ag
 # the paper-default steps see each photo only a few times and preparation takes longer: warn, train anyway.
 MANY_IMAGES = 20
 CAPTION_SUFFIX = ".txt"
+# CLIP reads 77 tokens (about 300 characters); kohya-style tag lists run to a few hundred more. A caption is copied
+# into the adapter's metadata, so a larger file (a log pasted by mistake) is refused rather than carried along.
+MAX_CAPTION_BYTES = 2048
 MASK_SUFFIX = ".mask.png"  # `photo.jpg` -> `photo.mask.png`: white = subject (masked loss)
 BACKGROUND = (255, 255, 255)  # transparent pixels become white: cut-out product/subject photos are meant on white
 
@@ -99,9 +102,10 @@ def is_mask_file(path: str | os.PathLike) -> bool:
 def load_mask(path: str | os.PathLike, size: tuple[int, int]) -> Image.Image:
     """The mask at `path` as an 8-bit grayscale image of `size` (width, height): white = subject.
 
-    Colour masks become grayscale, a mask with transparency uses its alpha channel (painted = subject),
-    and a mask of another size than its image is resized to it (logged). Unreadable files are a
-    UserError naming the file."""
+    Colour masks become grayscale; a mask with transparency uses its alpha channel (painted = subject)
+    when the alpha carries information, and its luminance when the alpha is fully opaque (editors save
+    black-and-white masks as RGBA); a mask of another size than its image is resized to it (logged).
+    Unreadable files are a UserError naming the file."""
     path = Path(path)
     try:
         with warnings.catch_warnings():
@@ -114,7 +118,9 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int]) -> Image.Image:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise UserError(f"mask '{path}' cannot be read as an image ({exc}); save it as a black-and-white PNG") from exc
     if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
-        mask = mask.convert("RGBA").getchannel("A")
+        rgba = mask.convert("RGBA")
+        alpha = rgba.getchannel("A")
+        mask = alpha if alpha.getextrema() != (255, 255) else rgba.convert("RGB")  # opaque alpha: the grey levels tell
     elif mask.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         mask = _to_8bit(mask)
     mask = mask.convert("L")
@@ -126,13 +132,19 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int]) -> Image.Image:
 
 def read_captions(images: Sequence[str | os.PathLike]) -> dict[str, str]:
     """`{image: caption}` for the images that have a non-empty `<image>.txt` (whitespace collapsed);
-    a caption that cannot be read, or is not UTF-8 text, is a UserError naming the file."""
+    a caption that cannot be read, is not UTF-8 text or is over MAX_CAPTION_BYTES is a UserError naming the file."""
     captions = {}
     for image in images:
         path = caption_file(image)
         if not path.is_file():
             continue
         try:
+            size = path.stat().st_size
+            if size > MAX_CAPTION_BYTES:
+                raise UserError(
+                    f"caption file '{path}' is {size:,} bytes; at most {MAX_CAPTION_BYTES:,} are accepted "
+                    "(the text encoder reads about 300 characters): shorten it"
+                )
             text = " ".join(path.read_text(encoding="utf-8-sig").split())
         except UnicodeDecodeError as exc:
             raise UserError(f"caption file '{path}' is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc

@@ -212,3 +212,26 @@ def test_device_names_a_gpu_this_machine_has(monkeypatch):
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(UserError, match=r"^device 'cuda:2': this machine has no CUDA GPU 2 \(available here: cpu, cuda:0, cuda:1"):
         resolve_device("cuda:2")
+
+
+def test_train_resume_errors_are_one_line_and_write_nothing(tmp_path, photos, capsys):
+    """A checkpoint whose random state is a pickle with code in it, and a total below the checkpoint's step."""
+    from tests.test_training.test_train_resume import evil_pickle
+
+    out = tmp_path / "out"
+    assert main_ok(train_argv(photos, out) + ["--checkpoint-every", "1", "--validation-every", "0", "--resolution", "32"])
+    config = (out / "config.json").read_text()
+    capsys.readouterr()  # the run's progress bars
+    line = cli_error(capsys, train_argv(photos, out) + ["--resume", "--steps", "1", "--resolution", "32"])
+    assert "with steps 1: its checkpoint step_000002 is at step 2; set steps to 2 or more" in line
+    for checkpoint in (out / "checkpoints").iterdir():
+        evil_pickle(checkpoint / "rng_0.pt")
+    line = cli_error(capsys, train_argv(photos, out) + ["--resume", "--steps", "3", "--resolution", "32"])
+    assert f"checkpoint file '{out / 'checkpoints' / 'step_000002' / 'rng_0.pt'}' is damaged" in line and "weights_only" not in line
+    assert (out / "config.json").read_text() == config
+
+
+def main_ok(argv: list[str]) -> bool:
+    from personalize.cli import main
+
+    return main(argv) == 0

@@ -400,6 +400,9 @@ def _check_values(c: TrainConfig) -> None:
         if not ok:
             raise UserError(message)
 
+    for name in FIELDS:  # inf and nan pass every range check below and are not valid JSON in config.json
+        value = getattr(c, name)
+        need(not isinstance(value, float) or math.isfinite(value), f"{name} must be a finite number, got {value}")
     need(c.steps >= 1, f"steps must be a positive integer, got {c.steps}")
     need(math.isfinite(c.lr) and c.lr > 0, f"lr must be a positive number, got {c.lr}")
     check_resolution(c.resolution)
@@ -455,6 +458,11 @@ def _check_values(c: TrainConfig) -> None:
     )
     layers = c.text_encoder_layers
     need(layers in TEXT_LAYERS, f"text_encoder_layers '{layers}' is not supported; accepted: {', '.join(TEXT_LAYERS)}")
+    need(
+        c.train_text_encoder or not c.text_encoder_options,
+        f"text_encoder_options ({', '.join(c.text_encoder_options)}) apply only with train_text_encoder "
+        "(--train-text-encoder); set it or drop the options",
+    )
     if c.train_text_encoder:
         text_method = get_method(c.text_encoder_method or c.method)
         check_text_method(text_method)

@@ -25,8 +25,11 @@ import torch
 from PIL import Image
 
 from ..data import load_image, load_mask, mask_file
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
+
+SHOWN = 5  # empty masks named in a message (then "and N more")
 
 
 def mask_files(files: Sequence[str], mode: str) -> dict[str, Image.Image]:
@@ -35,6 +38,30 @@ def mask_files(files: Sequence[str], mode: str) -> dict[str, Image.Image]:
     if mode == "off":
         return {}
     return {f: load_mask(mask_file(f), load_image(f, min_side=1).size) for f in files if mask_file(f).is_file()}
+
+
+def check_masks(files: Sequence[str], masks: dict[str, Image.Image], background_weight: float) -> None:
+    """Masks without any subject (all black): refused when every photo has one and the background weight
+    is 0 (nothing would train), otherwise a warning naming them; logs how many photos train masked."""
+    if not masks:
+        return
+    empty = [f for f in files if f in masks and masks[f].getextrema()[1] == 0]
+    if empty:
+        shown = ", ".join(_mask_name(f) for f in empty[:SHOWN]) + (f" and {len(empty) - SHOWN} more" if len(empty) > SHOWN else "")
+        if background_weight == 0 and len(empty) == len(files):
+            raise UserError(
+                f"every mask is empty (all black: no subject), so with mask_background_weight 0 nothing would train: {shown}; "
+                "paint the subject white, raise mask_background_weight, or set masks 'off'"
+            )
+        effect = "teach nothing" if background_weight == 0 else f"train only as background, at weight {background_weight:g}"
+        log.warning("%d mask(s) are empty (all black: no subject): %s; those photos %s", len(empty), shown, effect)
+    kept = len(masks) - len(empty)
+    log.info("masked loss on %d of %d photo(s)%s", kept, len(files), f"; {len(empty)} with an empty mask" if empty else "")
+
+
+def _mask_name(image: str) -> str:
+    """The mask file of `image`, or (masks 'auto') where its mask came from."""
+    return str(mask_file(image)) if mask_file(image).is_file() else f"the auto mask of {image}"
 
 
 def auto_masks_for(

@@ -50,7 +50,7 @@ def check_output_dir(folder: Path, effective: dict[str, Any], resume: bool, over
     saved_path = folder / CONFIG_FILE
     if not saved_path.is_file():
         return
-    saved = upgrade_legacy(json.loads(saved_path.read_text(encoding="utf-8")))
+    saved = upgrade_legacy(_saved_config(saved_path))
     saved = {**DEFAULTS, **saved}  # a setting added since that run was saved has its default there
     effective = json.loads(json.dumps(effective))  # tuples -> lists, as in the saved file
     # settings resolved from the model (resolution) are compared only when they are given
@@ -65,6 +65,17 @@ def check_output_dir(folder: Path, effective: dict[str, Any], resume: bool, over
             f"cannot resume the run in '{folder}': it was trained with different settings ({details}); "
             "use the same settings, set overwrite (--overwrite), or choose another output_dir"
         )
+
+
+def _saved_config(path: Path) -> dict[str, Any]:
+    """The settings a run saved in its config.json; a damaged file is a UserError naming it."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise UserError(f"'{path}' is damaged ({exc}); restore it, or start again with overwrite (--overwrite)") from exc
+    if not isinstance(saved, dict):
+        raise UserError(f"'{path}' is damaged (it holds no table of settings); restore it, or start again with overwrite (--overwrite)")
+    return saved
 
 
 def clear_run(folder: Path) -> None:

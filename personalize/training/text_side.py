@@ -103,6 +103,22 @@ def learning_rates(config) -> dict[str, float]:
     return rates
 
 
+def prodigy_note(config) -> str | None:
+    """With optimizer 'prodigy' every rate is a multiplier of Prodigy's one step-size estimate, as lr is: a
+    warning when a text-side rate is far below lr (an AdamW-sized value such as 5e-4 all but freezes that part)."""
+    if config.optimizer != "prodigy":
+        return None
+    given = {"token_lr": config.token_lr if config.token_vectors else None}
+    given["text_encoder_lr"] = config.text_encoder_lr if config.train_text_encoder else None
+    low = [f"{name} {value:g}" for name, value in given.items() if value is not None and value < 0.1 * config.lr]
+    if not low:
+        return None
+    return (
+        f"optimizer prodigy: {', '.join(low)} is a multiplier of Prodigy's step size, as lr ({config.lr:g}) is, so that part "
+        "trains at a small fraction of the UNet's step; set it near lr (e.g. 1.0) to train it alike"
+    )
+
+
 def parameter_groups(adapter: Adapter | PipelineAdapter, config) -> list[dict[str, Any]]:
     if isinstance(adapter, PipelineAdapter):
         rates = {k: v for k, v in learning_rates(config).items() if k in adapter.parts or k == TOKEN_GROUP}

@@ -38,7 +38,7 @@ from .conditioning import Conditioning, encode_prompts, encode_with_grad
 from .config import TrainConfig, resolve, tracked
 from .ema import AdapterEMA
 from .latents import LatentSet, encode_files
-from .masks import auto_masks_for, mask_files
+from .masks import auto_masks_for, check_masks, mask_files
 from .objective import (
     Batch,
     EvalSet,
@@ -61,8 +61,10 @@ from .outputs import (
     TrainLog,
     check_output_dir,
     clear_run,
+    run_files,
 )
 from .prior import default_class_dir, ensure_class_images, existing_class_images
+from .prodigy import group_scaled
 from .samples import render_samples, save_grid
 from .selection import best_step
 from .text_side import build_adapter, load_for_training, token_notes, trains_text
@@ -92,8 +94,12 @@ class Trainer:
         self.instance_files = [str(Path(f).absolute()) for f in validate_instance_images(self.config.instance_images)]
         if note := many_images_note(len(self.instance_files)):
             log.warning(note)
+        if note := text_side.prodigy_note(self.config):
+            log.warning(note)
         self.prompts = instance_prompts(self.config, self.instance_files)  # one training prompt per photo
         self.masks = mask_files(self.instance_files, self.config.masks)  # read (and checked) before any model loads
+        if self.config.masks == "files":
+            check_masks(self.instance_files, self.masks, self.config.mask_background_weight)
         self.output_dir = Path(self.config.output_dir).expanduser().resolve()
         self.mixed_precision = resolve_mixed_precision(self.config.mixed_precision, self.config.cpu)
         self.optimizer_cls = self.optimizer_class()
@@ -109,6 +115,7 @@ class Trainer:
         self.best_step: int | None = None
         self.base_class_images: list = []  # the base model's class-prompt images (drift's reference)
         self.created_dirs: list[Path] = []  # folders this run created: removed again if it fails before writing
+        self.fresh = False  # a new run (not a resume) owns every run file in output_dir
 
     # --- preparation ----------------------------------------------------------------------------
     def _accelerator(self):
@@ -146,31 +153,43 @@ class Trainer:
             mixed_precision=self.mixed_precision,
         )
 
-    def prepare_output(self) -> Path | None:
-        """Check and (with overwrite) clear the output folder; the checkpoint to resume from, if any."""
+    def prepare_output(self) -> ckpt.Saved | None:
+        """Check and (with overwrite) clear the output folder; the checkpoint to resume from (read in full), if any."""
         c = self.config
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise UserError(f"output_dir '{self.output_dir}' is a file; give a folder (it is created if missing)")
         check_output_dir(self.output_dir, self.effective(c.resolution).to_dict(), c.resume, c.overwrite)
+        saved = self.checkpoint_to_resume() if c.resume else None  # before anything is written
         self.accelerator.wait_for_everyone()
         if self.main:
             if c.overwrite:
                 clear_run(self.output_dir)
             self.created_dirs = make_writable_dir(self.output_dir, "output_dir")  # before any model is loaded
         self.accelerator.wait_for_everyone()
-        if not c.resume:
-            return None
-        found = ckpt.latest_checkpoint(self.output_dir / CHECKPOINTS_DIR)
-        if found is None:
+        self.fresh = not c.resume
+        return saved
+
+    def checkpoint_to_resume(self) -> ckpt.Saved | None:
+        """The latest checkpoint that reads in full (a damaged one is named and the one before used); its step
+        must not lie beyond `steps`."""
+        c = self.config
+        saved = ckpt.usable_checkpoint(self.output_dir / CHECKPOINTS_DIR, ema=c.ema_decay > 0)
+        if saved is None:
             log.info("no checkpoint in %s: starting from the first step", self.output_dir / CHECKPOINTS_DIR)
-        return found
+        elif saved.step > c.steps:
+            raise UserError(
+                f"cannot resume the run in '{self.output_dir}' with steps {c.steps}: its checkpoint {saved.path.name} is at "
+                f"step {saved.step}; set steps to {saved.step} or more"
+            )
+        return saved
 
     def prepare(self) -> None:
         from accelerate.utils import set_seed
         from diffusers.optimization import get_scheduler
 
         c, acc = self.config, self.accelerator
-        self.resume_from = self.prepare_output()
+        self.saved = self.prepare_output()
+        self.resume_from = self.saved.path if self.saved is not None else None
         self.weight_dtype = WEIGHT_DTYPES[self.mixed_precision]
         self.pipe = pipe = load_pipeline(c.base_model, device=acc.device, dtype=self.weight_dtype)
         self.resolution = c.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -191,8 +210,7 @@ class Trainer:
         if c.masks == "auto":
             progress = lambda done, total: self.hooks.on_prepare("masking images", done, total)  # noqa: E731
             masks = auto_masks_for(self.instance_files, masks, c.class_noun, c.mask_model, device, progress)
-        if masks:
-            log.info("masked loss on %d of %d photo(s)", len(masks), len(self.instance_files))
+            check_masks(self.instance_files, masks, c.mask_background_weight)
         self.instance = self.encode(self.instance_files, "encoding images", c.random_flip, masks)
         self.classes = None
         if c.prior == "images":
@@ -309,7 +327,7 @@ class Trainer:
             except ImportError as exc:
                 raise UserError("optimizer 'prodigy' needs prodigyopt: pip install prodigyopt (or use 'adamw')") from exc
             # bias correction and safeguard warm-up: the settings its authors give for diffusion fine-tuning
-            return functools.partial(Prodigy, use_bias_correction=True, safeguard_warmup=True)
+            return functools.partial(group_scaled(Prodigy), use_bias_correction=True, safeguard_warmup=True)
         return torch.optim.AdamW
 
     # --- one step ------------------------------------------------------------------------------
@@ -587,21 +605,38 @@ class Trainer:
             return self._run()
         except BaseException:
             if self.main:
+                self.discard_unfinished()
                 remove_empty_dirs(self.created_dirs)  # a run that fails before writing leaves no empty folder
             raise
+
+    def discard_unfinished(self) -> None:
+        """A new run that fails before its first checkpoint has nothing to resume: its files (config.json,
+        log.jsonl, samples) are removed, so that a plain rerun is not refused as 'already holds a training run'."""
+        saved = ckpt.list_checkpoints(self.output_dir / CHECKPOINTS_DIR) or (self.output_dir / ADAPTER_FILE).exists()
+        if not self.fresh or saved:
+            return
+        files = run_files(self.output_dir)
+        for path in files:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        if files:
+            log.warning("the run failed before its first checkpoint: removed its %s", ", ".join(p.name for p in files))
 
     def _run(self) -> TrainResult:
         self.prepare()
         c, acc = self.config, self.accelerator
         step, train_time_before = 0, 0.0
         if self.resume_from is not None:
-            state = ckpt.load_training_state(self.resume_from, self.optimizer, self.lr_scheduler, acc.scaler)
+            state = ckpt.load_training_state(self.saved, self.optimizer, self.lr_scheduler, acc.scaler)
             step, train_time_before, eval_start = state["step"], state["train_time"], state["eval_loss_start"]
             if self.ema is not None:
-                ckpt.read_ema(self.resume_from, self.ema)
-            if not ckpt.read_rng(self.resume_from, self.rank, self.generator):
+                self.ema.load_state_dict(self.saved.ema)
+            if not ckpt.read_rng(self.saved, self.rank, self.generator):
                 log.warning("checkpoint %s has no random state for process %d; its noise will differ", self.resume_from, self.rank)
             log.info("resuming from %s (step %d of %d)", self.resume_from, step, c.steps)
+            self.saved = None  # restored: its tensors need not stay in memory
         else:
             eval_start = self.evaluate("evaluation before training")
         resumed_from = step if self.resume_from is not None else None

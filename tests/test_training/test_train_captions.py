@@ -84,3 +84,20 @@ def test_captioned_run_resumes_exactly(captioned, fast, tmp_path):
     settings = {**fast, "instance_images": str(captioned[0].parent), "token": "sks", "class_noun": "dog", "checkpoint_every": 2}
     full = train(TrainConfig(**{**settings, "output_dir": str(tmp_path / "full")}))
     assert_same_run(resumed_run(settings, tmp_path / "part"), full)
+
+
+def test_oversized_caption_is_refused(captioned, fast):
+    """A caption file far beyond what the text encoder reads (a log pasted by mistake) is refused, naming the file,
+    before any model loads, instead of being copied into the adapter's metadata and the tokenizer's warning."""
+    from personalize.data import MAX_CAPTION_BYTES
+    from personalize.training.trainer import Trainer
+
+    near = "sks dog " * (MAX_CAPTION_BYTES // 8)  # exactly at the limit: accepted
+    captioned[1].with_suffix(".txt").write_text(near, encoding="utf-8")
+    assert len(near.encode()) == MAX_CAPTION_BYTES and read_captions([str(captioned[1])]) == {str(captioned[1]): near.strip()}
+    captioned[1].with_suffix(".txt").write_text("sks dog " * 1_250_000, encoding="utf-8")  # 10 MB
+    settings = {**fast, "instance_images": str(captioned[0].parent), "token": "sks"}
+    message = rf"caption file '.*photo_1\.txt' is 10,000,000 bytes; at most {MAX_CAPTION_BYTES:,} are accepted"
+    with pytest.raises(UserError, match=message) as info:
+        Trainer(TrainConfig(**settings), [], None)
+    assert "\n" not in str(info.value)

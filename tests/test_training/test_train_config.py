@@ -156,3 +156,30 @@ def test_missing_bitsandbytes_is_explained(fast, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
     with pytest.raises(UserError, match="optimizer 'adamw8bit' needs bitsandbytes"):
         train(TrainConfig(**{**fast, "optimizer": "adamw8bit"}))
+
+
+@pytest.mark.parametrize("name", ["snr_gamma", "noise_offset", "prior_loss_weight", "token_lr"])
+def test_non_finite_numbers_are_refused_from_every_source(capsys, tmp_path, photos, name):
+    """inf passes "> 0" checks and is written as `Infinity` (not JSON) into config.json: refused, flag or TOML or code."""
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(UserError, match=rf"^{name} must be a finite number, got inf$"):
+        resolve(TrainConfig(instance_images="p", output_dir="o", **{name: float("inf")}))
+    with pytest.raises(UserError, match=rf"^{name} must be a finite number, got nan$"):
+        resolve(TrainConfig(instance_images="p", output_dir="o", **{name: float("nan")}))
+    out = tmp_path / "out"
+    base = ["train", "--instance-images", str(photos), "--base-model", "tiny", "--output-dir", str(out)]
+    assert f"{name} must be a finite number, got inf" in cli_error(capsys, base + [flag, "inf"])
+    assert f"{name} must be a finite number, got inf" in cli_error(capsys, base + ["--config", str(_toml(tmp_path, f"{name} = inf\n"))])
+    assert not out.exists()
+
+
+def test_text_encoder_options_need_train_text_encoder(capsys, tmp_path, photos):
+    out = tmp_path / "out"
+    base = ["train", "--instance-images", str(photos), "--base-model", "tiny", "--output-dir", str(out)]
+    line = cli_error(capsys, base + ["--text-encoder-option", "rank=4"])
+    assert "text_encoder_options (rank) apply only with train_text_encoder (--train-text-encoder)" in line
+    toml = _toml(tmp_path, "[text_encoder_options]\nrank = 4\n")
+    assert "text_encoder_options (rank) apply only with train_text_encoder" in cli_error(capsys, base + ["--config", str(toml)])
+    assert not out.exists()
+    config = resolve(TrainConfig(instance_images="p", output_dir="o", train_text_encoder=True, text_encoder_options={"rank": 4}))
+    assert config.text_encoder_options == {"rank": 4}

@@ -4,6 +4,8 @@ that use them and resume exactly."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from PIL import Image
@@ -154,3 +156,43 @@ def test_auto_masks_fill_the_photos_without_a_file(tmp_path):
     masks = auto_masks_for(paths, files, "circle", "tiny", torch.device("cpu"))
     assert set(masks) == set(paths) and masks[paths[0]].getbbox() is None
     assert all(masks[p].size == load_image(p).size and masks[p].mode == "L" for p in paths)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_black_and_white_mask_with_opaque_alpha_reads_its_grey_levels(tmp_path, mode):
+    """Editors save masks as RGBA with every pixel opaque: the alpha says nothing, the grey levels tell the subject."""
+    photo = make_photos(tmp_path, count=1, size=(96, 80))[0]
+    mask = Image.new("L", (96, 80), 0)
+    mask.paste(255, (0, 0, 48, 80))  # white left half = subject
+    mask.convert(mode).save(mask_file(photo))
+    assert Image.open(mask_file(photo)).mode == mode and Image.open(mask_file(photo)).getchannel("A").getextrema() == (255, 255)
+    read = load_mask(mask_file(photo), (96, 80))
+    assert read.getpixel((5, 40)) == 255 and read.getpixel((90, 40)) == 0
+
+
+def black_masks(folder, count: int, empty: int) -> list:
+    """`count` photos with masks, the first `empty` of them all black (no subject), the others a white left half."""
+    paths = masked_photos(folder, count)
+    for path in paths[:empty]:
+        Image.new("L", Image.open(path).size, 0).save(mask_file(path))
+    return paths
+
+
+def test_all_empty_masks_with_background_weight_0_are_refused(tmp_path, fast):
+    black_masks(tmp_path / "photos", 3, empty=3)
+    settings = {**fast, "instance_images": str(tmp_path / "photos"), "mask_background_weight": 0.0}
+    with pytest.raises(UserError, match=r"every mask is empty .*nothing would train: .*photo_0\.mask\.png, .*photo_2\.mask\.png") as info:
+        Trainer(TrainConfig(**settings), [], None)  # before any model loads or anything is written
+    assert "\n" not in str(info.value) and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("weight, empty, effect", [(0.1, 3, "train only as background, at weight 0.1"), (0.0, 1, "teach nothing")])
+def test_empty_masks_are_named_and_counted(tmp_path, fast, caplog, weight, empty, effect):
+    black_masks(tmp_path / "photos", 3, empty=empty)
+    settings = {**fast, "instance_images": str(tmp_path / "photos"), "mask_background_weight": weight}
+    with caplog.at_level(logging.INFO, logger="personalize.training.masks"):
+        Trainer(TrainConfig(**settings), [], None)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and f"{empty} mask(s) are empty" in warnings[0] and effect in warnings[0]
+    assert "photo_0.mask.png" in warnings[0] and ("photo_2.mask.png" in warnings[0]) == (empty == 3)
+    assert f"masked loss on {3 - empty} of 3 photo(s); {empty} with an empty mask" in caplog.text

@@ -4,6 +4,7 @@ runs are refused unless resume/overwrite; callbacks see every step and the valid
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import threading
 from pathlib import Path
@@ -147,3 +148,134 @@ def test_cancel_before_the_first_step(fast):
     result = train(TrainConfig(**{**fast, "method": "svfit"}), cancel=cancel)
     assert isinstance(result, TrainResult) and result.cancelled and result.steps_done == 0
     assert Path(result.adapter_path).is_file() and result.eval_loss_end == result.eval_loss_start
+
+
+def test_run_failing_before_its_first_checkpoint_does_not_block_a_rerun(fast, monkeypatch):
+    """A crash at the first step leaves nothing to resume: its config.json and log.jsonl go, a plain rerun starts."""
+    import personalize.training.trainer as trainer_module
+
+    out = Path(fast["output_dir"])
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    original = trainer_module.Trainer.optimiser_step
+
+    def crash(self, step):
+        raise RuntimeError("the first step failed")
+
+    monkeypatch.setattr(trainer_module.Trainer, "optimiser_step", crash)
+    with pytest.raises(RuntimeError, match="the first step failed"):
+        train(TrainConfig(**{**fast, "validation_every": 2}))
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # the user's file stays
+    monkeypatch.setattr(trainer_module.Trainer, "optimiser_step", original)
+    assert train(TrainConfig(**fast)).steps_done == fast["steps"]
+
+
+def test_run_failing_after_a_checkpoint_keeps_it_for_resume(fast, monkeypatch):
+    import personalize.training.trainer as trainer_module
+
+    original = trainer_module.Trainer.optimiser_step
+
+    def crash_at_3(self, step):
+        if step == 2:
+            raise RuntimeError("step 3 failed")
+        return original(self, step)
+
+    monkeypatch.setattr(trainer_module.Trainer, "optimiser_step", crash_at_3)
+    with pytest.raises(RuntimeError, match="step 3 failed"):
+        train(TrainConfig(**{**fast, "checkpoint_every": 2}))
+    monkeypatch.setattr(trainer_module.Trainer, "optimiser_step", original)
+    assert train(TrainConfig(**{**fast, "checkpoint_every": 2, "resume": True})).resumed_from == 2
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory, photos, class_dir):
+    """A run of 4 steps with EMA and checkpoints at steps 2 and 4 (copied by each test that damages one)."""
+    folder = tmp_path_factory.mktemp("checkpointed") / "run"
+    settings = {
+        "instance_images": str(photos),
+        "output_dir": str(folder),
+        "base_model": "tiny",
+        "steps": 4,
+        "lr": 1e-2,
+        "prior": "none",
+        "class_data_dir": str(class_dir),
+        "sample_steps": 2,
+        "validation_every": 0,
+        "checkpoint_every": 2,
+        "eval_timesteps": 2,
+        "resolution": 32,
+        "ema_decay": 0.9,
+    }
+    train(TrainConfig(**settings))
+    return settings
+
+
+def copy_run(settings: dict, folder: Path) -> dict:
+    shutil.copytree(settings["output_dir"], folder)
+    return {**settings, "output_dir": str(folder)}
+
+
+def evil_pickle(path: Path) -> None:
+    """A pickle that would run a command when loaded unsafely."""
+    import os
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path.write_bytes(pickle.dumps(Evil()))
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+DAMAGE = {
+    "ema.safetensors": (truncate, "Error while deserializing"),
+    "optimizer.pt": (truncate, "PytorchStreamReader failed reading zip archive"),
+    "state.json": (lambda p: p.write_text("{garbage"), "Expecting property name"),
+    "rng_0.pt": (evil_pickle, "refused unread, as loading it could run code"),
+}
+
+
+@pytest.mark.parametrize("name", DAMAGE)
+def test_resume_names_a_damaged_file_and_uses_the_checkpoint_before(checkpointed, tmp_path, caplog, name):
+    settings = copy_run(checkpointed, tmp_path / "run")
+    damage, reason = DAMAGE[name]
+    damaged = tmp_path / "run" / "checkpoints" / "step_000004" / name
+    damage(damaged)
+    with caplog.at_level(logging.WARNING, logger="personalize.training.checkpoint"):
+        result = train(TrainConfig(**{**settings, "steps": 5, "resume": True}))
+    warnings = [r.getMessage() for r in caplog.records]
+    assert f"checkpoint file '{damaged}' is damaged (" in warnings[0] and reason in warnings[0]
+    assert "weights_only" not in caplog.text
+    assert warnings[1].startswith(f"resuming from {tmp_path / 'run' / 'checkpoints' / 'step_000002'}, the latest")
+    assert result.resumed_from == 2 and result.steps_done == 5
+
+
+def test_resume_with_every_checkpoint_damaged_is_one_line(checkpointed, tmp_path):
+    settings = copy_run(checkpointed, tmp_path / "run")
+    for step in ("step_000002", "step_000004"):
+        evil_pickle(tmp_path / "run" / "checkpoints" / step / "rng_0.pt")
+    config = (tmp_path / "run" / "config.json").read_text()
+    with pytest.raises(UserError, match=r"checkpoint file '.*step_000004/rng_0\.pt' is damaged .*no earlier checkpoint reads") as info:
+        train(TrainConfig(**{**settings, "steps": 6, "resume": True}))
+    assert "\n" not in str(info.value) and "weights_only" not in str(info.value)
+    assert (tmp_path / "run" / "config.json").read_text() == config  # nothing rewritten
+
+
+def test_resume_with_a_damaged_config_names_it(checkpointed, tmp_path):
+    settings = copy_run(checkpointed, tmp_path / "run")
+    (tmp_path / "run" / "config.json").write_text("not json")
+    with pytest.raises(UserError, match=r"'.*run/config\.json' is damaged \(Expecting value.*overwrite \(--overwrite\)$"):
+        train(TrainConfig(**{**settings, "steps": 6, "resume": True}))
+
+
+def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(checkpointed, tmp_path):
+    settings = copy_run(checkpointed, tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    with pytest.raises(UserError, match=r"with steps 3: its checkpoint step_000004 is at step 4; set steps to 4 or more$"):
+        train(TrainConfig(**{**settings, "steps": 3, "resume": True}))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
