@@ -94,6 +94,17 @@ class TrainConfig:
             "model's class-prompt prediction on each instance latent towards the frozen model's; no class images) | none"
         ),
     )
+    # Issue 29: with one fixed training prompt nothing tells an adapter whether the subject belongs to the prompt or to
+    # every image, and on `shapes` UNet adapters stored it in prompt-independent weights, which classifier-free guidance
+    # then cancels (LoRA on a red striped star: judge fidelity 0.58 at guidance 1, 0.00 at 5). Off by default: measured
+    # on `shapes` only (BENCHMARKS.md, "Subjects the model can draw"); the shapes recipe turns it on.
+    keep_unconditional: float = field(
+        default=0.0,
+        metadata=_help(
+            "weight of a loss keeping the adapted model's empty-prompt prediction on each instance latent at the frozen "
+            "model's (0 = off): the subject then lives in the prompt-conditioned part that classifier-free guidance amplifies"
+        ),
+    )
     class_images: int = field(default=100, metadata=_help("class images to generate or reuse with prior 'images' (diffusers' default 100)"))
     prior_loss_weight: float = field(default=1.0, metadata=_help("weight of the prior loss (DreamBooth: lambda = 1)"))
     class_data_dir: str | None = field(
@@ -272,6 +283,7 @@ RUN_DEFINING = (
     "prior",
     "class_images",
     "prior_loss_weight",
+    "keep_unconditional",
     "seed",
     "optimizer",
     "adam_beta1",
@@ -430,6 +442,10 @@ def _check_values(c: TrainConfig) -> None:
     need(0 <= c.ema_decay < 1, f"ema_decay must lie in [0, 1) (0 = off; 0.999 is typical), got {c.ema_decay}")
     need(0 <= c.adam_beta1 < 1 and 0 <= c.adam_beta2 < 1, f"adam betas must lie in [0, 1), got {c.adam_beta1}, {c.adam_beta2}")
     check_seed(c.seed)
+    need(
+        math.isfinite(c.keep_unconditional) and c.keep_unconditional >= 0,
+        f"keep_unconditional must be a number >= 0 (0 = off), got {c.keep_unconditional}",
+    )
     need(c.snr_gamma is None or c.snr_gamma > 0, f"snr_gamma must be a positive number (or unset), got {c.snr_gamma}")
     for name, accepted in (
         ("mixed_precision", MIXED_PRECISION),

@@ -257,6 +257,8 @@ class Trainer:
             self.drift_cond = encode_prompts(pipe, [c.prompt(c.class_prompt)] * len(c.validation_prompts), device, self.resolution)
         if c.prior != "none":
             self.class_cond, _ = encode_prompts(pipe, [c.prompt(c.class_prompt)], device, self.resolution)
+        if c.keep_unconditional:
+            self.null_cond, _ = encode_prompts(pipe, [""], device, self.resolution)
 
     @property
     def text_live(self) -> bool:
@@ -351,6 +353,12 @@ class Trainer:
         class_cond = self.live_conditioning([self.config.prompt(self.config.class_prompt)]) if self.text_live else self.class_cond
         return class_cond.take(rows).with_time_ids(time_ids)
 
+    def null_rows(self, time_ids: torch.Tensor) -> Conditioning:
+        """The empty prompt's conditioning (what classifier-free guidance contrasts with), one row per entry of (b, 6) `time_ids`."""
+        rows = torch.zeros(len(time_ids), dtype=torch.long)
+        null_cond = self.live_conditioning([""]) if self.text_live else self.null_cond
+        return null_cond.take(rows).with_time_ids(time_ids)
+
     def instance_conditioning(self, index: torch.Tensor) -> Conditioning:
         """The prompt conditioning of latent rows `index` (mirrored copies follow the originals: row % photos)."""
         photos = index.cpu() % len(self.instance_files)
@@ -360,7 +368,7 @@ class Trainer:
 
     def loss(self, batch: Batch) -> torch.Tensor:
         c = self.config
-        errors, steps = [], []
+        errors, steps, null_errors = [], [], None
         for number, (latents, conditioning, weights) in enumerate(batch.parts(c.mask_background_weight)):
             device = latents.device
             noise = torch.randn(latents.shape, generator=self.generator).to(device)
@@ -369,34 +377,43 @@ class Trainer:
             timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),), generator=self.generator).to(device)
             noisy = self.scheduler.add_noise(latents, noise, timesteps)
             targets = target_for(self.scheduler, latents, noise, timesteps)
+            n = batch.instances
             if number == 0 and c.prior == "model":  # the instance rows again with the class prompt, towards the frozen model
-                noisy, timesteps, conditioning, targets, weights = self.with_prior_rows(
-                    batch.instances, noisy, timesteps, conditioning, targets, weights
+                noisy, timesteps, conditioning, targets, weights = self.with_frozen_rows(
+                    self.class_rows, n, noisy, timesteps, conditioning, targets, weights
+                )
+            if number == 0 and c.keep_unconditional:  # and with the empty prompt, appended last
+                noisy, timesteps, conditioning, targets, weights = self.with_frozen_rows(
+                    self.null_rows, n, noisy, timesteps, conditioning, targets, weights
                 )
             prediction = self.model(noisy.to(self.weight_dtype), timesteps, **conditioning.unet_kwargs()).sample
-            errors.append(per_sample_mse(prediction, targets, weights))  # (rows,)
+            part_errors = per_sample_mse(prediction, targets, weights)  # (rows,)
+            if number == 0 and c.keep_unconditional:
+                part_errors, null_errors, timesteps = part_errors[:-n], part_errors[-n:], timesteps[:-n]
+            errors.append(part_errors)
             steps.append(timesteps)
         errors, timesteps = torch.cat(errors), torch.cat(steps)  # instance rows, then class or prior rows
         snr = min_snr_weights(self.scheduler, timesteps, c.snr_gamma) if c.snr_gamma is not None else None
-        return dreambooth_loss(errors, snr, batch.instances, c.prior_loss_weight)
+        loss = dreambooth_loss(errors, snr, batch.instances, c.prior_loss_weight)
+        return loss if null_errors is None else loss + c.keep_unconditional * null_errors.mean()
 
-    def with_prior_rows(self, n: int, noisy, timesteps, conditioning: Conditioning, targets, weights):
-        """Prior 'model': the first `n` noisy rows appended again with the class prompt; their targets are the
-        frozen model's predictions and their loss weights 1."""
+    def with_frozen_rows(self, rows_for, n: int, noisy, timesteps, conditioning: Conditioning, targets, weights):
+        """The first `n` noisy rows appended again with the conditioning `rows_for(time_ids)` (the class prompt for
+        prior 'model', the empty prompt for keep_unconditional); their targets are the frozen model's predictions
+        and their loss weights 1."""
         time_ids = conditioning.time_ids[:n] if conditioning.time_ids is not None else torch.zeros(n, 6)
-        prior_cond = self.class_rows(time_ids)
-        targets = torch.cat([targets, self.frozen_prediction(noisy[:n], timesteps[:n], time_ids)])
+        targets = torch.cat([targets, self.frozen_prediction(rows_for, noisy[:n], timesteps[:n], time_ids)])
         if weights is not None:
             weights = torch.cat([weights, torch.ones_like(weights[:n])])
-        return torch.cat([noisy, noisy[:n]]), torch.cat([timesteps, timesteps[:n]]), conditioning.cat(prior_cond), targets, weights
+        return torch.cat([noisy, noisy[:n]]), torch.cat([timesteps, timesteps[:n]]), conditioning.cat(rows_for(time_ids)), targets, weights
 
     @torch.no_grad()
-    def frozen_prediction(self, noisy: torch.Tensor, timesteps: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
-        """The base model's own prediction for the class prompt (adapter switched off, text side included;
-        no gradient): prior 'model''s target."""
+    def frozen_prediction(self, rows_for, noisy: torch.Tensor, timesteps: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+        """The base model's own prediction for the conditioning `rows_for(time_ids)` (adapter switched off, text side
+        included; no gradient): the target of prior 'model' and keep_unconditional rows."""
         unet = self.accelerator.unwrap_model(self.model)
         with self.adapter.switched_off(), self.accelerator.autocast():
-            conditioning = self.class_rows(time_ids)
+            conditioning = rows_for(time_ids)
             return unet(noisy.to(self.weight_dtype), timesteps, **conditioning.unet_kwargs()).sample.float()
 
     def token_trains(self) -> bool:

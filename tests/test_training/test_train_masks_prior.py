@@ -144,6 +144,42 @@ def test_prior_rows_target_the_frozen_model(fast, monkeypatch):
     assert errors[:n].gt(0.1).all() and errors[n:].lt(1e-10).all()  # 0 up to the rounding of a 2n-row vs n-row UNet call
 
 
+def test_keep_unconditional_rows_target_the_frozen_empty_prompt_prediction(fast, monkeypatch):
+    """keep_unconditional = w with prior 'model': the loss is DreamBooth's over instance and class rows plus w times
+    the mean error of the empty-prompt rows, appended last; at LoRA's init those rows' errors are 0, after a
+    non-zero update they are not, and their conditioning is the empty prompt's."""
+    import personalize.training.trainer as trainer_module
+
+    trainer = Trainer(TrainConfig(**{**fast, "prior": "model", "batch_size": 2, "keep_unconditional": 0.5}), [], None)
+    trainer.prepare()
+    seen, real_loss = {}, trainer_module.dreambooth_loss
+
+    def capture(errors, weights, instances, prior_loss_weight):
+        seen.update(errors=errors.detach(), instances=instances, loss=real_loss(errors, weights, instances, prior_loss_weight))
+        return seen["loss"]
+
+    monkeypatch.setattr(trainer_module, "dreambooth_loss", capture)
+    calls = []
+    model_call = trainer.model.forward
+
+    def record(sample, timestep, encoder_hidden_states=None, **kw):
+        calls.append(encoder_hidden_states.detach())
+        return model_call(sample, timestep, encoder_hidden_states=encoder_hidden_states, **kw)
+
+    monkeypatch.setattr(trainer.model, "forward", record)
+    batch = trainer.micro_batch(0, 0)
+    assert float(trainer.loss(batch).detach()) == float(seen["loss"])  # at init the null rows add 0
+    errors, n = seen["errors"], seen["instances"]
+    assert len(errors) == 2 * n  # instance and class rows go to DreamBooth's loss; the null rows do not
+    trained = calls[-1]  # the adapted call: instance, class and empty-prompt rows
+    assert len(trained) == 3 * n and torch.equal(trained[2 * n :], trainer.null_cond.take(torch.zeros(n, dtype=torch.long)).embeds)
+    with torch.no_grad():
+        for param in trainer.adapter.parameters():
+            param.add_(0.05)  # a non-zero update: the empty prompt's prediction moves away from the frozen one
+    total = float(trainer.loss(batch).detach())
+    assert total > float(seen["loss"]) + 1e-6  # the null rows' error, weighted by 0.5, is added
+
+
 def test_auto_masks_fill_the_photos_without_a_file(tmp_path):
     from personalize.data import load_image
     from personalize.training.masks import auto_masks_for, mask_files
