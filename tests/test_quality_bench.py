@@ -7,6 +7,7 @@ grid column holds images; the numbers themselves are measured by the full run (B
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shlex
@@ -105,7 +106,7 @@ def test_sweep_of_two_values_writes_the_table_and_a_winner(tmp_path):
     config = QualityConfig(work_dir=str(tmp_path), methods=["lora:preset=attention"], concepts=["red-striped-star"], **MINIMAL)
     command = "personalize bench --quality --methods lora:preset=attention --sweep lr_factor=10,40"
     record = S.run_sweep(config, sweep, lambda features: float(len(features)), command=command)
-    labels = ["lora:preset=attention lr_factor=10.0", "lora:preset=attention lr_factor=40.0"]
+    labels = ["lora:preset=attention lr_factor=10", "lora:preset=attention lr_factor=40"]
     assert [r["label"] for r in record["rows"]] == [INSTANCES, BASE, CEILING, *labels]
     check_shares(record["rows"])
     for label, factor in zip(labels, (10, 40)):  # each point reached training, on top of the spec's options
@@ -153,6 +154,24 @@ def test_sweep_values_are_typed_by_their_owner():
     )
 
 
+def test_recipe_starts_from_the_tuned_setting():
+    lora, svfit = recipe.train_settings("lora"), recipe.train_settings("svfit")
+    tuned = recipe.TUNED["lora"]
+    assert lora["method_options"] == tuned.options and lora["steps"] == tuned.steps and tuned.source
+    assert lora["lr"] == pytest.approx(recipe.learning_rate("lora", tuned.lr_factor))
+    assert "svfit" not in recipe.TUNED and svfit["lr"] == pytest.approx(recipe.learning_rate("svfit", recipe.LR_FACTOR))
+    assert svfit["method_options"] == {} and svfit["steps"] == recipe.STEPS and svfit["snr_gamma"] == recipe.SNR_GAMMA
+    paper = recipe.paper_settings("lora")
+    assert paper["lr"] == pytest.approx(recipe.learning_rate("lora", 1.0)) and paper["method_options"] == {}
+    assert paper["steps"] == recipe.STEPS
+    demo = recipe.demo_settings("lora")  # half the tuned steps at twice the tuned rate, the tuned options
+    assert demo["steps"] == tuned.steps // 2 and demo["lr"] == pytest.approx(2 * lora["lr"]) and demo["method_options"] == tuned.options
+    overridden = dataclasses.replace(tuned, overrides={"snr_gamma": None, "prior": "model"}).train_settings("lora")
+    assert overridden["snr_gamma"] is None and overridden["prior"] == "model"
+    entry = tuned.entry("lora")
+    assert eval("{" + entry + "}", {"Tuned": recipe.Tuned}) == {"lora": tuned}  # an entry pastes back into TUNED
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -187,7 +206,7 @@ def test_quality_command_reproduces_the_arguments():
     argv = ["--quality", "--split", "tuning", "--methods", "lora", "svfit:rank=8", "--sweep", "lr_factor=10,20", "--sweep", "steps=150"]
     args = parser.parse_args(argv + ["--prior", "model", "--captions"])
     command = bench.quality_command(args)
-    assert command.startswith("personalize bench ") and "--sweep lr_factor=10,20 --sweep steps=150" in command
+    assert command.startswith("personalize bench --quality ") and "--sweep lr_factor=10,20 --sweep steps=150" in command
     assert vars(parser.parse_args(shlex.split(command)[2:])) == vars(args)
 
 

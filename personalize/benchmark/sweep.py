@@ -125,12 +125,8 @@ def points(sweep: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(sweep, values)) for values in itertools.product(*sweep.values())]
 
 
-def _word(value: Any) -> str:
-    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-
-
 def point_label(point: dict[str, Any]) -> str:
-    return " ".join(f"{key}={_word(value)}" for key, value in point.items())
+    return " ".join(f"{key}={recipe.value_text(value)}" for key, value in point.items())
 
 
 def apply(setting: recipe.Tuned, point: dict[str, Any], method: str) -> recipe.Tuned:

@@ -315,7 +315,7 @@ def quality_command(args: argparse.Namespace) -> str:
     add_arguments(parser)
     defaults = vars(parser.parse_args([]))
     words = ["personalize", "bench"]
-    for dest, value in vars(args).items():
+    for dest, value in sorted(vars(args).items(), key=lambda item: item[0] != "quality"):  # --quality first, then as declared
         if dest not in defaults or value == defaults[dest]:
             continue
         flag = "--" + dest.replace("_", "-")

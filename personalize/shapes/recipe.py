@@ -79,7 +79,7 @@ class Tuned:
     def describe(self) -> str:
         """In a table cell: '20x lr, 300 steps, preset=attention_convs'."""
         extra = {**self.options, **self.overrides}
-        return ", ".join([f"{self.lr_factor:g}x lr", f"{self.steps} steps", *(f"{k}={_word(v)}" for k, v in extra.items())])
+        return ", ".join([f"{self.lr_factor:g}x lr", f"{self.steps} steps", *(f"{k}={value_text(v)}" for k, v in extra.items())])
 
     def entry(self, method: str) -> str:
         """This setting as an entry of `TUNED` (Python source)."""
@@ -87,8 +87,11 @@ class Tuned:
         return f"{method!r}: Tuned({fields}),"
 
 
-def _word(value: Any) -> str:
-    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+def value_text(value: Any) -> str:
+    """A setting's value as a user types it: none, true, 20, 0.5, attention_convs."""
+    if value is None or isinstance(value, bool):
+        return str(value).lower()
+    return format(value, "g") if isinstance(value, float) else str(value)
 
 
 RECIPE = Tuned()  # the setting of a method without a tuned one
