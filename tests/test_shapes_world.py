@@ -3,7 +3,10 @@ pretraining never sees, and the judge reading clean renders."""
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
+from PIL import Image
 
 from personalize.shapes import judge as J
 from personalize.shapes import world as W
@@ -75,3 +78,51 @@ def test_judge_reads_clean_renders():
         accuracy = np.mean([r[attribute] == getattr(s, attribute) for r, s in zip(readings, scenes)])
         assert accuracy > 0.9, (attribute, accuracy)
     assert J.embed([W.render(s) for s in scenes[:3]]).shape == (3, J.FEATURES)
+
+
+# The subject tier, as issue 29 lists it: (name, shape, colour, pattern, split, on a held-out pair).
+SUBJECT_TIER = [
+    ("red-striped-star", "star", "red", "striped", W.TUNING, False),
+    ("orange-dotted-circle", "circle", "orange", "dotted", W.TUNING, True),
+    ("green-solid-triangle", "triangle", "green", "solid", W.TUNING, False),
+    ("blue-striped-square", "square", "blue", "striped", W.EVALUATION, True),
+    ("yellow-dotted-diamond", "diamond", "yellow", "dotted", W.EVALUATION, False),
+    ("purple-solid-ring", "ring", "purple", "solid", W.EVALUATION, True),
+    ("pink-striped-cross", "cross", "pink", "striped", W.EVALUATION, False),
+]
+
+
+def test_subject_tier_is_made_of_parts_pretraining_drew():
+    got = [(s.name, s.shape, s.colour, s.pattern, s.split, (s.shape, s.colour) in W.HELD_OUT_PAIRS) for s in W.SUBJECTS]
+    assert got == SUBJECT_TIER
+    for subject in W.SUBJECTS:
+        assert subject.tier == W.SUBJECT_TIER and subject.shape in W.SHAPES and subject.colour in W.COLOURS
+        assert subject.pattern in W.PATTERNS
+        assert W.concept_by_name(subject.name) is subject
+    assert [s.name for s in W.subjects(W.TUNING)] == [row[0] for row in SUBJECT_TIER if row[4] == W.TUNING]
+    assert [s.name for s in W.subjects(W.EVALUATION)] == [row[0] for row in SUBJECT_TIER if row[4] == W.EVALUATION]
+    assert all(c.tier == W.OUTLINES and c.split == "" and W.concept_by_name(c.name) is c for c in W.CONCEPTS)
+    pretraining = {(s.shape, s.colour, s.pattern) for s in W.pretraining_set(3000, seed=0)}
+    seen = [(s.shape, s.colour, s.pattern) in pretraining for s in W.SUBJECTS]
+    assert seen == [not row[5] for row in SUBJECT_TIER]  # the held-out ones are new combinations, the others were drawn
+
+
+def _digest(paths) -> str:
+    return hashlib.sha256(b"".join(np.asarray(Image.open(p)).tobytes() for p in paths)).hexdigest()[:16]
+
+
+def test_instance_images_keep_their_seeds(tmp_path):
+    """The new-outline tier's images are those drawn before the subject tier existed (digests taken on
+    6c90c4d); each subject has its own stable images."""
+    before = {"pink-heart": "c0d20fbbb6bef666", "dotted-crescent": "c24c6882558a376f", "halves-hexagon": "7b617d1438bd4882"}
+    assert {c.name: _digest(W.write_instance_images(c, tmp_path / c.name)) for c in W.CONCEPTS} == before
+    subjects = {s.name: _digest(W.write_instance_images(s, tmp_path / s.name)) for s in W.SUBJECTS}
+    assert len(set(subjects.values())) == len(W.SUBJECTS)
+    again = W.SUBJECTS[3]
+    assert _digest(W.write_instance_images(again, tmp_path / "again")) == subjects[again.name]
+
+
+def test_judge_recognises_each_subject_in_its_instance_images(tmp_path):
+    for subject in W.SUBJECTS:
+        images = [Image.open(p).convert("RGB").resize((W.RESOLUTION,) * 2, Image.BOX) for p in W.write_instance_images(subject, tmp_path)]
+        assert sum(J.recognises(r, subject) for r in J.predict(images)) >= 3, subject.name

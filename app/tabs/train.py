@@ -521,14 +521,16 @@ def build(state: AppState) -> dict[str, Any]:
     @guarded
     def on_demo(chosen: str):
         good, bad = check_uploads([str(p) for p in recipe.demo_images(state.workspace.demo_dir)])
-        recommended = recipe.RECOMMENDED_OPTIONS.get(chosen, {})
-        settings = recipe.demo_settings(chosen)
+        demo = recipe.demo_setting(chosen)
+        settings = demo.train_settings(chosen)
+        origin = "its tuned setting on `shapes`" if chosen in recipe.TUNED else "the `shapes` recipe"
         note = (
             f"Demo concept: train, then generate `a {recipe.TOKEN} {SHAPES_CLASS_NOUN} on a teal background`. "
-            f"Learning rate, batch size, loss weighting and instance prompt follow the `shapes` recipe ({recipe.BATCH_SIZE} images "
-            f"per step at {recipe.DEMO_LR_FACTOR:g}x the method's paper rate, Min-SNR gamma {recipe.SNR_GAMMA:g}"
-            + "".join(f", {key} {value}" for key, value in recommended.items())
-            + f"), {settings['steps']} steps; generate with guidance {recipe.GUIDANCE:g}."
+            f"Learning rate, batch size, loss weighting and instance prompt follow the method's setting ({origin}) at half "
+            f"its steps and twice its rate: {settings['batch_size']} images per step at {demo.lr_factor:g}x the method's paper rate, "
+            + (f"Min-SNR gamma {settings['snr_gamma']:g}" if settings["snr_gamma"] else "no Min-SNR weighting")
+            + "".join(f", {key} {value}" for key, value in demo.options.items())
+            + f", {settings['steps']} steps; generate with guidance {recipe.GUIDANCE:g}."
         )
         return (
             good,

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..adapters import method_names
+from ..atomic import write_text_atomic
 from ..benchmark import BenchConfig, markdown_table, run_benchmark, text_table, write_chart, write_json, write_markdown
 from ..benchmark.config import PRECISIONS, parse_method_spec
 from ..errors import UserError
@@ -95,31 +97,67 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="--quality: instance images, runs, generated grids (default: %(default)s)",
     )
-    parser.add_argument("--concepts", nargs="+", metavar="NAME", help="--quality: concepts to use (default: all)")
+    parser.add_argument(
+        "--tier",
+        default="all",
+        choices=["subjects", "outlines", "all"],
+        help="--quality: which subjects: made of parts pretraining drew (with the explicit-prompt ceiling), new outlines, "
+        "or both tables (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--split",
+        default="evaluation",
+        choices=["tuning", "evaluation"],
+        help="--quality: the subject tier's split; choose settings on tuning, report evaluation (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--concepts", nargs="+", metavar="NAME", help="--quality: subjects or concepts by name, of either tier (default: --tier's)"
+    )
+    parser.add_argument(
+        "--paper-defaults",
+        action="store_true",
+        help="--quality: also measure each method at its paper default (its own lr and options, the recipe's steps)",
+    )
+    parser.add_argument(
+        "--sweep",
+        action="append",
+        metavar="KEY=V1,V2,...",
+        help="--quality: train every method at each setting of a grid on the subject tier's --split and write a sweep table "
+        "with the winner per method; KEY is lr_factor, steps, a training setting (batch_size, snr_gamma, prior, ...) or a "
+        "method option (rank, preset, ...); repeat for a grid (the product)",
+    )
     parser.add_argument("--quality-steps", type=int, metavar="N", help="--quality: training steps per run (default: the shapes recipe's)")
     parser.add_argument("--sample-steps", type=int, metavar="N", help="--quality: denoising steps per generated image (default: 25)")
     parser.add_argument(
         "--captions",
         action="store_true",
+        default=None,
         help="--quality: train on captions naming each instance image's background (<image>.txt) instead of one prompt",
     )
     parser.add_argument("--masks", action="store_true", help="--quality: write each instance image's object mask (masked loss)")
     parser.add_argument(
         "--mask-background-weight",
         type=float,
-        default=0.1,
         metavar="W",
-        help="--quality: loss weight outside the masks (default: %(default)s)",
+        help="--quality: loss weight outside the masks (default: the method's setting, TrainConfig's 0.1)",
     )
     parser.add_argument(
         "--instance-background", metavar="NAME", help="--quality: put every instance image on this one background (default: four)"
     )
-    parser.add_argument("--prior", default="none", choices=PRIORS, help="--quality: prior preservation mode (default: %(default)s)")
     parser.add_argument(
-        "--train-text-encoder", action="store_true", help="--quality: also adapt the text encoder (same method, the UNet's lr)"
+        "--prior", choices=PRIORS, help="--quality: prior preservation mode (default: the method's setting, the recipe's none)"
     )
     parser.add_argument(
-        "--token-vectors", type=int, default=0, metavar="N", help="--quality: pivotal tuning with N learned token vectors (0 = off)"
+        "--train-text-encoder",
+        action="store_true",
+        default=None,
+        help="--quality: also adapt the text encoder (same method, the UNet's lr)",
+    )
+    parser.add_argument(
+        "--token-vectors",
+        type=int,
+        metavar="N",
+        help="--quality: pivotal tuning with N learned token vectors (0 = off; default: the method's setting)",
     )
     parser.add_argument(
         "--base-images",
@@ -185,19 +223,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_quality_command(args: argparse.Namespace) -> int:
-    """`bench --quality`: the CLI wires the metrics package's Vendi score into the quality runner."""
+    """`bench --quality`: the CLI wires the metrics package's Vendi score into the quality runner (or the sweep)."""
     import importlib
 
     import torch
 
-    from ..benchmark.quality import QualityConfig, markdown, run_quality
+    from ..benchmark import sweep as S
+    from ..benchmark.quality import QualityConfig, markdown, plan_runs, run_quality
     from ..benchmark.report import write_section
-    from ..shapes.world import BACKGROUND_NAMES, CONCEPTS
+    from ..shapes.world import BACKGROUND_NAMES
 
-    known = [c.name for c in CONCEPTS]
-    for name in args.concepts or []:
-        if name not in known:
-            raise UserError(f"unknown concept '{name}'; accepted: {', '.join(known)}")
     specs = [parse_method_spec(text) for text in args.methods or []]  # a typo fails here, before any training
     if any(spec.is_floor for spec in specs):
         raise UserError("--quality has no 'none' method: its table always has the base model (no adapter) row")
@@ -213,7 +248,10 @@ def run_quality_command(args: argparse.Namespace) -> int:
     config = QualityConfig(
         work_dir=args.quality_dir,
         methods=methods,
+        tier=args.tier,
+        split=args.split,
         concepts=args.concepts,
+        paper_defaults=args.paper_defaults,
         seed=args.seed,
         captions=args.captions,
         masks=args.masks,
@@ -225,33 +263,83 @@ def run_quality_command(args: argparse.Namespace) -> int:
         token_vectors=args.token_vectors,
         **counts,
     )
+    sweep = None
+    if args.sweep:
+        if args.tier == "outlines":
+            raise UserError("--sweep measures the subject tier (share of ceiling); accepted: --tier subjects or all")
+        if args.paper_defaults:
+            raise UserError("--sweep starts from each method's tuned setting; --paper-defaults belongs to the quality tables")
+        sweep = S.parse_sweep(args.sweep, sorted({spec.name for spec in specs}) or list(method_names()))
+        S.plan_sweep(config, sweep)  # every value checked before the progress bar and any training
+    else:
+        plan_runs(config)
     if args.threads is not None:
         if args.threads < 1:
             raise UserError(f"--threads must be a positive integer, got {args.threads}")
         torch.set_num_threads(args.threads)
+    command = quality_command(args)
     vendi = importlib.import_module("metrics.vendi").vendi_score
     with tqdm(desc="quality", unit="run") as bar:
-        record = run_quality(config, vendi, lambda label: (bar.set_description(label), bar.update()))
-    record["command"] = (
-        shlex.join(["personalize", *sys.argv[1:]]) if Path(sys.argv[0]).name == "personalize" else "personalize bench --quality"
-    )
-    output = Path(args.output if args.output != "bench.json" else Path(args.quality_dir) / "quality.json")
+        progress = lambda label: (bar.set_description(label), bar.update())
+        record = S.run_sweep(config, sweep, vendi, progress, command) if sweep else run_quality(config, vendi, progress)
+    record["command"] = command
+    default_output = Path(args.quality_dir) / ("sweep.json" if sweep else "quality.json")
+    output = Path(args.output if args.output != "bench.json" else default_output)
     write_json(record, output)
-    table = markdown(record)
+    table = S.markdown(record) if sweep else markdown(record)
+    write_text_atomic(output.with_suffix(".md"), f"Command: `{command}`\n\n{table}\n")
     if args.markdown:
-        key, title = ("quality-shapes", "Quality on `shapes`")
-        variant = [("captions", "captions naming the background")] if args.captions else []
-        if args.instance_background:
-            variant.append((f"on-{args.instance_background}", f"instance images on one {args.instance_background} background"))
-        if args.masks:
-            weight = "" if args.mask_background_weight == 0.1 else f"-bg{args.mask_background_weight:g}"
-            variant.append((f"masks{weight}", f"masked loss (background weight {args.mask_background_weight:g})"))
-        if args.prior != "none":
-            variant.append((f"prior-{args.prior}", f"prior '{args.prior}'"))
-        if variant:
-            key = "-".join([key] + [k for k, _ in variant])
-            title = ", ".join([title] + [t for _, t in variant])
-        write_section(args.markdown, key, f"### {title}\n\nCommand: `{record['command']}` ({record['total_s'] / 60:.0f} min)\n\n{table}")
+        key, title = quality_section(args)
+        write_section(args.markdown, key, f"### {title}\n\nCommand: `{command}` ({record['total_s'] / 60:.0f} min)\n\n{table}")
     print(table)
-    print(f"wrote {output}, {record['grid']}" + (f", {args.markdown}" if args.markdown else ""))
+    grids = [record["grid"]] if sweep else [t["grid"] for t in record["tiers"].values()]
+    print(f"wrote {output}, {output.with_suffix('.md')}, {', '.join(grids)}" + (f", {args.markdown}" if args.markdown else ""))
     return 0
+
+
+def quality_section(args: argparse.Namespace) -> tuple[str, str]:
+    """(key, title) of the markdown section of a quality run or sweep: one per variant of the settings."""
+    key, title = ("quality-shapes", "Quality on `shapes`")
+    variant = []
+    if args.sweep:
+        keys = [text.partition("=")[0].strip() for text in args.sweep]
+        variant.append((f"sweep-{'-'.join(keys)}-{args.split}", f"sweep of {', '.join(keys)} on the {args.split} subjects"))
+    elif args.tier != "all" or args.split != "evaluation":
+        variant.append((f"{args.tier}-{args.split}", f"{args.tier} tier, {args.split} split"))
+    if args.paper_defaults:
+        variant.append(("paper", "with paper defaults"))
+    if args.captions:
+        variant.append(("captions", "captions naming the background"))
+    if args.instance_background:
+        variant.append((f"on-{args.instance_background}", f"instance images on one {args.instance_background} background"))
+    if args.masks:
+        weight = args.mask_background_weight
+        suffix, note = ("", "") if weight is None else (f"-bg{weight:g}", f" (background weight {weight:g})")
+        variant.append((f"masks{suffix}", f"masked loss{note}"))
+    if args.prior:
+        variant.append((f"prior-{args.prior}", f"prior '{args.prior}'"))
+    if variant:
+        key = "-".join([key] + [k for k, _ in variant])
+        title = ", ".join([title] + [t for _, t in variant])
+    return key, title
+
+
+def quality_command(args: argparse.Namespace) -> str:
+    """The command that reproduces this run: `personalize bench` with each option that differs from its default."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults = vars(parser.parse_args([]))
+    words = ["personalize", "bench"]
+    for dest, value in sorted(vars(args).items(), key=lambda item: item[0] != "quality"):  # --quality first, then as declared
+        if dest not in defaults or value == defaults[dest]:
+            continue
+        flag = "--" + dest.replace("_", "-")
+        if value is True:
+            words.append(flag)
+        elif dest == "sweep":  # repeated: one flag per grid axis
+            words += [word for item in value for word in (flag, item)]
+        elif isinstance(value, list):
+            words += [flag, *map(str, value)]
+        else:
+            words += [flag, str(value)]
+    return shlex.join(words)

@@ -11,11 +11,17 @@ What pretraining never sees (so it can be measured):
   are built from them (`CONCEPTS`), so a subject really is new to the model;
 - `HELD_OUT_PAIRS`: one object colour per shape, for the base model's compositional test.
 The judge (`personalize.shapes.judge`) is trained on the whole world, concepts included.
+
+Two tiers of personalization subjects: `CONCEPTS` (the new-outline tier, "outlines": a shape or
+pattern pretraining never drew) and `SUBJECTS` (the subject tier: only parts pretraining drew, some
+on held-out pairs, as DreamBooth's dog is made of things the model can draw), the latter split into a
+tuning set (settings are chosen on it) and an evaluation set (tables report it).
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -75,15 +81,24 @@ class Scene:
         return asdict(self)
 
 
+OUTLINES, SUBJECT_TIER = "outlines", "subjects"  # the two tiers of personalization subjects
+TIERS = (SUBJECT_TIER, OUTLINES)
+TUNING, EVALUATION = "tuning", "evaluation"  # the subject tier's splits
+SPLITS = (TUNING, EVALUATION)
+
+
 @dataclass(frozen=True)
 class Concept:
-    """A personalization subject the pretrained model has never seen."""
+    """A personalization subject: in the new-outline tier one the pretrained model has never seen, in
+    the subject tier one made of parts it has drawn (with its `split`)."""
 
     name: str
     shape: str
     colour: str
     pattern: str
     description: str
+    tier: str = OUTLINES
+    split: str = ""  # the subject tier's TUNING or EVALUATION; the new-outline tier has none
 
 
 CONCEPTS = (
@@ -93,13 +108,36 @@ CONCEPTS = (
 )
 
 
+def _subject(shape: str, colour: str, pattern: str, split: str) -> Concept:
+    held_out = ", a (shape, colour) pair pretraining never drew" if (shape, colour) in HELD_OUT_PAIRS else ""
+    description = f"a {colour} {pattern} {shape} (parts pretraining drew{held_out})"
+    return Concept(f"{colour}-{pattern}-{shape}", shape, colour, pattern, description, SUBJECT_TIER, split)
+
+
+SUBJECTS = (
+    _subject("star", "red", "striped", TUNING),
+    _subject("circle", "orange", "dotted", TUNING),  # held-out pair
+    _subject("triangle", "green", "solid", TUNING),
+    _subject("square", "blue", "striped", EVALUATION),  # held-out pair
+    _subject("diamond", "yellow", "dotted", EVALUATION),
+    _subject("ring", "purple", "solid", EVALUATION),  # held-out pair
+    _subject("cross", "pink", "striped", EVALUATION),
+)
+
+
+def subjects(split: str | None = None) -> list[Concept]:
+    """The subject tier's concepts of `split` (None: both splits)."""
+    return [s for s in SUBJECTS if split is None or s.split == split]
+
+
 # Instance photos of a concept show it on these backgrounds; it is then prompted on the others.
 INSTANCE_BACKGROUNDS = ("black", "gray", "brown", "beige")
 UNSEEN_BACKGROUNDS = ("teal", "navy", "checkered")
 
 
 def concept_by_name(name: str) -> Concept:
-    for concept in CONCEPTS:
+    """A concept of either tier by its name (KeyError if none)."""
+    for concept in CONCEPTS + SUBJECTS:
         if concept.name == name:
             return concept
     raise KeyError(name)
@@ -163,7 +201,7 @@ def write_instance_images(
     path -> mask path), each image's object mask is written there too (white = the object)."""
     from pathlib import Path
 
-    rng = np.random.default_rng([seed, CONCEPTS.index(concept)])
+    rng = np.random.default_rng(_instance_stream(concept, seed))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -177,6 +215,14 @@ def write_instance_images(
             mask.save(mask_path(path))
         paths.append(path)
     return paths
+
+
+def _instance_stream(concept: Concept, seed: int) -> list[int]:
+    """The seed sequence of a concept's instance images: the new-outline tier by its place in `CONCEPTS`
+    (as before the subject tier existed), a subject by a checksum of its name (stable whatever the order)."""
+    if concept.tier == OUTLINES:
+        return [seed, CONCEPTS.index(concept)]
+    return [seed, 1, zlib.crc32(concept.name.encode())]
 
 
 # --- captions ---------------------------------------------------------------------------------

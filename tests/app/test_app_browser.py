@@ -360,14 +360,16 @@ def test_offline_demo_learns_the_concept_in_browser(page, tmp_path):
         expect(page.locator("#train-upload-status")).to_contain_text("4 image(s) accepted")
         expect(page.get_by_label("Concept name")).to_have_value("pink heart")
         page.get_by_role("button", name="Start training").click()  # the form's defaults: validation and tracking on
-        expect(page.locator("#train-status")).to_contain_text(f"finished after {recipe.DEMO_STEPS} steps", timeout=180_000)
+        expect(page.locator("#train-status")).to_contain_text(
+            f"finished after {recipe.demo_settings('lora')['steps']} steps", timeout=180_000
+        )
         expect(page.locator("#train-metrics")).to_contain_text("drift")
         shoot(page, "5-demo-train")
         concept = state.workspace.find_by_name("pink heart")
         used = json.loads((state.workspace.train_dir(concept.id) / "config.json").read_text())
-        # the demo filled the form with the recipe: its learning rate, Min-SNR, and LoRA's recommended conv targets
+        # the demo filled the form with LoRA's tuned setting: its learning rate, Min-SNR, and its conv targets
         assert used["snr_gamma"] == recipe.SNR_GAMMA, used
-        assert recipe.RECOMMENDED_OPTIONS["lora"].items() <= used["method_options"].items(), used["method_options"]
+        assert recipe.TUNED["lora"].options.items() <= used["method_options"].items(), used["method_options"]
         curves = json.loads((state.workspace.train_dir(concept.id) / "result.json").read_text())["curves"]
         # validation prompts in the shapes captions' language: the base model (step 0) draws the prompted backgrounds
         assert curves[0]["step"] == 0 and curves[0]["alignment"] >= 0.5, curves[0]
