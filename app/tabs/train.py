@@ -68,6 +68,17 @@ def check_uploads(files: list[str] | None) -> tuple[list[str], list[str]]:
     return accepted, rejected
 
 
+def method_start(base_name: str, method: str, optimizer: str = "adamw") -> tuple[int, float, list[list[str]], str]:
+    """(steps, learning rate, option rows, note) the form starts a method from: its tuned setting on `shapes`
+    (`recipe.TUNED`, or the recipe's), else its paper defaults."""
+    if base_name == "shapes" and optimizer != "prodigy":
+        setting, settings = recipe.setting(method), recipe.train_settings(method)
+        note = f"Setting on `shapes` ({html.escape(setting.describe())}): from {html.escape(setting.source)}"
+        return settings["steps"], settings["lr"], option_rows(method, settings["method_options"]), note
+    paper = get_method(method).train_defaults
+    return paper.steps, default_lr(method, optimizer), option_rows(method), f"Paper defaults: {html.escape(paper.source)}"
+
+
 def default_lr(method: str, optimizer: str) -> float:
     """The learning rate the form shows: the method's paper rate, or Prodigy's multiplier 1.0."""
     return PRODIGY_LR if optimizer == "prodigy" else get_method(method).train_defaults.lr
@@ -182,7 +193,10 @@ def job_status(job: JobState | None) -> str:
 
 def build(state: AppState) -> dict[str, Any]:
     default_method = train_default("method")
-    defaults = get_method(default_method).train_defaults
+    # on `shapes` the form starts from the default method's setting there (prompt, prior, batch, loss weighting)
+    shapes_start = recipe.train_settings(default_method) if state.base.name == "shapes" else {}
+    start = lambda name: shapes_start.get(name, train_default(name))
+    start_steps, start_lr, start_rows, start_note = method_start(state.base.name, default_method)
     with gr.Row():
         with gr.Column(scale=5):
             files = gr.File(label="Concept images", file_count="multiple", file_types=["image"], elem_id="train-files")
@@ -233,12 +247,10 @@ def build(state: AppState) -> dict[str, Any]:
         with gr.Column(scale=6):
             name = gr.Textbox(label="Concept name", placeholder="e.g. my dog", elem_id="train-name")
             with gr.Row():
-                token = gr.Textbox(
-                    label="Token", value=train_default("token"), info="rare word that stands for the subject", elem_id="train-token"
-                )
+                token = gr.Textbox(label="Token", value=start("token"), info="rare word that stands for the subject", elem_id="train-token")
                 class_noun = gr.Textbox(
                     label="Class noun",
-                    value=train_default("class_noun"),
+                    value=start("class_noun"),
                     info="what the subject is: dog, person, mug",
                     elem_id="train-class",
                 )
@@ -246,7 +258,7 @@ def build(state: AppState) -> dict[str, Any]:
             with gr.Row():
                 steps = gr.Number(
                     label="Steps",
-                    value=defaults.steps,
+                    value=start_steps,
                     precision=0,
                     minimum=1,
                     info="empty = the method's paper default",
@@ -254,15 +266,15 @@ def build(state: AppState) -> dict[str, Any]:
                 )
                 lr = gr.Number(
                     label="Learning rate",
-                    value=defaults.lr,
+                    value=start_lr,
                     minimum=0,
                     step=1e-5,
                     info="empty = the method's paper default",
                     elem_id="train-lr",
                 )
-            defaults_note = gr.Markdown(f"Paper defaults: {html.escape(defaults.source)}")
+            defaults_note = gr.Markdown(start_note)
             options = gr.Dataframe(
-                value=option_rows(default_method),
+                value=start_rows,
                 headers=COLUMNS,
                 datatype="str",
                 interactive=True,
@@ -271,26 +283,26 @@ def build(state: AppState) -> dict[str, Any]:
                 elem_id="train-options",
             )
             prior = gr.Dropdown(
-                list(PRIORS), value=train_default("prior"), label="Prior preservation", info=train_help("prior"), elem_id="train-prior"
+                list(PRIORS), value=start("prior"), label="Prior preservation", info=train_help("prior"), elem_id="train-prior"
             )
             with gr.Accordion("Advanced", open=False):
                 with gr.Row():
                     tracked = gr.Textbox(
                         label="Metrics tracked at each validation",
-                        value=train_default("track_metrics"),
+                        value=start("track_metrics"),
                         info=train_help("track_metrics"),
                         elem_id="train-track-metrics",
                     )
                     select_by = gr.Dropdown(
                         label="Keep the step chosen by",
                         choices=list(SELECTION_RULES),
-                        value=train_default("select_by"),
+                        value=start("select_by"),
                         info=train_help("select_by"),
                         elem_id="train-select-by",
                     )
                     drift_limit = gr.Number(
                         label="Drift limit",
-                        value=train_default("drift_limit"),
+                        value=start("drift_limit"),
                         minimum=0,
                         info=train_help("drift_limit"),
                         elem_id="train-drift-limit",
@@ -298,7 +310,7 @@ def build(state: AppState) -> dict[str, Any]:
                 with gr.Row():
                     class_images = gr.Number(
                         label="Class images",
-                        value=train_default("class_images"),
+                        value=start("class_images"),
                         precision=0,
                         minimum=1,
                         info=train_help("class_images"),
@@ -306,7 +318,7 @@ def build(state: AppState) -> dict[str, Any]:
                     )
                     validation_every = gr.Number(
                         label="Validation images every (steps)",
-                        value=train_default("validation_every"),
+                        value=start("validation_every"),
                         precision=0,
                         minimum=0,
                         info=train_help("validation_every"),
@@ -314,7 +326,7 @@ def build(state: AppState) -> dict[str, Any]:
                     )
                     sample_steps = gr.Number(
                         label="Sampling steps",
-                        value=train_default("sample_steps"),
+                        value=start("sample_steps"),
                         precision=0,
                         minimum=1,
                         info=train_help("sample_steps"),
@@ -323,7 +335,7 @@ def build(state: AppState) -> dict[str, Any]:
                 with gr.Row():
                     resolution = gr.Number(
                         label="Resolution (px, 0 = native)",
-                        value=train_default("resolution") or 0,
+                        value=start("resolution") or 0,
                         precision=0,
                         minimum=0,
                         step=64,
@@ -332,21 +344,21 @@ def build(state: AppState) -> dict[str, Any]:
                     )
                     mixed_precision = gr.Dropdown(
                         list(MIXED_PRECISION),
-                        value=train_default("mixed_precision"),
+                        value=start("mixed_precision"),
                         label="Mixed precision",
                         info=train_help("mixed_precision"),
                     )
-                    seed = gr.Number(label="Seed", value=train_default("seed"), precision=0, info=train_help("seed"))
+                    seed = gr.Number(label="Seed", value=start("seed"), precision=0, info=train_help("seed"))
                 with gr.Row():
                     instance_prompt = gr.Textbox(
                         label="Instance prompt",
-                        value=train_default("instance_prompt"),
+                        value=start("instance_prompt"),
                         info=train_help("instance_prompt"),
                         elem_id="train-instance-prompt",
                     )
                     batch_size = gr.Number(
                         label="Batch size",
-                        value=train_default("batch_size"),
+                        value=start("batch_size"),
                         precision=0,
                         minimum=1,
                         info=train_help("batch_size"),
@@ -354,21 +366,21 @@ def build(state: AppState) -> dict[str, Any]:
                     )
                     optimizer = gr.Dropdown(
                         list(OPTIMIZERS),
-                        value=train_default("optimizer"),
+                        value=start("optimizer"),
                         label="Optimizer",
                         info=train_help("optimizer"),
                         elem_id="train-optimizer",
                     )
                 with gr.Row():
                     masks_mode = gr.Dropdown(
-                        list(MASKS), value=train_default("masks"), label="Masks", info=train_help("masks"), elem_id="train-masks-mode"
+                        list(MASKS), value=start("masks"), label="Masks", info=train_help("masks"), elem_id="train-masks-mode"
                     )
                     mask_model = gr.Textbox(
                         label="Mask model", value=state.base.mask_model, info=train_help("mask_model"), elem_id="train-mask-model"
                     )
                     mask_weight = gr.Number(
                         label="Mask background weight",
-                        value=train_default("mask_background_weight"),
+                        value=start("mask_background_weight"),
                         minimum=0,
                         maximum=1,
                         step=0.05,
@@ -377,11 +389,11 @@ def build(state: AppState) -> dict[str, Any]:
                     )
                 with gr.Row():
                     buckets = gr.Checkbox(
-                        label="Aspect-ratio buckets", value=train_default("buckets"), info=train_help("buckets"), elem_id="train-buckets"
+                        label="Aspect-ratio buckets", value=start("buckets"), info=train_help("buckets"), elem_id="train-buckets"
                     )
                     ema_decay = gr.Number(
                         label="EMA decay",
-                        value=train_default("ema_decay"),
+                        value=start("ema_decay"),
                         minimum=0,
                         maximum=0.9999,
                         step=0.001,
@@ -390,22 +402,30 @@ def build(state: AppState) -> dict[str, Any]:
                     )
                     snr_gamma = gr.Number(
                         label="Min-SNR gamma (0 = off)",
-                        value=train_default("snr_gamma") or 0,
+                        value=start("snr_gamma") or 0,
                         minimum=0,
                         step=0.5,
                         info=train_help("snr_gamma"),
                         elem_id="train-snr-gamma",
                     )
+                    keep_unconditional = gr.Number(
+                        label="Keep unconditional (0 = off)",
+                        value=start("keep_unconditional"),
+                        minimum=0,
+                        step=0.5,
+                        info=train_help("keep_unconditional"),
+                        elem_id="train-keep-unconditional",
+                    )
             with gr.Row():
                 text_encoder = gr.Checkbox(
                     label="Train the text encoder too",
-                    value=train_default("train_text_encoder"),
+                    value=start("train_text_encoder"),
                     info=train_help("train_text_encoder"),
                     elem_id="train-text-encoder",
                 )
                 learned_token = gr.Checkbox(
                     label="Learn the token (pivotal tuning)",
-                    value=train_default("token_vectors") > 0,
+                    value=start("token_vectors") > 0,
                     info=f"the token becomes {TOKEN_VECTORS} new embedding vector, started from the class noun, trained with the adapter",
                     elem_id="train-token",
                 )
@@ -529,6 +549,7 @@ def build(state: AppState) -> dict[str, Any]:
             f"Learning rate, batch size, loss weighting and instance prompt follow the method's setting ({origin}) at half "
             f"its steps and twice its rate: {settings['batch_size']} images per step at {demo.lr_factor:g}x the method's paper rate, "
             + (f"Min-SNR gamma {settings['snr_gamma']:g}" if settings["snr_gamma"] else "no Min-SNR weighting")
+            + f", keep unconditional {settings['keep_unconditional']:g}"
             + "".join(f", {key} {value}" for key, value in demo.options.items())
             + f", {settings['steps']} steps; generate with guidance {recipe.GUIDANCE:g}."
         )
@@ -549,6 +570,7 @@ def build(state: AppState) -> dict[str, Any]:
             settings["batch_size"],
             "adamw",  # the recipe's learning rate is AdamW's
             settings["snr_gamma"],
+            settings["keep_unconditional"],
         )
 
     demo.click(
@@ -571,21 +593,14 @@ def build(state: AppState) -> dict[str, Any]:
             batch_size,
             optimizer,
             snr_gamma,
+            keep_unconditional,
         ],
     )
 
     @guarded
     def on_method(chosen: str, opt: str, te: bool, tok: bool):
-        method_cls = get_method(chosen)
-        rows = option_rows(chosen)
-        paper = method_cls.train_defaults
-        return (
-            paper.steps,
-            default_lr(chosen, opt),
-            rows,
-            f"Paper defaults: {html.escape(paper.source)}",
-            estimate_text(state, chosen, rows, te, tok),
-        )
+        start_steps, start_lr, rows, note = method_start(state.base.name, chosen, opt)
+        return start_steps, start_lr, rows, note, estimate_text(state, chosen, rows, te, tok)
 
     method.change(on_method, [method, optimizer, text_encoder, learned_token], [steps, lr, options, defaults_note, estimate])
     optimizer.change(default_lr, [method, optimizer], lr)  # Prodigy's lr is a multiplier: 1.0
@@ -620,6 +635,7 @@ def build(state: AppState) -> dict[str, Any]:
         bucketed,
         decay,
         gamma,
+        keep_uncond,
         metric_names,
         rule,
         limit,
@@ -662,6 +678,7 @@ def build(state: AppState) -> dict[str, Any]:
             buckets=bool(bucketed),
             ema_decay=decay,
             snr_gamma=gamma or None,
+            keep_unconditional=keep_uncond or 0.0,
             track_metrics=str(metric_names).strip() or "none",
             select_by=rule,
             drift_limit=limit,
@@ -707,6 +724,7 @@ def build(state: AppState) -> dict[str, Any]:
             buckets,
             ema_decay,
             snr_gamma,
+            keep_unconditional,
             tracked,
             select_by,
             drift_limit,

@@ -29,6 +29,12 @@ STEPS = 300
 BATCH_SIZE = 4  # all 4 instance images in every step: less gradient noise at no cost at 32 px
 LR_FACTOR = 20.0
 SNR_GAMMA = 5.0  # Min-SNR weighting (Hang et al. 2023's gamma): on LoRA, pink heart 0.67 -> 0.92 fidelity at 300 steps
+# Issue 29: trained on one fixed prompt, UNet adapters stored a subject in prompt-independent weights, which
+# classifier-free guidance cancels (LoRA on the red striped star: the empty prompt drew it in 7 of 12 images, the
+# prompted fidelity at guidance 5 was 0.00). Keeping the empty prompt's prediction at the frozen model's moved the
+# update into the cross-attention keys and lifted LoRA to 0.50 / 0.58 / 0.67 on the three tuning subjects (was
+# 0.00 / 0.08 / 0.33); BENCHMARKS.md, "Subjects the model can draw".
+KEEP_UNCONDITIONAL = 1.0
 GUIDANCE = 5.0  # classifier-free guidance for this model: 7.5 washes its colours out towards white
 TOKEN = "sks"
 INSTANCE_PROMPT = "a {token} {class_noun}"  # the captions' own form ("a red star ..."), not SD's "a photo of"
@@ -62,6 +68,7 @@ class Tuned:
                 method=method,
                 method_options=dict(self.options),
                 snr_gamma=SNR_GAMMA,
+                keep_unconditional=KEEP_UNCONDITIONAL,
                 token=TOKEN,
                 class_noun=W.CLASS_NOUN,
                 instance_prompt=INSTANCE_PROMPT,

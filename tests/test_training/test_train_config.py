@@ -183,3 +183,27 @@ def test_text_encoder_options_need_train_text_encoder(capsys, tmp_path, photos):
     assert not out.exists()
     config = resolve(TrainConfig(instance_images="p", output_dir="o", train_text_encoder=True, text_encoder_options={"rank": 4}))
     assert config.text_encoder_options == {"rank": 4}
+
+
+def test_shapes_runs_start_from_the_methods_setting(tmp_path, photos, caplog):
+    """On the built-in `shapes` model what the caller leaves out comes from the method's setting there (recipe),
+    what it names (flags, file) wins, and the log says where the setting came from."""
+    from personalize.shapes import recipe
+    from personalize.train import effective_config
+
+    caplog.set_level("INFO", logger="personalize.train")
+    common = dict(instance_images=str(photos), output_dir=str(tmp_path / "run"), base_model="shapes")
+    svfit = effective_config(**common, method="svfit")
+    tuned = recipe.train_settings("svfit")
+    assert (svfit.lr, svfit.steps, svfit.keep_unconditional, svfit.snr_gamma) == (
+        tuned["lr"],
+        tuned["steps"],
+        recipe.KEEP_UNCONDITIONAL,
+        recipe.SNR_GAMMA,
+    )
+    assert svfit.class_noun == "shape" and svfit.instance_prompt == recipe.INSTANCE_PROMPT
+    assert "starting from svfit's" in caplog.text
+    named = effective_config(**common, method="lora", lr=1e-3, keep_unconditional=0.0, method_options={"rank": 8})
+    assert named.lr == 1e-3 and named.keep_unconditional == 0.0  # named settings win
+    assert named.method_options["rank"] == 8 and named.method_options["preset"] == recipe.setting("lora").options["preset"]
+    assert effective_config(**{**common, "base_model": "tiny"}, method="svfit").keep_unconditional == 0.0  # other models: defaults
