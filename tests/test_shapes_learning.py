@@ -1,7 +1,10 @@
-"""The built-in `shapes` model loads offline, generates, and learns a concept it never saw: after a
-short training run with the shapes recipe, the judge recognises the concept (shape, colour and pattern
-all right) in most images of prompts on backgrounds the instance images do not show, where it
-recognised it in few of the base model's images of the same prompts and seeds."""
+"""The built-in `shapes` model loads offline, generates, and learns: after a short training run with the
+method's setting on `shapes` (the demo's half of it), the judge recognises the subject (shape, colour and
+pattern all right) in most images of prompts on backgrounds the instance images do not show, where it
+recognised it in few of the base model's images of the same prompts and seeds. Two LoRA cases: the demo
+concept (a shape pretraining never drew), and an evaluation subject of the subject tier (made of parts
+pretraining drew; LoRA binds it only with the recipe's keep_unconditional, BENCHMARKS.md). No seed method
+is here yet: none met the subject goal robustly (LoLDU read 0.00 on this tier's diamond at the demo's setting)."""
 
 from __future__ import annotations
 
@@ -16,10 +19,11 @@ from personalize.shapes import recipe
 from personalize.shapes import world as W
 from personalize.train import TrainConfig, train
 
-CONCEPT = W.concept_by_name(recipe.DEMO_CONCEPT)
-METHOD = "lora"  # among the quickest to train per step (BENCHMARKS.md), with the recipe's conv targets
-# The issue's goal: recognised in 0.6 or more of the images, and at least 0.4 more often than by the base model.
-# Measured (12 images a side): recognised 0.92 after training, 0.00 by the base model; judge cosine 0.70 -> 0.94.
+# (method, subject): LoRA, among the quickest per step (BENCHMARKS.md), at its setting on `shapes`.
+CASES = [("lora", recipe.DEMO_CONCEPT), ("lora", "purple-solid-ring")]
+# The goal: recognised in 0.6 or more of the images, and at least 0.4 more often than by the base model.
+# Measured (12 images a side): LoRA on the heart 0.75 vs 0.00, judge cosine 0.70 -> 0.92 (0.92 before keep_unconditional);
+# LoRA on the ring 1.00 vs 0.00, cosine 0.73 -> 0.97 (at the full recipe without keep_unconditional it read 0.25).
 FIDELITY, FIDELITY_GAIN = 0.6, 0.4
 COSINE_GAIN = 0.05  # the judge's features move towards the instance images too (measured +0.24)
 PROMPTS = [f"a {recipe.TOKEN} {W.CLASS_NOUN} on a {bg} background" for bg in W.UNSEEN_BACKGROUNDS]
@@ -30,12 +34,12 @@ def pipe():
     return load_pipeline("shapes", device="cpu")
 
 
-def judged(images, reference) -> tuple[float, float, float]:
+def judged(images, reference, concept: W.Concept) -> tuple[float, float, float]:
     """(mean judge-feature cosine to `reference`, share with the concept's shape, share recognised)."""
     readings = J.predict(images)
     cosine = float((J.embed(images) @ J.embed(reference).T).mean())
-    shape = float(np.mean([r["shape"] == CONCEPT.shape for r in readings]))
-    return cosine, shape, float(np.mean([J.recognises(r, CONCEPT) for r in readings]))
+    shape = float(np.mean([r["shape"] == concept.shape for r in readings]))
+    return cosine, shape, float(np.mean([J.recognises(r, concept) for r in readings]))
 
 
 def test_shapes_loads_as_a_stable_diffusion_pipeline(pipe):
@@ -50,8 +54,10 @@ def test_shapes_loads_as_a_stable_diffusion_pipeline(pipe):
     assert not np.array_equal(arrays[0], arrays[1])  # two seeds, two images
 
 
-def test_a_short_run_teaches_the_concept(pipe, tmp_path):
-    instances = [Image.open(p).convert("RGB") for p in W.write_instance_images(CONCEPT, tmp_path / "instances")]
+@pytest.mark.parametrize("method, subject", CASES)
+def test_a_short_run_teaches_the_subject(pipe, tmp_path, method, subject):
+    concept = W.concept_by_name(subject)
+    instances = [Image.open(p).convert("RGB") for p in W.write_instance_images(concept, tmp_path / "instances")]
     render = dict(num_images=4, steps=25, guidance=recipe.GUIDANCE)  # 12 images a side
     base = [g.image for p in PROMPTS for g in generate(pipe, p, **render)]
     result = train(
@@ -61,11 +67,11 @@ def test_a_short_run_teaches_the_concept(pipe, tmp_path):
             validation_every=0,
             checkpoint_every=0,
             cpu=True,
-            **recipe.demo_settings(METHOD),
+            **recipe.demo_settings(method),
         )
     )
     tuned = [g.image for p in PROMPTS for g in generate(pipe, p, adapters=[AdapterSpec(result.adapter_path)], **render)]
-    before, after = judged(base, instances), judged(tuned, instances)
-    print(f"\ncosine, shape share, recognised: base {before}, trained {after}")
+    before, after = judged(base, instances, concept), judged(tuned, instances, concept)
+    print(f"\n{method} on {subject}: cosine, shape share, recognised: base {before}, trained {after}")
     assert after[2] >= FIDELITY and after[2] - before[2] >= FIDELITY_GAIN, (before, after)
     assert after[0] - before[0] >= COSINE_GAIN, (before, after)
