@@ -57,6 +57,7 @@ from torch import nn
 
 from .atomic import atomic_path
 from .errors import UserError
+from .export_options import DEFAULT_DTYPE, DEFAULT_ENERGY, DEFAULT_FORMAT, DTYPES, FORMATS
 from .inject import Adapter, base_model_id
 from .io import MAIN_PART, read_adapter_file
 from .lowrank import factorize, validate_rank_energy
@@ -64,11 +65,7 @@ from .pipeline_adapter import PipelineAdapter, load_adapter
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("diffusers", "kohya")
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-DEFAULT_FORMAT = "kohya"  # the one layout A1111, ComfyUI and diffusers all load
-DEFAULT_DTYPE = "float16"  # what LoRA files ship as; float32 only to check exactness
-DEFAULT_ENERGY = 0.99  # keep 99% of each update's squared norm: relative error <= 10% per layer
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 KOHYA_ALPHA = 1.0  # sd-scripts' default --network_alpha; the factors absorb sqrt(rank) each
 KOHYA_PREFIX = "lora_unet_"
 # sd-scripts' text-encoder prefixes (networks/lora.py): one encoder (SD 1.x/2.x), or SDXL's two.
@@ -214,7 +211,7 @@ def check_options(
     if source is not None and Path(output).resolve() == Path(source).resolve():
         raise UserError(f"output '{output}' is the adapter file itself; choose another output path")
     if isinstance(dtype, torch.dtype):
-        names = {value: key for key, value in DTYPES.items()}
+        names = {value: key for key, value in TORCH_DTYPES.items()}
         if dtype not in names:
             raise UserError(f"unsupported export dtype {dtype}; accepted: {', '.join(DTYPES)}")
         return names[dtype]
@@ -301,7 +298,7 @@ def export_adapter(
                 report.skipped[label] = reason
                 report.lost_norm2 += float(delta.double().norm()) ** 2
             else:
-                layer = export_layer(name, keys[part][name], delta, format, rank, energy, DTYPES[dtype_name], tensors)
+                layer = export_layer(name, keys[part][name], delta, format, rank, energy, TORCH_DTYPES[dtype_name], tensors)
                 if layer is None:
                     report.skipped[label] = "its update is zero"
                 else:
@@ -316,7 +313,7 @@ def export_adapter(
             f"({', '.join(sorted(set(report.skipped.values()))) or 'it adapts no layer'})"
         )
     write(report, tensors)
-    write_embeddings(report, tokens, DTYPES[dtype_name])
+    write_embeddings(report, tokens, TORCH_DTYPES[dtype_name])
     log.info(
         "exported %d layers to %s (%s), overall relative error %.2e",
         len(report.layers),

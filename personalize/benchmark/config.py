@@ -1,23 +1,24 @@
 """What `personalize bench` measures: the methods (with options) and the run settings, checked where
-they enter so a typo fails before a 3.4 GB UNet is built."""
+they enter so a typo fails before a 3.4 GB UNet is built. Importing it loads no torch (the CLI's help
+shows these defaults)."""
 
 from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..adapters import get_method, method_names
-from ..adapters.forms import MODES as FORM_MODES
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 FLOOR = "none"  # frozen UNet, gradients to the input latents only: the cheapest training step possible
 REFERENCE = "lora"  # every ratio is taken to peft LoRA r=4 (ADAPTERS.md "Baseline: LoRA")
 REFERENCE_OPTIONS = {"rank": 4, "alpha": 4.0}
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # name -> torch dtype
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,8 @@ class BenchConfig:
     text_encoder: bool = False  # also time each method's step with its adapter on the text encoder(s) too (text_workload.py)
 
     def validate(self) -> None:
+        from ..adapters.forms import MODES as FORM_MODES
+
         for name in ("resolution", "batch", "steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -113,6 +116,8 @@ class BenchConfig:
         resolve_specs(self.methods)
 
     def torch_device(self) -> torch.device:
+        import torch
+
         from ..models import default_device
 
         if self.device is None:
@@ -129,6 +134,8 @@ class BenchConfig:
 
     def autocast_dtype(self, device: torch.device) -> torch.dtype:
         """The compute dtype: float32 means no autocast."""
+        import torch
+
         if self.precision == "auto":
             return torch.float16 if device.type in ("cuda", "mps") else torch.float32
-        return PRECISIONS[self.precision]
+        return getattr(torch, PRECISIONS[self.precision])

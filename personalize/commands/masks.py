@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-from PIL import Image
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
 from ..atomic import atomic_path
-from ..automask import auto_masks, load_segmenter
-from ..data import MASK_SUFFIX, MIN_RESOLUTION, is_mask_file, list_image_files, load_image, mask_file
 from ..errors import UserError, user_error_from_os
 from ..training.config import TrainConfig
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 BATCH_SIZE = 4  # images decoded and segmented at once
 
@@ -37,6 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..automask import auto_masks, load_segmenter
+    from ..data import MASK_SUFFIX, MIN_RESOLUTION, is_mask_file, list_image_files, load_image, mask_file
+
     noun = " ".join(args.class_noun.split())
     if not noun:
         raise UserError("--class-noun is empty; give what the subject is, e.g. --class-noun dog")
@@ -63,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
 
 def write_mask(image: Path, mask: Image.Image) -> None:
     """`mask` as `<image>.mask.png`, atomically."""
+    from ..data import mask_file
+
     try:
         with atomic_path(mask_file(image)) as tmp:
             mask.save(tmp, format="PNG")
