@@ -49,13 +49,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    tune_cpu_allocator()
     parser, modules = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
     if args.command is None:
         parser.print_help()
         return 0
+    tune_cpu_allocator()  # before the command allocates anything; help and argument errors skip it
     try:
         return int(modules[args.command].run(args) or 0)
     except KeyboardInterrupt:
