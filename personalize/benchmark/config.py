@@ -4,7 +4,6 @@ shows these defaults)."""
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -53,6 +52,8 @@ def parse_method_spec(text: str) -> MethodSpec:
 
 def _literal(value: str) -> Any:
     """A TOML literal (8, 0.5, true, "x"), `none` for None, anything else as text (as `train --option`)."""
+    import tomllib
+
     if value.lower() in ("none", "null"):
         return None
     try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from ..atomic import make_writable_dir, remove_empty_dirs
 from ..base_models import DEFAULT_BASE_MODEL
 from ..prompts import MAX_SEED, check_generation
 
@@ -46,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..atomic import make_writable_dir, remove_empty_dirs
     from ..generate import AdapterSpec
     from ..io import adapter_info
 

@@ -12,7 +12,6 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..atomic import atomic_path
 from ..errors import UserError, user_error_from_os
 from ..training.config import TrainConfig
 
@@ -67,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
 def write_mask(image: Path, mask: Image.Image) -> None:
     """`mask` as `<image>.mask.png`, atomically."""
+    from ..atomic import atomic_path
     from ..data import mask_file
 
     try:

@@ -11,9 +11,7 @@ need the method classes, image and text-encoder code import them when they run.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -316,6 +314,9 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
+    import json
+    import tomllib
+
     path = Path(path).expanduser()
     try:
         text = path.read_text(encoding="utf-8")
