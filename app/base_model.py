@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from personalize import load_pipeline
+from personalize.base_models import BUILTIN_DESCRIPTIONS, BUILTIN_MODELS
 from personalize.errors import USER_ERRORS, user_message
-from personalize.models import BUILTIN_DESCRIPTIONS, BUILTIN_MODELS, load_unet
+from personalize.models import load_unet
 from personalize.shapes import recipe
 from personalize.train import TrainConfig
 from personalize.training.text_side import build_adapter

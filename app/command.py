@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from personalize.models import DEFAULT_BASE_MODEL
+from personalize.base_models import DEFAULT_BASE_MODEL
 
-from .workspace import default_workspace
+from .locations import default_workspace
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

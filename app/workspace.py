@@ -29,7 +29,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,17 +58,6 @@ USABLE = (DONE, STOPPED)
 FINAL, BEST, CHECKPOINT = "final", "best", "checkpoint"
 # How the Concepts tab names the rule that chose the best step (TrainConfig.select_by).
 SELECTION_NAMES = {"balanced": "balanced score", "fidelity": "fidelity", "alignment": "prompt alignment", "last": "last validation"}
-
-
-def default_workspace() -> Path:
-    """The per-user data folder: $XDG_DATA_HOME/personalize, or the platform's usual place."""
-    if os.environ.get("XDG_DATA_HOME"):
-        return Path(os.environ["XDG_DATA_HOME"]) / "personalize"
-    if sys.platform == "win32":
-        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "personalize"
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Application Support" / "personalize"
-    return Path.home() / ".local" / "share" / "personalize"
 
 
 def now_iso() -> str:

@@ -15,12 +15,13 @@ from typing import Callable, Mapping, Sequence
 from tqdm import tqdm
 
 import metrics
-from metrics.evaluate import DEFAULT_METRICS
+from metrics.catalog import DEFAULT_METRICS
 from personalize import METHODS
-from personalize.commands.train import TqdmProgress, parse_options
+from personalize.base_models import DEFAULT_BASE_MODEL
+from personalize.commands.progress import TqdmProgress
+from personalize.commands.train import parse_options
 from personalize.errors import USER_ERRORS, UserError, user_message
 from personalize.generate import AdapterSpec, GeneratedImage, generate
-from personalize.models import DEFAULT_BASE_MODEL
 from personalize.train import TrainConfig, TrainResult, load_config, train
 from personalize.training.config import PRIORS
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from metrics.evaluate import DEFAULT_METRICS, evaluate
-from metrics.report import markdown_report, run_label, write_report
-from metrics.scores import METRICS
+from metrics.catalog import DEFAULT_METRICS, METRICS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation; user errors raise ValueError / FileNotFoundError with a one-line message."""
+    from metrics.evaluate import evaluate
+    from metrics.report import markdown_report, run_label, write_report
+
     report = evaluate(
         args.real,
         args.generated,

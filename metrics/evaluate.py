@@ -9,19 +9,18 @@ from typing import Iterable, Mapping, Sequence, Union
 import torch
 from PIL import Image
 
+from metrics.catalog import DEFAULT_METRICS, METRICS
 from metrics.embedders import ImageEmbedder, default_embedders, shapes_embedders, tiny_embedders
 from metrics.frechet import check_frechet_sizes
 from metrics.images import open_image
 from metrics.inputs import GeneratedImage, PathLike, RealSource, group_by_subject, read_generated, read_real
 from metrics.prompts import strip_placeholders
-from metrics.scores import METRICS, score_clip_t, score_fid, score_kid, score_pair_cosine, score_vendi
+from metrics.scores import score_clip_t, score_fid, score_kid, score_pair_cosine, score_vendi
 from metrics.similarity import rowwise_cosine
 
 logger = logging.getLogger(__name__)
 
 REPORT_FORMAT = "personalize-metrics-report/1"
-DEFAULT_METRICS = ("dino", "clip_i", "clip_t", "vendi")
-
 Embedders = Union[str, Mapping[str, ImageEmbedder]]
 
 

@@ -34,11 +34,11 @@ from typing import Any
 import torch
 from PIL import Image
 
+from metrics.catalog import METRICS
 from metrics.evaluate import embed_images, resolve_embedders, score_embeddings
 from metrics.images import open_image
 from metrics.plot import plot_training_curves
 from metrics.prompts import strip_placeholders
-from metrics.scores import METRICS
 from metrics.similarity import rowwise_cosine
 
 logger = logging.getLogger(__name__)

@@ -11,17 +11,49 @@ ad = P.PipelineAdapter(pipe, {"unet": P.attach(pipe.unet, "svfit"), **P.attach_t
 ad.save("concept.safetensors"); P.load_adapter(pipe, "concept.safetensors")
 """
 
-from .adapters import get_method, method_names
-from .errors import UserError
-from .export import export_adapter, export_lora
-from .inject import Adapter, attach, save_adapter
-from .io import adapter_info
-from .models import load_pipeline, load_unet
-from .parts import attach_text_encoder, attach_text_encoders
-from .pipeline_adapter import PipelineAdapter, load_adapter
-from .tokens import Tokens, insert_tokens, new_tokens
+from __future__ import annotations
 
-METHODS: tuple[str, ...] = method_names()
+import importlib
+from typing import Any
+
+# Public name -> the module that defines it; each is imported on first use, so `import personalize`
+# (and the CLI's parser) loads no torch.
+_HOMES = {
+    "Adapter": "inject",
+    "PipelineAdapter": "pipeline_adapter",
+    "Tokens": "tokens",
+    "UserError": "errors",
+    "adapter_info": "io",
+    "attach": "inject",
+    "attach_text_encoder": "parts",
+    "attach_text_encoders": "parts",
+    "export_adapter": "export",
+    "export_lora": "export",
+    "get_method": "adapters",
+    "insert_tokens": "tokens",
+    "load_adapter": "pipeline_adapter",
+    "load_pipeline": "models",
+    "load_unet": "models",
+    "method_names": "adapters",
+    "new_tokens": "tokens",
+    "save_adapter": "inject",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "METHODS":  # every registered method's name (imports the method modules)
+        value: Any = importlib.import_module(f"{__name__}.adapters").method_names()
+    elif name in _HOMES:
+        value = getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES) | {"METHODS"})
+
 
 __all__ = [
     "METHODS",

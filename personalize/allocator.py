@@ -11,13 +11,14 @@ The cost: up to `TRIM_THRESHOLD` of freed memory stays with the process for reus
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import sys
 
 MMAP_THRESHOLD = 256 << 20  # blocks below 256 MiB come from the heap and are reused
 TRIM_THRESHOLD = 512 << 20  # free memory at the top of the heap kept for reuse before returning it
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
+# glibc's soname, loaded by name: ctypes.util.find_library("c") would run `ldconfig -p` in a subprocess
+# at every start of the CLI. Another C library (musl) has another name or no mallopt: nothing is tuned.
+GLIBC = "libc.so.6"
 
 _tuned = False
 
@@ -29,8 +30,10 @@ def tune_cpu_allocator() -> bool:
         return True
     if not sys.platform.startswith("linux"):
         return False
+    import ctypes  # here, not at the top: the CLI's help and argument errors never load it
+
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(GLIBC)
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # musl and other C libraries have no mallopt
         return False

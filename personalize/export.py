@@ -73,6 +73,7 @@ from torch import nn
 
 from .atomic import atomic_path
 from .errors import UserError
+from .export_options import DEFAULT_DTYPE, DEFAULT_ENERGY, DEFAULT_FORMAT, DTYPES, FORMATS, READERS
 from .inject import Adapter, base_model_id
 from .io import MAIN_PART, read_adapter_file
 from .lowrank import factorize, validate_rank_energy
@@ -83,11 +84,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("diffusers", "kohya")
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-DEFAULT_FORMAT = "kohya"  # the one layout A1111, ComfyUI and diffusers all load
-DEFAULT_DTYPE = "float16"  # what LoRA files ship as; float32 only to check exactness
-DEFAULT_ENERGY = 0.99  # by default, for updates without a rank bound: keep 99% of the squared norm (error <= 10%)
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 KOHYA_ALPHA = 1.0  # sd-scripts' default --network_alpha; the factors absorb sqrt(rank) each
 KOHYA_PREFIX = "lora_unet_"
 # sd-scripts' text-encoder prefixes (networks/lora.py): one encoder (SD 1.x/2.x), or SDXL's two.
@@ -116,11 +113,6 @@ LDM_MID_BLOCK = "UNetMidBlock2DCrossAttn"
 # The attention projections of a diffusers UNet: the diffusers format spells them as attention-processor LoRAs.
 ATTENTION_PROJECTION = re.compile(r"\.(to_q|to_k|to_v|to_out)(\.0)?$")
 # Which tools load a file of each format, and where it goes.
-READERS = {
-    "kohya": "diffusers (pipe.load_lora_weights), A1111 (models/Lora, <lora:NAME:1> in the prompt) and ComfyUI (models/loras, Load LoRA)",
-    "diffusers": "diffusers (pipe.load_lora_weights) and ComfyUI (models/loras, Load LoRA); not A1111, which needs --format kohya",
-}
-
 ProgressCallback = Callable[[int, int, str], None]  # (layers done, layers in total, layer name)
 
 
@@ -300,7 +292,7 @@ def check_options(
     if source is not None and Path(output).resolve() == Path(source).resolve():
         raise UserError(f"output '{output}' is the adapter file itself; choose another output path")
     if isinstance(dtype, torch.dtype):
-        names = {value: key for key, value in DTYPES.items()}
+        names = {value: key for key, value in TORCH_DTYPES.items()}
         if dtype not in names:
             raise UserError(f"unsupported export dtype {dtype}; accepted: {', '.join(DTYPES)}")
         return names[dtype]
@@ -430,7 +422,7 @@ def export_adapter(
                 report.lost_norm2 += float(delta.double().norm()) ** 2
             else:
                 layer_rank, layer_energy = layer_limits(slot, tuple(delta.shape), rank, energy)
-                layer = export_layer(name, keys[part][name], delta, layer_rank, layer_energy, DTYPES[dtype_name], tensors)
+                layer = export_layer(name, keys[part][name], delta, layer_rank, layer_energy, TORCH_DTYPES[dtype_name], tensors)
                 if layer is None:
                     report.skipped[label] = "its update is zero"
                 else:
@@ -445,7 +437,7 @@ def export_adapter(
             f"({', '.join(sorted(set(report.skipped.values()))) or 'it adapts no layer'})"
         )
     write(report, tensors)
-    write_embeddings(report, tokens, paths, DTYPES[dtype_name])
+    write_embeddings(report, tokens, paths, TORCH_DTYPES[dtype_name])
     log.info(
         "exported %d layers to %s (%s), overall relative error %.2e; %s",
         len(report.layers),

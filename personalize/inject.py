@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters.base import SHARED_KEY, AdapterConfig, Method, get_method
+from .adapters import get_method
+from .adapters.base import SHARED_KEY, AdapterConfig, Method
 from .adapters.slots import ADAPTER_ATTR, Slot
 from .errors import UserError
 from .io import MAIN_PART, AdapterFile, AdapterPart, read_adapter_file, write_adapter_file

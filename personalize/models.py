@@ -25,19 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .base_models import BUILTIN_MODELS, DEFAULT_BASE_MODEL
 from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-BUILTIN_MODELS = ("shapes", "tiny", "sd15-random")
-# What a user sees of each built-in model (the app's banner names the one it runs).
-BUILTIN_DESCRIPTIONS = {
-    "shapes": "pretrained by this project on a procedural world of coloured shapes, 32x32 images; "
-    "a demo concept trains on a CPU in about a minute: try it in the Train tab",
-    "tiny": "random weights, 64x64 images: every flow works, the pictures are noise",
-    "sd15-random": "the SD 1.5 UNet with random weights, for speed benchmarks: the pictures are noise",
-}
 BUILTIN_SEED = 0  # fixed seed: built-in weights are identical in every process
 
 # SD 1.5's scheduler settings (PNDM as shipped in the hub repository's scheduler_config.json).

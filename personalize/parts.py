@@ -24,7 +24,9 @@ from typing import Any
 
 from torch import nn
 
-from .adapters.base import Method, get_method, join_patterns
+from .adapters import get_method
+from .adapters.base import Method
+from .adapters.declarations import join_patterns
 from .errors import UserError
 from .inject import Adapter, attach
 from .io import PARTS, TEXT_PARTS

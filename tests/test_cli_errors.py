@@ -48,7 +48,7 @@ def no_model(monkeypatch):
         raise AssertionError("a model was loaded before the input was checked")
 
     monkeypatch.setattr("personalize.training.trainer.load_pipeline", refuse)
-    monkeypatch.setattr("personalize.commands.generate.load_pipeline", refuse)
+    monkeypatch.setattr("personalize.models.load_pipeline", refuse)  # what `personalize generate` loads with
 
 
 def cli_error(capsys, argv: list[str]) -> str:
@@ -141,7 +141,7 @@ def test_generate_failing_after_creating_its_folder_removes_it(tmp_path, capsys,
     def unreachable(*args, **kwargs):
         raise OSError("base model 'nowhere' cannot be reached")
 
-    monkeypatch.setattr("personalize.commands.generate.load_pipeline", unreachable)
+    monkeypatch.setattr("personalize.models.load_pipeline", unreachable)
     cli_error(capsys, ["generate", "--base-model", "tiny", "--prompt", "a dog", "--output", str(tmp_path / "x" / "out")])
     assert not (tmp_path / "x").exists()
 

@@ -14,7 +14,8 @@ import torch
 
 import personalize as P
 from personalize.adapters import frod as frod_module
-from personalize.adapters.base import ATTENTION, PROJECTIONS, SHARED_KEY
+from personalize.adapters.base import SHARED_KEY
+from personalize.adapters.declarations import ATTENTION, PROJECTIONS
 from personalize.adapters.frod import (
     OFF_AXIS,
     ON_AXIS,

@@ -14,9 +14,8 @@ from typing import Any
 import gradio as gr
 
 from metrics import evaluate
-from metrics.evaluate import DEFAULT_METRICS
+from metrics.catalog import DEFAULT_METRICS, METRICS
 from metrics.report import markdown_table, run_label, write_report
-from metrics.scores import METRICS
 
 from ..feedback import guarded
 from ..state import AppState

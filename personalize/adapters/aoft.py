@@ -37,21 +37,17 @@ The paper's numbers (ViT image classification) are not reproduced here.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import AdapterConfig, LayerAdapter, Method, TrainDefaults, register, weight_2d
+from .base import LayerAdapter, Method, register, weight_2d
+from .declarations.aoft import AOFT as AOFT_DECLARATION
+from .declarations.aoft import AOFTConfig
 
 INIT_STD = 0.1  # norm of the initial noise on q (per entry: INIT_STD / sqrt(n))
 EPS = 1e-2  # smallest magnitude allowed for the denominator 1 + q_0
-
-
-@dataclass
-class AOFTConfig(AdapterConfig):
-    d: int = 8  # update rank; the rank of peft's LoRA-family defaults (r = 8), so baselines compare at equal rank
 
 
 def generator_matrix(q: torch.Tensor) -> torch.Tensor:
@@ -99,15 +95,8 @@ class AOFTLayer(LayerAdapter):
 
 @register
 class AOFT(Method):
-    name = "aoft"
-    description = "AOFT (reconstructed from summaries): one vector per side generates near-orthogonal up/down projections"
-    config_cls = AOFTConfig
+    declaration = AOFT_DECLARATION
     layer_cls = AOFTLayer
-    train_defaults = TrainDefaults(
-        lr=1e-3,
-        steps=500,
-        source="our sweep (30 steps on tiny, see aoft.py): lr 1e-2 matches LoRA's 30-step progress; / 10 as every default",
-    )
 
     @classmethod
     def validate(cls, config: AOFTConfig) -> None:

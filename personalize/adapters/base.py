@@ -4,15 +4,14 @@ An adapter method re-parameterises a frozen weight `W0` of a target layer as
 `W = W0 + scale * delta(theta)` with `delta(theta_init) == 0` exactly (ADAPTERS.md, "delta form").
 Each method is one `Method` subclass registered by name; it builds one `LayerAdapter` per target
 layer (or, for methods that decompose layers jointly, overrides `build_layers`), which its
-`slot_cls` installs (`slots.py`); factor-chain maths is in `factors.py`.
+`slot_cls` installs (`slots.py`); factor-chain maths is in `factors.py`. What a method offers its
+users (options, presets, defaults) is its `Declaration` (`declarations/`, importable without torch).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -20,32 +19,9 @@ from torch import nn
 
 from ..errors import UserError
 from ..options import coerce_options
+from .declarations import AdapterConfig, Declaration, TrainDefaults
 from .forms import Form
 from .slots import DeltaSlot, Slot
-
-# Attention projections of every diffusers transformer block: self (attn1) and cross (attn2) attention.
-ATTENTION = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
-# Transformer-block input/output projections (Conv2d 1x1 in SD 1.x, Linear in SD 2.x / SDXL).
-PROJECTIONS = r"attentions\.\d+\.(proj_in|proj_out)$"
-# Feed-forward linears of transformer blocks (GEGLU input projection and output).
-FEED_FORWARD = r"ff\.net\.(0\.proj|2)$"
-# 3x3 convs of the UNet's ResNet blocks and resamplers (every diffusers UNet2DConditionModel).
-CONVS = r"(resnets\.\d+\.conv[12]|(down|up)samplers\.\d+\.conv)$"
-
-
-def join_patterns(*patterns: str) -> str:
-    return "|".join(f"(?:{p})" for p in patterns)
-
-
-@dataclass
-class AdapterConfig:
-    """Options every method shares. Subclasses add method options with paper defaults."""
-
-    preset: str = ""  # name of a target preset of the method; "" = the method's default preset
-    targets: str | None = None  # regular expression over module names; overrides the preset
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 class LayerAdapter(nn.Module):
@@ -99,28 +75,24 @@ class LayerAdapter(nn.Module):
         return "main"
 
 
-@dataclass
-class TrainDefaults:
-    """Per-method training defaults taken from the papers (documented in README's table)."""
-
-    lr: float
-    steps: int
-    source: str  # where the values come from
-
-
 class Method:
-    """A registered adapter method: config class, target presets, per-layer construction."""
+    """A registered adapter method: per-layer construction of what its `declaration` names.
 
+    `register` copies the declaration's name, description, config class, presets, default preset,
+    training defaults and notes onto the class (`declarations/`: their one home, light to import).
+    """
+
+    declaration: ClassVar[Declaration]
     name: ClassVar[str]
-    description: ClassVar[str]  # one line, shown in the CLI and the app
-    config_cls: ClassVar[type[AdapterConfig]] = AdapterConfig
+    description: ClassVar[str]
+    config_cls: ClassVar[type[AdapterConfig]]
+    presets: ClassVar[dict[str, str]]
+    default_preset: ClassVar[str]
+    train_defaults: ClassVar[TrainDefaults]
+    notes: ClassVar[tuple[str, ...]]
     layer_cls: ClassVar[type[LayerAdapter]]
     slot_cls: ClassVar[type[DeltaSlot]] = DeltaSlot  # installs each LayerAdapter on its layer and runs it
-    presets: ClassVar[dict[str, str]] = {"attention": ATTENTION}
-    default_preset: ClassVar[str] = "attention"
     layer_types: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv2d)
-    train_defaults: ClassVar[TrainDefaults]
-    notes: ClassVar[tuple[str, ...]] = ()  # caveats a user must know before choosing options (shown by `personalize methods`)
     # Learning rate of each parameter group relative to "main" (FRoD trains S at 1/10 the lr of dsigma).
     group_lr_ratio: ClassVar[dict[str, float]] = {"main": 1.0}
 
@@ -199,19 +171,13 @@ SHARED_KEY = "__shared__"  # prefix of shared tensors in adapter files
 
 
 def register(method: type[Method]) -> type[Method]:
-    if not re.fullmatch(r"[a-z][a-z0-9_]*", method.name):
-        raise ValueError(f"bad method name {method.name!r}")
+    """Register `method` under its declaration's name, with the declared attributes set on the class."""
+    declared = method.declaration
+    method.name, method.description, method.config_cls = declared.name, declared.description, declared.config_cls
+    method.presets, method.default_preset = declared.presets, declared.default_preset
+    method.train_defaults, method.notes = declared.train_defaults, declared.notes
     METHOD_REGISTRY[method.name] = method
     return method
-
-
-def get_method(name: str) -> type[Method]:
-    from . import ensure_registered
-
-    ensure_registered()
-    if name not in METHOD_REGISTRY:
-        raise UserError(f"unknown method '{name}'; accepted: {', '.join(sorted(METHOD_REGISTRY))}")
-    return METHOD_REGISTRY[name]
 
 
 def weight_2d(layer: nn.Module) -> torch.Tensor:

@@ -40,35 +40,20 @@ what a saved `dD` means. It costs `k*k*m` floats per conv, as much as `dD`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import CONVS, AdapterConfig, LayerAdapter, Method, TrainDefaults, join_patterns, register
+from .base import LayerAdapter, Method, register
+from .declarations.filter_atoms import FILTER_ATOMS, FilterAtomsConfig
 from .forms import Form
 from .slots import compute_dtype
-
-# The UNet's first and last convs (latent <-> feature channels); optional (ADAPTERS.md §1).
-CONV_IO = r"^(conv_in|conv_out)$"
-
-# filter-atoms.txt §4.3: AdamW, lr 1e-3 for every parameter-efficient method; 1000 steps as YEH et al.
-TRAIN_DEFAULTS = TrainDefaults(lr=1e-3, steps=1000, source="filter-atoms.txt §4.3: AdamW lr 1e-3, 1000 steps (SD few-shot)")
-
 
 # Which variant of the two-stage form the multiply-add model offers (`forms.py`; measuring times
 # both): im2col (`unfold`) + matmul up to this many output positions per image, else a grouped conv +
 # 1x1 conv. Measured per layer, forward + backward (SD 1.5 convs, CPU): at 8x8 and 4x4 unfold is 2-5x
 # faster with two threads; at 16x16 the convs are (640x640: 19.0 against 20.8 ms, 640x1280: 37 against 46 ms).
 UNFOLD_MAX_POSITIONS = 128
-
-
-@dataclass
-class FilterAtomsConfig(AdapterConfig):
-    m: int = 9  # atoms per conv; 9 = k*k for 3x3 (complete), the paper's main setting (Table 1, Table 6, C2)
-    m1: int = 0  # sub-atoms per atom; 0 = plain atoms (§3.1), >= 1 = overcomplete (§3.2; C3 uses 3)
-    tune_coefficients: bool = False  # paper's C4: alpha trainable too; overfits (Table 2), so off
 
 
 def is_spatial_conv(module: nn.Module) -> bool:
@@ -231,14 +216,9 @@ class FilterAtomsLayer(LayerAdapter):
 
 @register
 class FilterAtoms(Method):
-    name = "filter_atoms"
-    description = "Filter atoms: tunes only the spatial atoms of each 3x3 conv; channel mixing stays frozen"
-    config_cls = FilterAtomsConfig
+    declaration = FILTER_ATOMS
     layer_cls = FilterAtomsLayer
-    presets = {"convs": CONVS, "convs_io": join_patterns(CONVS, CONV_IO)}
-    default_preset = "convs"
     layer_types = (nn.Conv2d,)
-    train_defaults = TRAIN_DEFAULTS
 
     @classmethod
     def validate(cls, config: FilterAtomsConfig) -> None:

@@ -38,13 +38,13 @@ import math
 import re
 import warnings
 import zlib
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import SHARED_KEY, AdapterConfig, LayerAdapter, Method, TrainDefaults, register, weight_2d
+from .base import SHARED_KEY, LayerAdapter, Method, register, weight_2d
+from .declarations.frod import FROD, FRoDConfig
 from .decompositions import cached, find, weights_digest
 from .forms import Form
 from .slots import DeltaSlot, Slot, compute_dtype
@@ -62,13 +62,6 @@ ON_AXIS, OFF_AXIS = "on_axis", "off_axis"
 # Containers that repeat a unit in diffusers UNets (and most transformer stacks); a layer's role is its
 # path inside the innermost one: `up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k` -> `attn2.to_k`.
 _REPEATED_UNIT = re.compile(r"^(?:.*\.)?[A-Za-z_]*(?:blocks|layers|layer|attentions|resnets|samplers)\.\d+\.")
-
-
-@dataclass
-class FRoDConfig(AdapterConfig):
-    density: float = 0.01  # s = nnz(S_i) / n^2: the paper's main setting FRoD(s=0.01) (Table 2)
-    pi: float = 1e-3  # regulariser in T = mean_i inv(Q_i^T Q_i + pi I) (ADAPTERS.md §5, frod.txt Eq. 3)
-    seed: int = 0  # seeds the index pattern of each S_i (the pattern itself is saved with the adapter)
 
 
 def layer_role(name: str) -> str:
@@ -365,16 +358,9 @@ def group_decomposition(layers: list[nn.Module], pi: float, vt: torch.Tensor | N
 
 @register
 class FRoD(Method):
-    name = "frod"
-    description = "FRoD: full-rank updates in a basis shared by same-role layers, diagonal + sparse rotations"
-    config_cls = FRoDConfig
+    declaration = FROD
     layer_cls = FRoDLayer
     slot_cls = FRoDSlot
-    train_defaults = TrainDefaults(
-        lr=5e-4,
-        steps=1000,
-        source="frod.txt Table 8 (released settings): lr(Sigma) 5e-4, lr(S) 5e-5; the paper has no SD setting, steps as the other methods",
-    )
     group_lr_ratio = {ON_AXIS: 1.0, OFF_AXIS: 0.1}  # lr(S) = lr(dsigma) / 10 (frod.txt Appendix E, Table 8)
 
     @classmethod

@@ -17,33 +17,16 @@ defined only up to sign).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import (
-    ATTENTION,
-    FEED_FORWARD,
-    PROJECTIONS,
-    AdapterConfig,
-    LayerAdapter,
-    Method,
-    join_patterns,
-    register,
-    weight_2d,
-)
-from .filter_atoms import TRAIN_DEFAULTS, check_saved_basis, is_spatial_conv, require_int, right_singular_basis
+from .base import LayerAdapter, Method, register, weight_2d
+from .declarations.kron_atoms import KRON_ATOMS, KronAtomsConfig
+from .filter_atoms import check_saved_basis, is_spatial_conv, require_int, right_singular_basis
 from .forms import Form
 from .slots import compute_dtype
-
-
-@dataclass
-class KronAtomsConfig(AdapterConfig):
-    m_c: int = 9  # atoms per matrix; paper configuration C2 (Table 9: m = 9, k_c = 8)
-    kc: int = 8  # atom size kc x kc; C2 (Table 9); divides every SD 1.x/2.x/XL attention width
-
 
 # Measured per layer with a fixed rule before forms were timed (SD 1.5 projections, CPU, one thread,
 # forward + backward): the activation form wins only where a wide layer sees few tokens: 8.6 ms
@@ -135,17 +118,8 @@ def is_matrix_layer(module: nn.Module) -> bool:
 
 @register
 class KronAtoms(Method):
-    name = "kron_atoms"
-    description = "Kronecker atoms: tunes only the kc x kc atoms of each attention projection"
-    config_cls = KronAtomsConfig
+    declaration = KRON_ATOMS
     layer_cls = KronAtomsLayer
-    presets = {
-        "attention": ATTENTION,
-        "attention_proj": join_patterns(ATTENTION, PROJECTIONS),
-        "attention_proj_ff": join_patterns(ATTENTION, PROJECTIONS, FEED_FORWARD),
-    }
-    default_preset = "attention"
-    train_defaults = TRAIN_DEFAULTS
 
     @classmethod
     def validate(cls, config: KronAtomsConfig) -> None:

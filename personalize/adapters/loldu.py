@@ -12,33 +12,17 @@ LU pivot choice can differ across devices; on load the factorisation is redone w
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import AdapterConfig, LayerAdapter, Method, TrainDefaults, register, weight_2d
+from .base import LayerAdapter, Method, register, weight_2d
+from .declarations.loldu import INITS, LOLDU, UNIFORM_NOTE, LoLDUConfig
 from .decompositions import cached
 from .factors import compose
 
 log = logging.getLogger(__name__)
-
-INITS = ("ldu", "uniform")
-UNIFORM_NOTE = (
-    "init='uniform' starts away from W0 by design (loldu.txt Table V): the untrained adapter already "
-    "changes the model's output; init='ldu' (default) starts exactly at W0"
-)
-
-
-@dataclass
-class LoLDUConfig(AdapterConfig):
-    rank: int = 32  # paper SD setting (Table X): rank 32
-    alpha: float = 32.0  # paper SD setting: alpha 32, so sigma0 = alpha / rank = 1
-    # "ldu" (default): z0 = diag(D), exact start at W0. "uniform": z ~ U(-1, 1) re-drawn after the
-    # residual was built (paper Table V's best): by design the model does NOT start at W0 (the untrained
-    # adapter already changes the output); `personalize methods loldu` says so and attach warns.
-    init: str = "ldu"
 
 
 class LoLDULayer(LayerAdapter):
@@ -131,13 +115,8 @@ def lu_no_pivot(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @register
 class LoLDU(Method):
-    name = "loldu"
-    description = "LoLDU: trains a diagonal scaling between frozen LDU factors of each attention projection"
-    config_cls = LoLDUConfig
+    declaration = LOLDU
     layer_cls = LoLDULayer
-    train_defaults = TrainDefaults(lr=5e-4, steps=1000, source="loldu.txt Table X: rank 32, alpha 32, lr 5e-4, constant, 1000 steps")
-
-    notes = (UNIFORM_NOTE,)
 
     @classmethod
     def build_layers(

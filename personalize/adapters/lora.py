@@ -13,28 +13,17 @@ lets LoRA draw a shape pretraining never drew (BENCHMARKS.md, "Quality on `shape
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
 from ..errors import UserError
-from .base import ATTENTION, CONVS, AdapterConfig, TrainDefaults, join_patterns, register
+from .base import register
+from .declarations.lora import LORA, LoRAConfig
 from .peft_slot import PeftMethod
-
-
-@dataclass
-class LoRAConfig(AdapterConfig):
-    rank: int = 4  # the usual DreamBooth-LoRA baseline (diffusers' script default)
-    alpha: float = 4.0  # alpha = rank: update scale 1, as in diffusers' DreamBooth-LoRA script
 
 
 @register
 class LoRA(PeftMethod):
-    name = "lora"
-    description = "LoRA (peft): low-rank update B·A on the attention projections, the common baseline"
-    config_cls = LoRAConfig
-    presets = {"attention": ATTENTION, "attention_convs": join_patterns(ATTENTION, CONVS)}
-    train_defaults = TrainDefaults(lr=1e-4, steps=500, source="diffusers train_dreambooth_lora.py defaults (lr 1e-4, 500 steps)")
+    declaration = LORA
 
     @classmethod
     def validate(cls, config: LoRAConfig) -> None:

@@ -1,8 +1,8 @@
 """peft baselines users know from kohya / LyCORIS / OneTrainer: DoRA, LoHa, LoKr and OFT.
 
-Each is peft's own layer (`peft_slot.PeftSlot`) with peft's defaults (peft 0.21.2; each default
-cites the config field it comes from, in `peft/tuners/<method>/config.py`). Per target layer
-`W0 (out, in)` (`fan_in = in*k*k` for a conv; the default targets are the attention linears):
+Each is peft's own layer (`peft_slot.PeftSlot`) with peft's defaults (peft 0.21.2; each default in
+declarations/peft_methods.py cites the field of `peft/tuners/<method>/config.py` it comes from). Per target
+layer `W0 (out, in)` (`fan_in = in*k*k` for a conv; the default targets are the attention linears):
 
 - dora: `W = m * (W0 + B A * alpha/r) / ||W0 + B A * alpha/r||` (row norms; Liu et al. 2024).
   Trainable: `r * (fan_in + out) + out` (A, B and the magnitude m).
@@ -26,12 +26,12 @@ machine, it warns and retries at every layer, so attaching does a compiler run p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
 from ..errors import UserError
-from .base import AdapterConfig, TrainDefaults, register
+from .base import register
+from .declarations.peft_methods import DORA, LOHA, LOKR, DoRAConfig, LoHaConfig, LoKrConfig, OFTConfig
+from .declarations.peft_methods import OFT as OFT_DECLARATION
 from .peft_slot import PeftMethod
 
 
@@ -46,19 +46,10 @@ def _check_rank_alpha(method: str, rank: int, alpha: float) -> None:
         raise UserError(f"{method} alpha must be a positive number, got {alpha}")
 
 
-@dataclass
-class DoRAConfig(AdapterConfig):
-    rank: int = 8  # LoraConfig.r default (peft tuners/lora/config.py)
-    alpha: float = 8.0  # LoraConfig.lora_alpha default: alpha = r, update scale 1
-
-
 @register
 class DoRA(PeftMethod):
-    name = "dora"
-    description = "DoRA (peft): LoRA direction + trained per-row magnitude of each attention projection"
-    config_cls = DoRAConfig
+    declaration = DORA
     additive = False
-    train_defaults = TrainDefaults(lr=1e-4, steps=500, source="as the LoRA baseline (DoRA paper: DoRA uses LoRA's settings)")
 
     @classmethod
     def validate(cls, config: DoRAConfig) -> None:
@@ -76,18 +67,9 @@ class DoRA(PeftMethod):
         return config.rank * (_fan_in(layer) + out) + out
 
 
-@dataclass
-class LoHaConfig(AdapterConfig):
-    rank: int = 8  # LoHaConfig.r default (peft tuners/loha/config.py)
-    alpha: float = 8.0  # LoHaConfig.alpha default: alpha = r, update scale 1
-
-
 @register
 class LoHa(PeftMethod):
-    name = "loha"
-    description = "LoHa (peft): Hadamard product of two low-rank updates on each attention projection"
-    config_cls = LoHaConfig
-    train_defaults = TrainDefaults(lr=1e-4, steps=500, source="as the LoRA baseline (peft gives no LoHa training defaults)")
+    declaration = LOHA
 
     @classmethod
     def validate(cls, config: LoHaConfig) -> None:
@@ -104,20 +86,9 @@ class LoHa(PeftMethod):
         return 2 * config.rank * (_fan_in(layer) + layer.weight.shape[0])
 
 
-@dataclass
-class LoKrConfig(AdapterConfig):
-    rank: int = 8  # LoKrConfig.r default (peft tuners/lokr/config.py)
-    alpha: float = 8.0  # LoKrConfig.alpha default: alpha = r, update scale 1
-    decompose_factor: int = -1  # LoKrConfig.decompose_factor default: split each width near its square root
-    decompose_both: bool = False  # LoKrConfig.decompose_both default: the left Kronecker factor is a full matrix
-
-
 @register
 class LoKr(PeftMethod):
-    name = "lokr"
-    description = "LoKr (peft): Kronecker product of a small and a low-rank matrix on each attention projection"
-    config_cls = LoKrConfig
-    train_defaults = TrainDefaults(lr=1e-4, steps=500, source="as the LoRA baseline (peft gives no LoKr training defaults)")
+    declaration = LOKR
 
     @classmethod
     def validate(cls, config: LoKrConfig) -> None:
@@ -152,20 +123,11 @@ class LoKr(PeftMethod):
         return w1 + w2
 
 
-@dataclass
-class OFTConfig(AdapterConfig):
-    block_size: int = 32  # OFTConfig.oft_block_size default (peft tuners/oft/config.py; r = 0 derives the block count)
-    use_cayley_neumann: bool = True  # OFTConfig.use_cayley_neumann field default (5 Neumann terms instead of an inverse)
-
-
 @register
 class OFT(PeftMethod):
-    name = "oft"
-    description = "OFT (peft): block-diagonal orthogonal rotation of each attention projection's input"
-    config_cls = OFTConfig
+    declaration = OFT_DECLARATION
     layer_types = (nn.Linear,)
     additive = False
-    train_defaults = TrainDefaults(lr=1e-4, steps=500, source="as the LoRA baseline (peft gives no OFT training defaults)")
 
     @classmethod
     def validate(cls, config: OFTConfig) -> None:

@@ -8,20 +8,14 @@ basis is recomputed from W0 on load. At full rank with float32 weights the layer
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import AdapterConfig, LayerAdapter, Method, TrainDefaults, register, weight_2d
+from .base import LayerAdapter, Method, register, weight_2d
+from .declarations.svfit import SVFIT, SVFitConfig
 from .decompositions import cached
 from .factors import compose
-
-
-@dataclass
-class SVFitConfig(AdapterConfig):
-    rank: int | None = None  # None = full rank min(out, in), the paper's main setting (§III-B)
 
 
 class SVFitLayer(LayerAdapter):
@@ -69,11 +63,8 @@ def effective_rank(shape: tuple[int, ...], rank: int | None) -> int:
 
 @register
 class SVFit(Method):
-    name = "svfit"
-    description = "SVFit: trains only the top singular values of each attention projection (tiny files)"
-    config_cls = SVFitConfig
+    declaration = SVFIT
     layer_cls = SVFitLayer
-    train_defaults = TrainDefaults(lr=2e-3, steps=1000, source="svfit.txt §IV: large lr 3e-3..2e-2 (NLP); SD range 1e-3..5e-3")
 
     @classmethod
     def validate(cls, config: SVFitConfig) -> None:

@@ -1,23 +1,23 @@
 """What `personalize bench` measures: the methods (with options) and the run settings, checked where
-they enter so a typo fails before a 3.4 GB UNet is built."""
+they enter so a typo fails before a 3.4 GB UNet is built. Importing it loads no torch (the CLI's help
+shows these defaults)."""
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..adapters import get_method, method_names
-from ..adapters.forms import MODES as FORM_MODES
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 FLOOR = "none"  # frozen UNet, gradients to the input latents only: the cheapest training step possible
 REFERENCE = "lora"  # every ratio is taken to peft LoRA r=4 (ADAPTERS.md "Baseline: LoRA")
 REFERENCE_OPTIONS = {"rank": 4, "alpha": 4.0}
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # name -> torch dtype
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,8 @@ def parse_method_spec(text: str) -> MethodSpec:
 
 def _literal(value: str) -> Any:
     """A TOML literal (8, 0.5, true, "x"), `none` for None, anything else as text (as `train --option`)."""
+    import tomllib
+
     if value.lower() in ("none", "null"):
         return None
     try:
@@ -97,6 +99,8 @@ class BenchConfig:
     time_limit: float | None = None  # seconds for the run (model load to last timed step; runner.TimeLimit); None = no limit
 
     def validate(self) -> None:
+        from ..adapters.forms import MODES as FORM_MODES
+
         for name in ("resolution", "batch", "steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -124,6 +128,8 @@ class BenchConfig:
 
     def autocast_dtype(self, device: torch.device) -> torch.dtype:
         """The compute dtype: float32 means no autocast."""
+        import torch
+
         if self.precision == "auto":
             return torch.float16 if device.type in ("cuda", "mps") else torch.float32
-        return PRECISIONS[self.precision]
+        return getattr(torch, PRECISIONS[self.precision])

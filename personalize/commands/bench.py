@@ -8,12 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
-from ..adapters import method_names
-from ..atomic import write_text_atomic
-from ..benchmark import BenchConfig, markdown_table, run_benchmark, text_table, write_chart, write_json, write_markdown
-from ..benchmark.config import PRECISIONS, parse_method_spec
+from ..benchmark.config import PRECISIONS, BenchConfig, parse_method_spec
 from ..errors import UserError
 from ..training.config import PRIORS
 
@@ -171,6 +166,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.quality:
         return run_quality_command(args)
+    from tqdm import tqdm
+
+    from ..benchmark.report import markdown_table, text_table, write_chart, write_json, write_markdown
+    from ..benchmark.runner import run_benchmark
+
     config = BenchConfig(
         methods=args.methods,
         base_model=args.base_model,
@@ -227,10 +227,13 @@ def run_quality_command(args: argparse.Namespace) -> int:
     import importlib
 
     import torch
+    from tqdm import tqdm
 
+    from ..adapters import method_names
+    from ..atomic import write_text_atomic
     from ..benchmark import sweep as S
     from ..benchmark.quality import QualityConfig, markdown, plan_runs, run_quality
-    from ..benchmark.report import write_section
+    from ..benchmark.report import write_json, write_section
     from ..shapes.world import BACKGROUND_NAMES
 
     specs = [parse_method_spec(text) for text in args.methods or []]  # a typo fails here, before any training

@@ -13,12 +13,8 @@ from __future__ import annotations
 
 import argparse
 
-from tqdm import tqdm
-
 from ..errors import UserError
-from ..export import DEFAULT_DTYPE, DEFAULT_ENERGY, DEFAULT_FORMAT, DTYPES, FORMATS, READERS, check_options, check_outputs, export_lora
-from ..io import MAIN_PART, adapter_info
-from ..models import load_pipeline, load_unet
+from ..export_options import DEFAULT_DTYPE, DEFAULT_ENERGY, DEFAULT_FORMAT, DTYPES, FORMATS, READERS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..export import check_options, check_outputs, export_lora
+    from ..io import MAIN_PART, adapter_info
+    from ..models import load_pipeline, load_unet
+
     check_options(args.format, args.output, args.rank, args.energy, args.dtype, source=args.adapter)  # fail before loading a model
     info = adapter_info(args.adapter)
     tokens = [token for vectors in info["tokens"].values() for token in vectors]

@@ -7,14 +7,13 @@ writing an image removes the folders it created.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from tqdm import tqdm
-
-from ..atomic import make_writable_dir, remove_empty_dirs
-from ..generate import AdapterSpec, generate
-from ..io import adapter_info
-from ..models import DEFAULT_BASE_MODEL, load_pipeline
+from ..base_models import DEFAULT_BASE_MODEL
 from ..prompts import MAX_SEED, check_generation
+
+if TYPE_CHECKING:
+    from ..generate import AdapterSpec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..atomic import make_writable_dir, remove_empty_dirs
+    from ..generate import AdapterSpec
+    from ..io import adapter_info
+
     check_generation(args.prompt, args.seed, args.num_images)
     specs = [AdapterSpec.parse(text) for text in args.adapter]
     infos = [adapter_info(spec.path) for spec in specs]  # fails fast on a missing or foreign file
@@ -61,6 +64,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace, specs: list[AdapterSpec], base_model: str) -> int:
+    from tqdm import tqdm
+
+    from ..generate import generate
+    from ..models import load_pipeline
+
     pipe = load_pipeline(base_model)
     bar: tqdm | None = None
 

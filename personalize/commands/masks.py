@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from PIL import Image
-from tqdm import tqdm
-
-from ..atomic import atomic_path
-from ..automask import auto_masks, load_segmenter
-from ..data import MASK_SUFFIX, MIN_RESOLUTION, is_mask_file, list_image_files, load_image, mask_file
 from ..errors import UserError, user_error_from_os
 from ..training.config import TrainConfig
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 BATCH_SIZE = 4  # images decoded and segmented at once
 
@@ -38,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..automask import auto_masks, load_segmenter
+    from ..data import MASK_SUFFIX, MIN_RESOLUTION, is_mask_file, list_image_files, load_image, mask_file
     from ..models import resolve_device
 
     noun = " ".join(args.class_noun.split())
@@ -70,7 +72,7 @@ def check_inputs(images: list[Path]) -> None:
     """Before the model loads: every folder of `images` takes a new file and every image decodes; a
     failure is one UserError naming the folder or the image(s), and no mask is written."""
     from ..atomic import make_writable_dir
-    from ..data import validate_instance_images
+    from ..data import MIN_RESOLUTION, validate_instance_images
 
     for folder in dict.fromkeys(image.parent for image in images):
         make_writable_dir(folder, "mask folder")
@@ -79,6 +81,9 @@ def check_inputs(images: list[Path]) -> None:
 
 def write_mask(image: Path, mask: Image.Image) -> None:
     """`mask` as `<image>.mask.png`, atomically."""
+    from ..atomic import atomic_path
+    from ..data import mask_file
+
     try:
         with atomic_path(mask_file(image)) as tmp:
             mask.save(tmp, format="PNG")

@@ -1,11 +1,14 @@
-"""`personalize methods`: the registered adapter methods, their presets, options and paper defaults."""
+"""`personalize methods`: the adapter methods, their presets, options and paper defaults.
+
+Read from the methods' declarations (`personalize.adapters.declarations`): listing them loads no torch.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 
-from ..adapters import get_method, method_names
+from ..adapters.declarations import declaration, declarations
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,10 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in [args.method] if args.method else method_names():
-        method = get_method(name)
+    for method in [declaration(args.method)] if args.method else declarations().values():
         defaults = method.train_defaults
-        print(f"{name:12s} {method.description}")
+        print(f"{method.name:12s} {method.description}")
         if args.method:
             print(f"  presets: {', '.join(method.presets)} (default {method.default_preset})")
             for field in dataclasses.fields(method.config_cls):

@@ -15,14 +15,10 @@ import sys
 import threading
 import typing
 
-from tqdm import tqdm
-
 from ..errors import UserError
-from ..train import Progress, TrainCallback, TrainConfig, TrainResult, effective_config, train
-from ..training.config import FIELDS, RENAMED
+from ..training.config import FIELDS, RENAMED, TrainConfig
 
 SHORT = {"output_dir": ["--output"]}  # extra spellings of some flags
-CURVE_COLUMNS = ("fidelity", "alignment", "diversity", "drift")
 
 log = logging.getLogger(__name__)
 
@@ -87,71 +83,6 @@ def parse_options(items: list[str]) -> dict[str, str]:
     return options
 
 
-class TqdmProgress(TrainCallback):
-    """A progress bar for each preparation stage (class images, encoding, evaluation) and the training steps."""
-
-    def __init__(self) -> None:
-        self.bar: tqdm | None = None
-        self.stage: str | None = None
-
-    def on_prepare(self, stage: str, done: int, total: int) -> None:
-        if self.stage != stage:
-            self._close()
-            self.bar, self.stage = tqdm(total=total, desc=stage), stage
-        self.bar.n = done
-        self.bar.refresh()
-
-    def on_start(self, config: TrainConfig, total_steps: int, num_trainable: int) -> None:
-        self._close()
-        print(
-            f"training {config.method} ({num_trainable:,} trainable parameters) on {len(config.instance_images)} images, "
-            f"{total_steps} steps at lr {config.lr:g}, {config.resolution} px -> {config.output_dir}"
-        )
-        self.bar = tqdm(total=total_steps, desc="train", unit="step")
-
-    def on_step(self, progress: Progress) -> None:
-        self.bar.n = progress.step
-        self.bar.set_postfix(loss=f"{progress.loss:.4f}", lr=f"{progress.lr:.2g}", refresh=False)
-        self.bar.refresh()
-
-    def on_samples(self, step: int, images: list, grid_path: str) -> None:
-        tqdm.write(f"step {step}: samples -> {grid_path}")
-
-    def on_scores(self, step: int, scores: dict[str, float], best_step: int | None) -> None:
-        shown = ", ".join(f"{name} {scores[name]:.3f}" for name in CURVE_COLUMNS if name in scores)
-        tqdm.write(f"step {step}: {shown}" + (f" (best so far: step {best_step})" if best_step is not None else ""))
-
-    def on_end(self, result: TrainResult) -> None:
-        """The summary (only the main process gets this call, so a multi-GPU run prints it once)."""
-        self._close()
-        state = "cancelled" if result.cancelled else "done"
-        print(
-            f"{state}: {result.steps_done}/{result.total_steps} steps in {result.wall_time:.1f}s; "
-            f"eval loss {result.eval_loss_start:.4f} -> {result.eval_loss_end:.4f}"
-        )
-        if result.curves:
-            print(curve_table(result.curves, result.best_step, result.selected_by))
-        print(f"adapter: {result.adapter_path}")
-        if result.best_adapter:
-            print(f"best step {result.best_step}: {result.best_adapter}")
-
-    def _close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        self.bar = self.stage = None
-
-
-def curve_table(curves: list[dict[str, float]], best_step: int | None, rule: str) -> str:
-    """The metric curve as a text table, the chosen step marked."""
-    columns = [name for name in CURVE_COLUMNS if any(name in point for point in curves)]
-    lines = [f"{'step':>8}  " + "  ".join(f"{name:>9}" for name in columns)]
-    for point in curves:
-        values = "  ".join(f"{point[name]:9.3f}" if name in point else f"{'-':>9}" for name in columns)
-        mark = f"  <- best ({rule})" if point["step"] == best_step else ("  (base model)" if point["step"] == 0 else "")
-        lines.append(f"{point['step']:>8}  {values}{mark}")
-    return "\n".join(lines)
-
-
 def metric_trackers(config: TrainConfig) -> list:
     """The metrics package's tracker for this run (metrics plugs in here; the library never imports it)."""
     try:
@@ -164,6 +95,9 @@ def metric_trackers(config: TrainConfig) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..train import effective_config, train
+    from .progress import TqdmProgress
+
     overrides = {name: value for name, value in vars(args).items() if name in FIELDS or name in RENAMED}
     overrides["method_options"] = parse_options(args.option)
     if args.text_encoder_option:

@@ -3,14 +3,15 @@
 A config comes from keyword arguments, a TOML file (or the `config.json` of an earlier run) and
 command-line flags, in that order of precedence (flags win). `resolve` fills the method's paper
 defaults (steps, learning rate) and checks every value before any model is loaded.
+
+Importing this module loads no torch (the CLI builds its flags from `TrainConfig`): the checks that
+need the method classes, image and text-encoder code import them when they run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,10 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters import get_method
-from ..data import check_resolution
+from ..base_models import DEFAULT_BASE_MODEL
 from ..errors import UserError
-from ..models import DEFAULT_BASE_MODEL
-from ..parts import TEXT_LAYERS, check_text_method
 from ..prompts import check_seed, check_template
 
 VALIDATION_PROMPTS = [
@@ -327,6 +326,9 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
+    import json
+    import tomllib
+
     path = Path(path).expanduser()
     try:
         text = path.read_text(encoding="utf-8")
@@ -408,6 +410,9 @@ def resolve(config: TrainConfig) -> TrainConfig:
 
 
 def _check_values(c: TrainConfig) -> None:
+    from ..data import check_resolution
+    from ..parts import TEXT_LAYERS, check_text_method
+
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise UserError(message)

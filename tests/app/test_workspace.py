@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from app.workspace import DONE, INTERRUPTED, STOPPED, TRAINING, Concept, Workspace, default_workspace
+from app.locations import default_workspace
+from app.workspace import DONE, INTERRUPTED, STOPPED, TRAINING, Concept, Workspace
 from personalize.errors import UserError
 
 
