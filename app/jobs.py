@@ -1,7 +1,8 @@
 """The background training job: one at a time, observed by the UI through snapshots, stopped by an Event.
 
 `TrainingJobs.start` runs `personalize.train.train` in a thread with a callback that records progress
-(step, loss, ETA), validation images and the metric tracker's scores; the Train tab polls `snapshot()`.
+(preparation stages with their count and ETA, e.g. class images; then step, loss, ETA), validation
+images and the metric tracker's scores; the Train tab polls `snapshot()`.
 A second start while a job runs is refused with a message. When the run ends, its result is written
 into the concept's concept.json (status, steps done, parameter count, file size).
 `TrainingJobs.continue_run` continues a concept's run from its latest checkpoint with more steps: the
@@ -38,6 +39,9 @@ class JobState:
     concept_name: str
     status: str = RUNNING  # running | done | stopped | failed
     phase: str = "loading the base model"  # what the job does right now, before steps start
+    phase_done: int = 0  # the preparation stage's progress (e.g. class images made), when it counts
+    phase_total: int = 0  # 0: the phase has no count
+    phase_eta: float | None = None  # seconds left in the preparation stage (None: not known yet)
     step: int = 0
     total: int = 0
     loss: float | None = None
@@ -55,6 +59,14 @@ class JobState:
     def running(self) -> bool:
         return self.status == RUNNING
 
+    def set_phase(self, phase: str, done: int = 0, total: int = 0, eta: float | None = None) -> None:
+        self.phase, self.phase_done, self.phase_total, self.phase_eta = phase, done, total, eta
+
+
+def stage_eta(elapsed: float, done: int, left: int) -> float | None:
+    """Seconds left in a stage that did `done` units in `elapsed` seconds and has `left` to do."""
+    return elapsed / done * left if done > 0 else None
+
 
 def busy_message(running: JobState) -> str:
     """Why a second job cannot start while `running` runs."""
@@ -67,17 +79,25 @@ def busy_message(running: JobState) -> str:
 class _Recorder(TrainCallback):
     """Copies trainer callbacks into the shared JobState under the job's lock."""
 
-    def __init__(self, jobs: "TrainingJobs") -> None:
-        self.jobs = jobs
+    def __init__(self, jobs: "TrainingJobs", clock: Callable[[], float] = time.monotonic) -> None:
+        self.jobs, self.clock = jobs, clock
+        self.stage: str | None = None
+        self.stage_start, self.stage_from = 0.0, 0  # when the current stage was first reported, and its count then
 
     def on_prepare(self, stage: str, done: int, total: int) -> None:
+        """A preparation stage's count and ETA (the rate counts from the stage's first report)."""
+        now = self.clock()
+        if stage != self.stage:
+            self.stage, self.stage_start, self.stage_from = stage, now, done
+        eta = stage_eta(now - self.stage_start, done - self.stage_from, total - done)
         with self.jobs.lock:
-            self.jobs.state.phase = f"{stage} ({done}/{total})"
+            self.jobs.state.set_phase(stage, done, total, eta)
 
     def on_start(self, config: TrainConfig, total_steps: int, num_trainable: int) -> None:
         with self.jobs.lock:
             state = self.jobs.state
-            state.total, state.num_trainable, state.phase = total_steps, num_trainable, "training"
+            state.total, state.num_trainable = total_steps, num_trainable
+            state.set_phase("training")
 
     def on_step(self, progress: Progress) -> None:
         with self.jobs.lock:
@@ -86,7 +106,7 @@ class _Recorder(TrainCallback):
             state.loss, state.elapsed, state.eta = progress.loss, progress.elapsed, progress.eta
             state.losses.append((progress.step, float(progress.loss)))
             if progress.step >= progress.total_steps:
-                state.phase = "finishing: validation images, evaluation loss, saving the adapter"
+                state.set_phase("finishing: validation images, evaluation loss, saving the adapter")
 
     def on_samples(self, step: int, images: list, grid_path: str) -> None:
         with self.jobs.lock:
@@ -174,7 +194,7 @@ class TrainingJobs:
         with self.lock:
             if self.state is None or not self.state.running:
                 return False
-            self.state.phase = "stopping after the current step"
+            self.state.set_phase("stopping after the current step")
         self.cancel.set()
         return True
 
@@ -228,4 +248,5 @@ class TrainingJobs:
     def _set_final(self, status: str, message: str) -> None:
         with self.lock:
             assert self.state is not None
-            self.state.status, self.state.message, self.state.phase = status, message, status
+            self.state.status, self.state.message = status, message
+            self.state.set_phase(status)

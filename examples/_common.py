@@ -23,7 +23,7 @@ from personalize.commands.train import parse_options
 from personalize.errors import USER_ERRORS, UserError, user_message
 from personalize.generate import AdapterSpec, GeneratedImage, generate
 from personalize.train import TrainConfig, TrainResult, load_config, train
-from personalize.training.config import PRIORS
+from personalize.training.config import PRIORS, default_of
 
 INFO_LOGGERS = ("personalize", "metrics", "examples")  # their progress notes are shown; other libraries' only from WARNING
 
@@ -88,16 +88,16 @@ def add_training_arguments(parser: argparse.ArgumentParser, steps_help: str) -> 
     parser.add_argument(
         "--prior",
         choices=PRIORS,
-        default="images",
+        default=default_of("prior"),  # the trainer's default: off, as in diffusers and kohya
         help="class prior preservation: images (generated class images), model (the frozen model's own "
         "prediction, no class images) or none (default: %(default)s)",
     )
     parser.add_argument(
         "--class-images",
         type=int,
-        default=100,
+        default=default_of("class_images"),
         metavar="N",
-        help="class images for the prior loss, generated once and cached (default: %(default)s)",
+        help="class images for --prior images, generated once and cached; never more than a run draws (default: %(default)s)",
     )
     parser.add_argument(
         "--train-config",

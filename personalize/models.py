@@ -32,6 +32,19 @@ log = logging.getLogger(__name__)
 
 BUILTIN_SEED = 0  # fixed seed: built-in weights are identical in every process
 
+# Denoising steps of class images and validation samples (DPM-Solver++, training/prior.py): 20-25 converge on a
+# trained model (Lu et al. 2022), and `shapes` was measured at 25 (BENCHMARKS.md). The random-weight built-ins draw
+# noise at any count: 3 steps run every update of the 2nd-order solver (first order, second order, first-order last
+# step), so one validation on `tiny` costs about as many UNet passes as 15 of its training steps, where 25 cost 130.
+SAMPLE_STEPS = 25
+BUILTIN_SAMPLE_STEPS = {"shapes": SAMPLE_STEPS, "tiny": 3, "sd15-random": 3}
+
+
+def sample_steps_for(base_model: str) -> int:
+    """The default sampling steps of class images and validation samples on `base_model`."""
+    return BUILTIN_SAMPLE_STEPS.get(base_model, SAMPLE_STEPS)
+
+
 # SD 1.5's scheduler settings (PNDM as shipped in the hub repository's scheduler_config.json).
 SD15_SCHEDULER = dict(
     beta_start=0.00085,
@@ -293,16 +306,19 @@ def tiny_pipeline(style: str = "sd1"):
     """A complete pipeline around `tiny_unet(style)` with random weights: `sd1` is the built-in `tiny`;
     `sd2` has a 48-wide text encoder and v-prediction; `sdxl` two 32-wide text encoders (the second
     with a projection: 32 pooled dims, as `TINY_UNETS["sdxl"]` expects) and SDXL's pipeline."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-
     unet, vae = tiny_unet(style), _random_vae(2)  # tiny_unet refuses an unknown style
     schedule = {k: v for k, v in SD15_SCHEDULER.items() if k not in ("skip_prk_steps", "set_alpha_to_one")}
+    # imports per style: Euler (it imports scipy) and the SDXL pipeline module take seconds that the built-in `tiny` skips
     if style == "sd1":
         pipe = _sd_pipeline(unet, _random_text_encoder(32, 2, 4), vae)
     elif style == "sd2":
+        from diffusers import EulerDiscreteScheduler
+
         scheduler = EulerDiscreteScheduler(**schedule, prediction_type="v_prediction")
         pipe = _sd_pipeline(unet, _random_text_encoder(48, 2, 4), vae, scheduler)
     else:
+        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
         pipe = StableDiffusionXLPipeline(
             vae=vae,
             text_encoder=_random_text_encoder(32, 2, 4),
@@ -317,14 +333,20 @@ def tiny_pipeline(style: str = "sd1"):
 
 
 def _load_external(base_model: str, dtype: torch.dtype, config: str | None):
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import DiffusionPipeline  # the pipeline classes load when used: the SDXL module alone takes seconds
 
     path = Path(base_model).expanduser()
     if path.suffix in (".safetensors", ".ckpt"):
         if not path.is_file():
             raise UserError(f"checkpoint file '{base_model}' does not exist")
-        pipeline_cls = StableDiffusionXLPipeline if _is_sdxl_checkpoint(path) else StableDiffusionPipeline
-        kwargs = {"torch_dtype": dtype, "safety_checker": None} if pipeline_cls is StableDiffusionPipeline else {"torch_dtype": dtype}
+        if _is_sdxl_checkpoint(path):
+            from diffusers import StableDiffusionXLPipeline as pipeline_cls
+
+            kwargs = {"torch_dtype": dtype}
+        else:
+            from diffusers import StableDiffusionPipeline as pipeline_cls
+
+            kwargs = {"torch_dtype": dtype, "safety_checker": None}
         if config:
             kwargs["config"] = config
         return _explain_failures(base_model, lambda: pipeline_cls.from_single_file(str(path), **kwargs), is_file=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from personalize import METHODS, get_method
 from personalize.automask import auto_masks, load_segmenter
 from personalize.data import load_image, many_images_note, validate_instance_images
 from personalize.errors import UserError
+from personalize.models import sample_steps_for
 from personalize.prompts import check_template
 from personalize.shapes import recipe
 from personalize.shapes.world import CLASS_NOUN as SHAPES_CLASS_NOUN
@@ -122,18 +124,32 @@ def estimate_text(state: AppState, method: str, rows: Any, text_encoder: bool = 
     return f"**Trainable parameters:** {human_count(count)} · **Adapter file:** {human_size(size)} (on `{state.base.name}`)"
 
 
-def progress_html(job: JobState | None) -> str:
+def phase_text(job: JobState) -> str:
+    """What the job does now; a preparation stage with its count and ETA (e.g. 'generating class images 12/30, ETA 0:40')."""
+    if not job.phase_total:
+        return job.phase
+    return f"{job.phase} {job.phase_done}/{job.phase_total}, ETA {human_duration(job.phase_eta)}"
+
+
+def progress_html(job: JobState | None, now: float | None = None) -> str:
+    """The progress line: before the first step the preparation stage (its bar, count, ETA and the time since
+    the job started), then the steps (bar, loss, training time, ETA)."""
     if job is None:
         return ""
-    fraction = job.step / job.total if job.total else 0.0
-    parts = [f"<b>{html.escape(job.concept_name)}</b>", f"step {job.step}/{job.total or '?'}"]
-    if job.loss is not None:
-        parts.append(f"loss {job.loss:.4f}")
-    parts.append(f"elapsed {human_duration(job.elapsed)}")
-    if job.running:
-        parts.append(f"ETA {human_duration(job.eta)}" if job.step else html.escape(job.phase))
+    parts = [f"<b>{html.escape(job.concept_name)}</b>"]
+    if job.running and not job.total:  # before the trainer's on_start: loading, masks, class images, encoding
+        fraction = job.phase_done / job.phase_total if job.phase_total else 0.0
+        parts += [html.escape(phase_text(job)), f"elapsed {human_duration((now or time.time()) - job.started)}"]
     else:
-        parts.append(html.escape(job.status))
+        fraction = job.step / job.total if job.total else 0.0
+        parts.append(f"step {job.step}/{job.total or '?'}")
+        if job.loss is not None:
+            parts.append(f"loss {job.loss:.4f}")
+        parts.append(f"elapsed {human_duration(job.elapsed)}")
+        if job.running:
+            parts.append(f"ETA {human_duration(job.eta)}" if job.step else html.escape(phase_text(job)))
+        else:
+            parts.append(html.escape(job.status))
     return (
         f'<div class="pz-progress" data-status="{job.status}">'
         f'<div class="pz-bar"><div class="pz-fill" style="width:{100 * fraction:.1f}%"></div></div>'
@@ -187,7 +203,7 @@ def job_status(job: JobState | None) -> str:
         return ""
     best = f" Best step so far: **{job.best_step}**." if job.best_step is not None else ""
     if job.running:
-        return f"Training **{html.escape(job.concept_name)}**: {html.escape(job.phase)}.{best}"
+        return f"Training **{html.escape(job.concept_name)}**: {html.escape(phase_text(job))}.{best}"
     return html.escape(job.message) + best
 
 
@@ -326,7 +342,7 @@ def build(state: AppState) -> dict[str, Any]:
                     )
                     sample_steps = gr.Number(
                         label="Sampling steps",
-                        value=start("sample_steps"),
+                        value=sample_steps_for(state.base.name),  # what the trainer picks for this model
                         precision=0,
                         minimum=1,
                         info=train_help("sample_steps"),

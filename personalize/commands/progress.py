@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
-from ..training.callbacks import Progress, TrainCallback, TrainResult
+from ..training.callbacks import CLASS_IMAGES_STAGE, Progress, TrainCallback, TrainResult
 from ..training.config import TrainConfig
 
 CURVE_COLUMNS = ("fidelity", "alignment", "diversity", "drift")
@@ -19,11 +19,13 @@ class TqdmProgress(TrainCallback):
         self.stage: str | None = None
 
     def on_prepare(self, stage: str, done: int, total: int) -> None:
+        """One bar per stage; its rate and ETA count from the stage's first report (class images report 0 first)."""
         if self.stage != stage:
             self._close()
-            self.bar, self.stage = tqdm(total=total, desc=stage), stage
-        self.bar.n = done
-        self.bar.refresh()
+            unit = "image" if stage == CLASS_IMAGES_STAGE else "it"
+            self.bar, self.stage = tqdm(total=total, initial=done, desc=stage, unit=unit), stage
+        else:
+            self.bar.update(done - self.bar.n)
 
     def on_start(self, config: TrainConfig, total_steps: int, num_trainable: int) -> None:
         self._close()

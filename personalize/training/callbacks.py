@@ -79,11 +79,15 @@ class Validation:
     scores: dict[str, float] = field(default_factory=dict)
 
 
+CLASS_IMAGES_STAGE = "generating class images"  # the preparation stage of prior 'images' (done, total: images)
+
+
 class TrainCallback:
     """Subclass and override what you need; every method is optional."""
 
     def on_prepare(self, stage: str, done: int, total: int) -> None:
-        """Preparation before the first step (e.g. stage 'class images', done 12 of 100)."""
+        """Preparation before the first step, reported at its start (done 0) and after each piece of work:
+        e.g. CLASS_IMAGES_STAGE, done 12 of 30 images; 'encoding images'; 'evaluation before training'."""
 
     def on_start(self, config: TrainConfig, total_steps: int, num_trainable: int) -> None:
         """Training is about to run its first step (of this session)."""

@@ -2,7 +2,8 @@
 
 A config comes from keyword arguments, a TOML file (or the `config.json` of an earlier run) and
 command-line flags, in that order of precedence (flags win). `resolve` fills the method's paper
-defaults (steps, learning rate) and checks every value before any model is loaded.
+defaults (steps, learning rate) and the base model's sampling steps, and checks every value before
+any model is loaded.
 
 Importing this module loads no torch (the CLI builds its flags from `TrainConfig`): the checks that
 need the method classes, image and text-encoder code import them when they run.
@@ -83,14 +84,26 @@ class TrainConfig:
     # Batch 1: the DreamBooth-LoRA examples of diffusers and kohya train 3-5 images at batch size 1.
     batch_size: int = field(default=1, metadata=_help("instance images per step and process (plus as many class images)"))
     gradient_accumulation_steps: int = field(default=1, metadata=_help("micro-batches per optimiser step"))
-    # Prior preservation on by default with class images: DreamBooth's class-specific prior loss (§3.3) keeps the
-    # class from drifting. 'model' is the variant of OneTrainer, ai-toolkit and SimpleTuner: the frozen model's own
-    # prediction on the instance latents with the class prompt is the target, so no class images are generated.
+    # Prior preservation off by default, as in both anchors: diffusers' train_dreambooth_lora.py adds the prior loss
+    # only with --with_prior_preservation, kohya sd-scripts only when a regularisation folder (reg_data_dir) is given.
+    # A first run then starts in seconds; class images cost minutes (one image = sample_steps UNet passes, twice with
+    # guidance). 'images' is DreamBooth's class-specific prior loss (§3.3) on generated class images; 'model' is the
+    # variant of OneTrainer, ai-toolkit and SimpleTuner: the frozen model's own prediction on the instance latents with
+    # the class prompt is the target, so no class images are generated (one more UNet pass per step).
     prior: str = field(
-        default="images",
+        default="none",
         metadata=_help(
-            "class prior preservation (DreamBooth §3.3): images (loss on generated class images) | model (pull the adapted "
-            "model's class-prompt prediction on each instance latent towards the frozen model's; no class images) | none"
+            "class prior preservation (DreamBooth §3.3): none (off, as diffusers and kohya by default) | images (loss on "
+            "generated class images) | model (pull the adapted model's class-prompt prediction on each instance latent "
+            "towards the frozen model's; no class images)"
+        ),
+    )
+    # diffusers' --num_class_images default; a run draws at most steps x batch_size x accumulation x processes of them.
+    class_images: int = field(
+        default=100,
+        metadata=_help(
+            "class images to generate or reuse with prior 'images' (diffusers' default 100); never more than the run "
+            "draws (steps x batch_size x gradient_accumulation_steps x processes)"
         ),
     )
     # Issue 29: with one fixed training prompt nothing tells an adapter whether the subject belongs to the prompt or to
@@ -104,7 +117,6 @@ class TrainConfig:
             "model's (0 = off): the subject then lives in the prompt-conditioned part that classifier-free guidance amplifies"
         ),
     )
-    class_images: int = field(default=100, metadata=_help("class images to generate or reuse with prior 'images' (diffusers' default 100)"))
     prior_loss_weight: float = field(default=1.0, metadata=_help("weight of the prior loss (DreamBooth: lambda = 1)"))
     class_data_dir: str | None = field(
         default=None, metadata=_help("folder of class images; default: a cache shared by runs with the same model, prompt, size")
@@ -113,8 +125,15 @@ class TrainConfig:
         default=4,
         metadata=_help("images per pipeline call when rendering class images and validation samples (diffusers' class-image default 4)"),
     )
-    # DPM-Solver++ (Lu et al. 2022) converges in 20-25 steps; used for class images and validation samples.
-    sample_steps: int = field(default=25, metadata=_help("denoising steps for class images and validation samples (DPM-Solver++)"))
+    # DPM-Solver++ (Lu et al. 2022) converges in 20-25 steps on a trained model; the random-weight built-ins take 3
+    # (models.BUILTIN_SAMPLE_STEPS says why).
+    sample_steps: int | None = field(
+        default=None,
+        metadata=_help(
+            "denoising steps for class images and validation samples (DPM-Solver++); default: the base model's "
+            "(25; 3 on the random-weight built-ins 'tiny' and 'sd15-random')"
+        ),
+    )
     validation_prompts: list[str] = field(
         default_factory=lambda: list(VALIDATION_PROMPTS), metadata=_help("fixed prompts rendered at each validation")
     )
@@ -399,12 +418,15 @@ def _check_type(name: str, value: Any, hint: Any, source: str) -> Any:
 
 def resolve(config: TrainConfig) -> TrainConfig:
     """A copy with the method's paper defaults filled in and every value checked."""
+    from ..models import sample_steps_for
+
     method = get_method(config.method)
     adapter_config = method.make_config(dict(config.method_options))  # raises on unknown options
     steps = method.train_defaults.steps if config.steps is None else config.steps
     default_lr = PRODIGY_LR if config.optimizer == "prodigy" else method.train_defaults.lr
     lr = default_lr if config.lr is None else config.lr
-    resolved = dataclasses.replace(config, steps=steps, lr=lr, method_options=adapter_config.to_dict())
+    sample_steps = sample_steps_for(config.base_model) if config.sample_steps is None else config.sample_steps
+    resolved = dataclasses.replace(config, steps=steps, lr=lr, sample_steps=sample_steps, method_options=adapter_config.to_dict())
     _check_values(resolved)
     return resolved
 

@@ -32,7 +32,7 @@ from ..models import load_pipeline
 from . import checkpoint as ckpt
 from . import text_side
 from .buckets import BucketedLatents, bucket_sizes, encode_bucketed, granularity
-from .callbacks import CallbackList, Progress, TrainCallback, TrainResult, Validation, scores_validations
+from .callbacks import CLASS_IMAGES_STAGE, CallbackList, Progress, TrainCallback, TrainResult, Validation, scores_validations
 from .captions import instance_prompts
 from .conditioning import Conditioning, encode_prompts, encode_with_grad
 from .config import TrainConfig, resolve, tracked
@@ -63,7 +63,7 @@ from .outputs import (
     clear_run,
     run_files,
 )
-from .prior import default_class_dir, ensure_class_images, existing_class_images
+from .prior import class_images_needed, default_class_dir, ensure_class_images, existing_class_images
 from .prodigy import group_scaled
 from .samples import render_samples, save_grid
 from .selection import best_step
@@ -294,7 +294,11 @@ class Trainer:
         return encode_files(pipe.vae, files, (self.resolution, self.resolution), c.eval_batch_size, device, flip, progress, masks)
 
     def class_images(self) -> list[Path]:
+        """The class images this run draws (prior 'images'): no more than it uses, the missing ones generated."""
         c, acc = self.config, self.accelerator
+        count = class_images_needed(c.class_images, c.steps, c.batch_size, c.gradient_accumulation_steps, self.num_processes)
+        if count < c.class_images:
+            log.info("prior 'images': %d step(s) draw %d class image(s); class_images %d is capped there", c.steps, count, c.class_images)
         folder = (
             Path(c.class_data_dir).expanduser()
             if c.class_data_dir
@@ -305,15 +309,15 @@ class Trainer:
                 self.pipe,
                 folder,
                 c.prompt(c.class_prompt),
-                c.class_images,
+                count,
                 self.resolution,
                 c.sample_steps,
                 c.class_batch_size,
-                progress=lambda done, total: self.hooks.on_prepare("generating class images", done, total),
+                progress=lambda done, total: self.hooks.on_prepare(CLASS_IMAGES_STAGE, done, total),
                 stop=self.cancel.is_set,
             )
         acc.wait_for_everyone()
-        return existing_class_images(folder)[: c.class_images]
+        return existing_class_images(folder)[:count]
 
     def optimizer_class(self):
         """Checked before any model is loaded, so a missing package fails fast."""

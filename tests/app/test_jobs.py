@@ -7,14 +7,14 @@ import threading
 
 import pytest
 
-from app.jobs import TrainingJobs, continue_config
+from app.jobs import JobState, TrainingJobs, _Recorder, continue_config
 from app.workspace import DONE, FAILED, STOPPED, Workspace
 from personalize import attach
 from personalize.atomic import write_json_atomic
 from personalize.errors import UserError
 from personalize.models import tiny_unet
 from personalize.train import Progress, TrainConfig, TrainResult, effective_config
-from personalize.training.callbacks import CallbackList
+from personalize.training.callbacks import CLASS_IMAGES_STAGE, CallbackList
 from tests.app.test_workspace import make_images, new_concept
 
 
@@ -154,6 +154,31 @@ def test_scores_reach_the_snapshot_and_the_tracker_is_handed_to_the_trainer(tmp_
     assert state.curves[1] == {"step": 2, "fidelity": 0.7, "alignment": 0.3}
     state.curves[0]["fidelity"] = -1.0  # a snapshot is a copy
     assert jobs.snapshot().curves[0]["fidelity"] == 0.5
+
+
+def test_preparation_shows_its_stage_count_and_eta(tmp_path):
+    """Before the first step (class images take minutes) the progress line names the stage with its count, the
+    ETA from the stage's own rate and the time since the job started, not 'step 0/?'; then the steps."""
+    from app.tabs.train import job_status, progress_html
+
+    _, concept, config, jobs = setup(tmp_path, ScriptedTrainer())
+    jobs.state = JobState(concept.id, concept.name)
+    ticks = iter([100.0, 110.0, 111.0, 112.0])
+    recorder = _Recorder(jobs, clock=lambda: next(ticks))
+    recorder.on_prepare(CLASS_IMAGES_STAGE, 0, 30)  # at 100 s
+    assert jobs.snapshot().phase_eta is None  # nothing done yet: no rate
+    recorder.on_prepare(CLASS_IMAGES_STAGE, 4, 30)  # 4 images in 10 s: 26 more take 65 s
+    state = jobs.snapshot()
+    assert (state.phase, state.phase_done, state.phase_total, state.phase_eta) == (CLASS_IMAGES_STAGE, 4, 30, 65.0)
+    line = progress_html(state, now=state.started + 75)
+    assert "generating class images 4/30, ETA 1:05" in line and "elapsed 1:15" in line and "width:13.3%" in line
+    assert "step 0" not in line and "generating class images 4/30, ETA 1:05" in job_status(state)
+
+    recorder.on_prepare("encoding class images", 4, 30)  # a new stage: its rate starts again
+    assert jobs.snapshot().phase_eta is None and "encoding class images 4/30, ETA –" in progress_html(jobs.snapshot())
+    recorder.on_start(config, 30, 21504)
+    line = progress_html(jobs.snapshot())
+    assert "step 0/30 · elapsed 0:00 · training" in line and "training" in job_status(jobs.snapshot())
 
 
 def trained_run(tmp_path, checkpoint: int | None = 5, steps: int = 10):

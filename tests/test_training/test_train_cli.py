@@ -24,7 +24,7 @@ def test_cli_train_thirty_steps(photos, tmp_path, capsys):
     config = tmp_path / "train.toml"
     config.write_text(
         f'instance_images = "{photos}"\nbase_model = "tiny"\nmethod = "svfit"\nclass_noun = "toy"\n'
-        f'steps = 100\nclass_images = 2\nclass_data_dir = "{class_dir}"\nsample_steps = 2\n'
+        f'steps = 100\nprior = "images"\nclass_images = 2\nclass_data_dir = "{class_dir}"\nsample_steps = 2\n'
         'validation_prompts = ["a photo of {token} {class_noun}", "a {token} {class_noun} on the beach"]\n'
         "validation_every = 15\ncheckpoint_every = 10\ncheckpoints_keep = 2\neval_timesteps = 4\n"
     )

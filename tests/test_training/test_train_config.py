@@ -68,6 +68,18 @@ def test_method_defaults_fill_steps_and_lr():
     assert TrainConfig(instance_images="p", output_dir="o").validation_prompts == VALIDATION_PROMPTS
 
 
+def test_defaults_start_training_in_seconds():
+    """No class images unless asked for (diffusers' DreamBooth-LoRA script and kohya have prior preservation off
+    by default), and the base model's sampling steps: 25 where images mean something, 3 on random weights."""
+    config = resolve(TrainConfig(instance_images="p", output_dir="o"))
+    assert (config.prior, config.sample_steps) == ("none", 25)
+    steps = {
+        m: resolve(TrainConfig(instance_images="p", output_dir="o", base_model=m)).sample_steps for m in ("tiny", "shapes", "sd15-random")
+    }
+    assert steps == {"tiny": 3, "shapes": 25, "sd15-random": 3}
+    assert resolve(TrainConfig(instance_images="p", output_dir="o", base_model="tiny", sample_steps=7)).sample_steps == 7
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
@@ -86,7 +98,7 @@ def test_method_defaults_fill_steps_and_lr():
         ({"seed": 2**32}, "seed must be an integer from 0 to 4294967295, got 4294967296"),
         ({"seed": -1}, "seed must be an integer from 0 to 4294967295, got -1"),
         ({"resume": True, "overwrite": True}, "either resume .* or overwrite"),
-        ({"class_images": 0}, "class_images must be at least 1 with prior .images., got 0"),
+        ({"class_images": 0, "prior": "images"}, "class_images must be at least 1 with prior .images., got 0"),
         ({"snr_gamma": 0.0}, "snr_gamma must be a positive number"),
         ({"prior": "class"}, r"prior 'class' is not supported; accepted: images, model, none"),
         ({"masks": "yes"}, r"masks 'yes' is not supported; accepted: files, auto, off"),

@@ -14,10 +14,12 @@ from personalize.data import list_image_files, load_mask, mask_file
 from personalize.errors import UserError
 from personalize.inject import attach
 from personalize.models import tiny_unet
-from personalize.train import TrainConfig, train
+from personalize.train import TrainCallback, TrainConfig, train
+from personalize.training.callbacks import CLASS_IMAGES_STAGE
 from personalize.training.conditioning import Conditioning
 from personalize.training.config import load_config
 from personalize.training.objective import Batch, per_sample_mse
+from personalize.training.prior import class_images_needed, default_class_dir
 from personalize.training.trainer import Trainer
 from tests.test_training.conftest import make_photos
 from tests.test_training.test_train_resume import assert_same_run, resumed_run, step_losses
@@ -114,9 +116,86 @@ def test_prior_model_needs_no_class_images_and_resumes_exactly(tmp_path, fast):
     assert_same_run(resumed_run(settings, tmp_path / "part"), full)
 
 
-def test_prior_images_generates_class_images(tmp_path, fast):
-    train(TrainConfig(**{**fast, "prior": "images", "class_data_dir": str(tmp_path / "classes"), "steps": 1}))
-    assert len(list((tmp_path / "classes").glob("*.png"))) == fast["class_images"]
+class StageReports(TrainCallback):
+    """The (done, total) reports of one preparation stage."""
+
+    def __init__(self, stage: str = CLASS_IMAGES_STAGE) -> None:
+        self.stage, self.reports = stage, []
+
+    def on_prepare(self, stage: str, done: int, total: int) -> None:
+        if stage == self.stage:
+            self.reports.append((done, total))
+
+
+@pytest.mark.parametrize(
+    "wanted, steps, batch, accumulation, processes, expected",
+    [
+        (100, 30, 1, 1, 1, 30),  # the default class_images on a 30-step run: 30 are drawn
+        (100, 30, 2, 2, 1, 100),  # 120 drawn: all 100
+        (100, 10, 2, 2, 2, 80),  # each process draws its own
+        (10, 30, 1, 1, 1, 10),
+    ],
+)
+def test_class_images_needed(wanted, steps, batch, accumulation, processes, expected):
+    assert class_images_needed(wanted, steps, batch, accumulation, processes) == expected
+
+
+def test_prior_images_makes_no_more_class_images_than_the_run_draws(tmp_path, fast):
+    """class_images 5, but 2 steps of batch 1 draw 2: two are made, one per pipeline call, each call reported;
+    a 3-step run keeps those and makes the third; a 1-step run makes none and encodes one."""
+    folder = tmp_path / "classes"
+    settings = {**fast, "prior": "images", "class_data_dir": str(folder), "class_images": 5, "class_batch_size": 1}
+    seen = StageReports()
+    train(TrainConfig(**{**settings, "steps": 2, "output_dir": str(tmp_path / "a")}), [seen])
+    first = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")}
+    assert sorted(first) == ["class_00000.png", "class_00001.png"]
+    assert seen.reports == [(0, 2), (1, 2), (2, 2)]
+
+    seen = StageReports()
+    train(TrainConfig(**{**settings, "steps": 3, "output_dir": str(tmp_path / "b")}), [seen])
+    assert seen.reports == [(0, 1), (1, 1)]
+    files = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")}
+    assert len(files) == 3 and all(files[name] == mtime for name, mtime in first.items())  # reused, not rewritten
+
+    seen = StageReports()
+    trainer = Trainer(TrainConfig(**{**settings, "steps": 1, "output_dir": str(tmp_path / "c")}), [seen], None)
+    trainer.prepare()
+    assert seen.reports == [] and len(trainer.classes) == 1 and len(list(folder.glob("*.png"))) == 3
+
+
+def test_class_image_cache_key_holds_what_the_pixels_depend_on(tmp_path, monkeypatch):
+    dog = default_class_dir("tiny", "a photo of dog", 64, 3)
+    assert default_class_dir("tiny", "a photo of dog", 64, 3) == dog
+    others = [
+        default_class_dir("tiny", "a photo of cat", 64, 3),
+        default_class_dir("shapes", "a photo of dog", 64, 3),
+        default_class_dir("tiny", "a photo of dog", 32, 3),
+        default_class_dir("tiny", "a photo of dog", 64, 25),
+    ]
+    assert len({dog, *others}) == 5
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"weights")
+    monkeypatch.chdir(tmp_path)
+    by_path = default_class_dir(str(checkpoint), "a photo of dog", 64, 3)
+    assert default_class_dir("model.safetensors", "a photo of dog", 64, 3) == by_path  # relative or absolute: one model
+    checkpoint.write_bytes(b"new weights")  # replaced by another checkpoint under the same name
+    assert default_class_dir(str(checkpoint), "a photo of dog", 64, 3) != by_path
+
+
+def test_class_images_are_reused_for_the_same_class_noun_only(tmp_path, fast, monkeypatch):
+    monkeypatch.setenv("PERSONALIZE_CACHE", str(tmp_path / "cache"))
+    settings = {**fast, "prior": "images", "class_data_dir": None, "steps": 1}
+
+    def generated(noun: str, name: str) -> list:
+        seen = StageReports()
+        train(TrainConfig(**{**settings, "class_noun": noun, "output_dir": str(tmp_path / name)}), [seen])
+        return seen.reports
+
+    assert generated("dog", "a") == [(0, 1), (1, 1)]
+    assert generated("cat", "b") == [(0, 1), (1, 1)]  # another class prompt: its own images
+    assert generated("dog", "c") == []  # the same one: reused
+    folders = sorted(p.name for p in (tmp_path / "cache" / "class_images").iterdir())
+    assert len(folders) == 2 and folders[0].startswith("a-photo-of-cat-32px") and folders[1].startswith("a-photo-of-dog-32px")
 
 
 def test_old_prior_preservation_setting_still_reads():
