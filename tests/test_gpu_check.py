@@ -47,7 +47,7 @@ def test_smoke_run_writes_record_and_section(tmp_path):
             assert values["train_step_s"] > 0 and values["vs_lora"] > 0 and values["peak_memory_mb"] >= 0
         assert row["merged_inference_s"] > 0 and row["measured_in"] == "fp32"
     assert rows["lora"]["precisions"]["bf16"]["vs_lora"] == 1.0 and rows["lora"]["attach_s"] > 0 and rows["lora"]["trainable"] > 0
-    quality = {row["label"]: row for row in parts["quality"]["record"]["rows"]}
+    quality = {row["label"]: row for tier in parts["quality"]["record"]["tiers"].values() for row in tier["rows"]}
     assert quality[QUALITY_METHODS[0]]["trainable"] > 0 and quality[QUALITY_METHODS[0]]["scores"]["images"] > 0
     assert parts["quality"]["record"]["settings"]["steps"] == 2  # --quality-steps reached the quality bench
 
