@@ -93,9 +93,11 @@ def test_deadline_ends_the_worker_and_marks_its_part(tmp_path, capsys):
     parts = plan(SMOKE, tmp_path, 440, skip=["quality"])
     parts[0].status, parts[0].started = "running", time.time()
     report.write(parts)  # as a worker leaves it while its first part runs
-    began = time.time()
-    code = supervise(report, time.time() + 1.0, [sys.executable, "-c", "import time; time.sleep(60)"])
-    assert code == 1 and time.time() - began < 15
+    pid_file = tmp_path / "worker.pid"
+    code = supervise(report, time.time() + 1.0, ["sh", "-c", f"echo $$ > '{pid_file}'; exec sleep 60"])  # starts in ms
+    assert code == 1
+    with pytest.raises(ProcessLookupError):  # the worker was ended (and reaped), not left sleeping
+        os.kill(int(pid_file.read_text()), 0)
     record = json.loads(report.json_path.read_text())
     statuses = [(p["name"], p["status"], p["message"]) for p in record["parts"]]
     assert statuses == [
